@@ -1,0 +1,169 @@
+"""EngineCore: the synchronous continuous-batching step, token ids in, token ids out.
+
+One `step()` = apply aborts -> admit waiting requests into free KV slots -> prefill up to
+`prefill_chunk_tokens` prompt tokens (eager, chunked) -> one decode step for every running sequence
+(graph replay) -> one host sync to read the new tokens -> token-level stops (EOS, stop ids,
+max_tokens, max_seq_len) -> free finished slots. Text (detokenisation, stop strings) is the async
+front end's job (replica/engine.py), which keeps it off this thread's critical path.
+
+Thread model: `submit` and `abort` may be called from any thread; everything else runs on the single
+step thread that owns the model, the KV pool and the slot allocator.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from replica.sampling import sample
+from replica.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    sink: Callable = None              # receives Events; set by the front end
+    slot: int = -1
+    prefilled: int = 0                 # prompt tokens already in the KV pool
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.output_ids) and not self.finished
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: Sequence
+    token_ids: tuple[int, ...]
+    finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+    stopped_on_token: bool = False        # the last token is a stop/EOS token: keep it out of text
+
+
+class Scheduler:
+    """Owns the queues and the step; `runtime` (replica/runtime.py) owns the tensors."""
+
+    def __init__(self, runtime, eos_token_ids, prefill_chunk_tokens: int):
+        self.rt = runtime
+        self.eos = frozenset(eos_token_ids)
+        self.chunk = prefill_chunk_tokens
+        self._lock = threading.Lock()
+        self._incoming: collections.deque[Sequence] = collections.deque()
+        self._aborts: set[str] = set()
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[str, Sequence] = {}
+        self.counters = collections.Counter()
+        self.decode_steps: collections.Counter = collections.Counter()
+        self.padded_rows: collections.Counter = collections.Counter()
+
+    # -- any thread -----------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            self._incoming.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self._aborts or self.waiting or self.running)
+
+    # -- step thread ----------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drain_inbox(events)
+        self._admit()
+        self._prefill(events)
+        self._decode(events)
+        return events
+
+    def _drain_inbox(self, events: list[Event]) -> None:
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for seq in [s for s in self.waiting if s.request_id in aborts]:
+            self.waiting.remove(seq)
+            self._finish(seq, (), "abort", events)
+        for rid in aborts & self.running.keys():
+            self._finish(self.running[rid], (), "abort", events)
+
+    def _admit(self) -> None:
+        while self.waiting and self.rt.slots.num_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.rt.slots.allocate()
+            self.running[seq.request_id] = seq
+
+    def _prefill(self, events: list[Event]) -> None:
+        budget = self.chunk
+        for seq in [s for s in self.running.values() if not s.output_ids]:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt_ids) - seq.prefilled)
+            logits = self.rt.prefill(seq.prompt_ids[seq.prefilled:seq.prefilled + n], seq.prefilled, seq.slot)
+            seq.prefilled += n
+            budget -= n
+            self.counters["prompt_tokens"] += n
+            if seq.prefilled == len(seq.prompt_ids):
+                self._accept(seq, self._first_token(seq, logits), events)
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> int:
+        p, dev = seq.params, logits.device
+        tok = sample(logits[None], torch.tensor([float(p.temperature)], device=dev),
+                     torch.tensor([p.top_k], device=dev), torch.tensor([float(p.top_p)], device=dev),
+                     torch.tensor([seq.seed], device=dev), torch.tensor([0], device=dev))
+        return int(tok.item())
+
+    def _decode(self, events: list[Event]) -> None:
+        seqs = [s for s in self.running.values() if s.decoding]
+        seqs = seqs[:self.rt.max_decode_rows]  # fallback="queue": never past the largest bucket
+        if not seqs:
+            return
+        P = lambda s: len(s.prompt_ids) + len(s.output_ids) - 1   # position of the token fed in
+        rows = [(s.output_ids[-1], P(s), s.slot, s.params.top_k, s.seed, len(s.output_ids),
+                 float(s.params.temperature), float(s.params.top_p)) for s in seqs]
+        sampling = any(s.params.temperature > 0 for s in seqs)
+        result, tokens = self.rt.decode(rows, sampling)
+        self.decode_steps[(result.bucket, result.path)] += 1
+        self.padded_rows[result.bucket] += result.padded
+        for seq, tok in zip(seqs, tokens):
+            self._accept(seq, tok, events)
+
+    def _accept(self, seq: Sequence, tok: int, events: list[Event]) -> None:
+        seq.output_ids.append(tok)
+        self.counters["generated_tokens"] += 1
+        p = seq.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos):
+            return self._finish(seq, (tok,), "stop", events, stopped_on_token=True)
+        if len(seq.output_ids) >= p.max_tokens or \
+                len(seq.prompt_ids) + len(seq.output_ids) >= self.rt.max_seq_len:
+            return self._finish(seq, (tok,), "length", events)
+        events.append(Event(seq, (tok,)))
+
+    def _finish(self, seq: Sequence, toks, reason: str, events: list[Event], stopped_on_token=False) -> None:
+        seq.finished = True
+        if seq.slot >= 0:
+            self.rt.slots.release(seq.slot)
+            seq.slot = -1
+        self.running.pop(seq.request_id, None)
+        self.counters["aborted_requests" if reason == "abort" else "finished_requests"] += 1
+        events.append(Event(seq, tuple(toks), reason, stopped_on_token))
+
+    def abort_all(self) -> list[Event]:
+        events: list[Event] = []
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+        for seq in list(self.waiting) + list(self.running.values()):
+            self._finish(seq, (), "abort", events)
+        self.waiting.clear()
+        return events

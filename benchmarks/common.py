@@ -1,0 +1,316 @@
+"""Shared helpers of the benchmarks: model shapes, the bandwidth floor, the run record, tables.
+
+Contract
+- `PRESETS` are the shapes of the engine's `random:<name>` models (replica/presets.py is the source of
+  truth; a copy is kept here so the HF half runs even where replica/ does not import).
+- `step_bytes(name, batch, context)` counts the bytes one decode step must read: each weight matrix
+  once (q/k/v/o, gate/up/down, norms, lm_head), an untied embedding only for the `batch` rows used (a
+  tied embedding IS the lm_head and is counted once, fully), plus the KV cache actually attended
+  (batch x context positions x layers x K and V). `floor_ms = step_bytes / copy bandwidth`, where the
+  bandwidth is a measured device-to-device copy counting bytes read + written (`copy_bandwidth`).
+- `Budget` guards the 10-minute GPU command: `ok(reserve_s)` is False once less than `reserve_s` is left.
+- Nothing here imports ray; torch is imported lazily so `serve_load.py` can use the rest without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+_FALLBACK_PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=259, tie_word_embeddings=False),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+}
+try:  # the engine's own table, when the repo root is on sys.path
+    from replica.presets import PRESETS as _ENGINE_PRESETS
+    PRESETS: dict[str, dict] = dict(_ENGINE_PRESETS)
+except Exception:  # noqa: BLE001 - any import problem: fall back to the copy
+    PRESETS = dict(_FALLBACK_PRESETS)
+
+T0 = time.time()
+
+
+def log(*args: Any) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def out_path(arg: Optional[str], name: str) -> str:
+    """--out if given, else $OUT/<name>, else ./benchmarks/results/<name>."""
+    if arg:
+        return arg
+    base = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(base, exist_ok=True)
+    return os.path.join(base, name)
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Budget:
+    """Wall-clock guard for one GPU command. `ok(reserve_s)`: True while more than reserve_s is left."""
+
+    def __init__(self, total_s: float, start: Optional[float] = None):
+        self.total_s = total_s
+        self.start = T0 if start is None else start
+
+    def left(self) -> float:
+        return self.total_s - (time.time() - self.start)
+
+    def ok(self, reserve_s: float = 0.0) -> bool:
+        return self.left() > reserve_s
+
+
+# ---------------------------------------------------------------- environment and device
+
+def env_info(device: str) -> dict:
+    """Card, library versions and date for the run record."""
+    import torch
+    info = {"date_utc": utc_now(), "python": platform.python_version(), "torch": torch.__version__,
+            "host": platform.node(), "device": device}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["card"] = torch.cuda.get_device_name(0)
+        info["card_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["card"] = "cpu"
+    return info
+
+
+def sync(device) -> None:
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read + written; median of reps."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    del a, b
+    free_device_memory(device)
+    return 2 * nbytes / statistics.median(ts)
+
+
+def free_device_memory(device) -> None:
+    gc.collect()
+    import torch
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def cuda_mem_gb(device) -> Optional[float]:
+    import torch
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return round(torch.cuda.memory_allocated() / 1e9, 2)
+    return None
+
+
+# ---------------------------------------------------------------- the floor
+
+def weight_bytes(name: str, batch: int, dtype_bytes: int = 2) -> int:
+    """Weight bytes one decode step must read (see module docstring)."""
+    p = PRESETS[name]
+    h, i, nl = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
+    hd = p.get("head_dim") or h // p["num_attention_heads"]
+    q = p["num_attention_heads"] * hd
+    kv = p["num_key_value_heads"] * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    vocab_read = p["vocab_size"] * h                       # lm_head (= the tied embedding)
+    if not p.get("tie_word_embeddings", False):
+        vocab_read += min(batch, p["vocab_size"]) * h      # only the embedding rows used
+    return (nl * per_layer + h + vocab_read) * dtype_bytes
+
+
+def kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:
+    p = PRESETS[name]
+    hd = p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
+    return p["num_hidden_layers"] * 2 * p["num_key_value_heads"] * hd * dtype_bytes
+
+
+def step_bytes(name: str, batch: int, context: float, dtype_bytes: int = 2) -> dict:
+    w = weight_bytes(name, batch, dtype_bytes)
+    kv = int(batch * context * kv_bytes_per_token(name, dtype_bytes))
+    return {"weights": w, "kv": kv, "total": w + kv}
+
+
+def floor_ms(name: str, batch: int, context: float, copy_Bps: float, dtype_bytes: int = 2) -> float:
+    return step_bytes(name, batch, context, dtype_bytes)["total"] / copy_Bps * 1e3
+
+
+# ---------------------------------------------------------------- statistics and tables
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile, q in [0, 100]; None for no values."""
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def rnd(x: Any, nd: int = 3) -> Any:
+    return round(x, nd) if isinstance(x, float) else x
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def print_table(rows: Iterable[dict], cols: Sequence[tuple[str, str, int]]) -> None:
+    """cols: (key, header, width). Missing values print as '-'."""
+    rows = list(rows)
+    print(" ".join(h.rjust(w) for _, h, w in cols))
+    for r in rows:
+        print(" ".join(fmt(r.get(k)).rjust(w) for k, _, w in cols))
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- engine stats
+
+def stats_dict(stats: Any) -> dict:
+    """An EngineStats (or any dataclass/dict) as JSON-safe data: tuple keys become 'bucket:path'."""
+    import dataclasses
+    if dataclasses.is_dataclass(stats):
+        d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    elif isinstance(stats, dict):
+        d = dict(stats)
+    else:
+        d = {k: v for k, v in vars(stats).items() if not k.startswith("_")}
+    return {k: _json_safe(v) for k, v in d.items()}
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {(":".join(map(str, k)) if isinstance(k, tuple) else str(k)): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def decode_steps(stats: Any) -> dict[tuple[int, str], int]:
+    """EngineStats.decode_steps as {(bucket, path): count} (accepts the JSON form 'b:path' too)."""
+    raw = getattr(stats, "decode_steps", None)
+    if raw is None and isinstance(stats, dict):
+        raw = stats.get("decode_steps")
+    out: dict[tuple[int, str], int] = {}
+    for k, v in (raw or {}).items():
+        if isinstance(k, str):
+            b, _, path = k.partition(":")
+            k = (int(b), path)
+        out[(int(k[0]), str(k[1]))] = int(v)
+    return out
+
+
+def diff_steps(after: dict, before: dict) -> dict[str, int]:
+    """Per (bucket, path) decode steps run between two snapshots, as {'bucket:path': n}, n > 0."""
+    keys = set(after) | set(before)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+    return {f"{k[0]}:{k[1]}": n for k, n in sorted(d.items()) if n > 0}
+
+
+def graph_hit_rate(steps: dict) -> Optional[float]:
+    """Decode steps run by graph replay / all decode steps; keys (bucket, path) or 'bucket:path'."""
+    total = graph = 0
+    for k, n in steps.items():
+        path = k[1] if isinstance(k, tuple) else str(k).partition(":")[2]
+        total += n
+        graph += n if path == "graph" else 0
+    return graph / total if total else None
+
+
+# ---------------------------------------------------------------- driving an in-process engine
+
+def engine_requests(B: int, P: int, new: int, seed: int):
+    from replica import GenerationRequest, SamplingParams
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (B, P), generator=gen).tolist()  # byte ids: valid for every preset
+    sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    return [GenerationRequest(prompt_token_ids=row, params=sp, request_id=f"bench-{seed}-{i}")
+            for i, row in enumerate(ids)]
+
+
+async def served_window(engine, reqs) -> dict:
+    """Run all requests concurrently; window = last first token .. first finish (all B decoding)."""
+    B, times, win = len(reqs), [[] for _ in reqs], {}
+    started, reasons = set(), []
+
+    def snap(key):
+        for _ in range(5):  # the step thread may add a counter key while we copy: retry
+            try:
+                win[key] = (time.perf_counter(), decode_steps(engine.stats()))
+                return
+            except RuntimeError:
+                continue
+
+    async def one(i, req):
+        async for ch in engine.generate(req):
+            n = len(ch.token_ids)
+            if n:
+                times[i].append((time.perf_counter(), n))
+                if i not in started:
+                    started.add(i)
+                    if len(started) == B:
+                        snap("start")
+            if ch.finish_reason is not None:
+                reasons.append(ch.finish_reason)
+                if "start" in win and "end" not in win:
+                    snap("end")
+                    win["first_done"] = i
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+    out = {"wall_s": time.perf_counter() - t0, "tokens": sum(n for ts in times for _, n in ts),
+           "finish_reasons": sorted(set(reasons))}
+    if "start" not in win or "end" not in win:
+        return out
+    (ta, sa), (tb, sb) = win["start"], win["end"]
+    steps = diff_steps(sb, sa)
+    n_steps = sum(steps.values())
+    out.update(window_s=tb - ta, window_steps=steps, graph_hit=graph_hit_rate(steps))
+    if n_steps:
+        out["ms_per_step"] = (tb - ta) * 1e3 / n_steps
+    chunks = [(t, n) for t, n in times[win["first_done"]] if t > ta]  # the chunk-based count
+    if len(chunks) >= 2:
+        out["ms_per_step_chunks"] = (chunks[-1][0] - chunks[0][0]) * 1e3 / sum(n for _, n in chunks[1:])
+        out["window_tokens"] = sum(n for _, n in chunks)
+    return out

@@ -1,0 +1,62 @@
+"""Tiny Hugging Face checkpoints built offline for tests: a byte-level BPE tokenizer (no merges) and
+a random LlamaForCausalLM saved with `save_pretrained`, so the engine's checkpoint path is exercised
+end to end without a download."""
+from __future__ import annotations
+
+import torch
+
+BOS, EOS = 256, 257
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the
+    rest are shifted past 255 so every byte has a visible, whitespace-free symbol."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def byte_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_chars().items()}
+    vocab.update({"<s>": BOS, "</s>": EOS})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_llama(path, *, vocab_size: int = 300, seed: int = 0, tie: bool = False,
+                    model_type: str = "llama") -> "torch.nn.Module":
+    """Save a random tiny model + tokenizer into `path`; returns the HF model (float32, eval)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=tie,
+                max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS, rms_norm_eps=1e-5)
+    if model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**dims))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**dims))
+    with torch.no_grad():  # HF initialises weights with std 0.02: sharpen them so greedy paths differ
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return model

@@ -1,0 +1,137 @@
+"""Slots and requests: completion, cancellation, stop strings and errors free slots; after 1,000
+mixed requests nothing is leaked; bad input raises a typed error and disturbs nothing in flight."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine_helpers import collect, run
+from replica import Engine, EngineConfig, GenerationRequest, InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2, 4, 8),
+                              max_num_seqs=8, max_seq_len=64, prefill_chunk_tokens=16))
+    yield eng
+    eng.shutdown()
+
+
+def _idle(engine):
+    s = engine.stats()
+    return s.running == 0 and s.queued == 0 and s.free_slots == s.max_num_seqs
+
+
+async def _wait_idle(engine, timeout=10.0):
+    for _ in range(int(timeout / 0.01)):
+        if _idle(engine):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def test_cancellation_frees_the_slot_at_once(engine):
+    async def go():
+        req = GenerationRequest(prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=50, ignore_eos=True))
+        agen = engine.generate(req)
+        await agen.__anext__()
+        assert engine.stats().running == 1
+        await agen.aclose()                      # the consumer walks away
+        return await _wait_idle(engine, timeout=2.0)
+    assert run(go())
+    assert engine.runtime.slots.leaked() == 0
+
+
+def test_thousand_mixed_requests_leak_nothing(engine):
+    rng = random.Random(0)
+    before = engine.stats()
+
+    async def one(i):
+        kind = i % 4
+        ids = [rng.randrange(0, 256) for _ in range(rng.randint(1, 30))]
+        if kind == 0:    # run to max_tokens
+            return await collect(engine, ids=ids, max_tokens=rng.randint(1, 6), ignore_eos=True)
+        if kind == 1:    # cancelled after a few chunks
+            agen = engine.generate(GenerationRequest(prompt_token_ids=ids,
+                                                     params=SamplingParams(max_tokens=40, ignore_eos=True)))
+            async for _ in agen:
+                if rng.random() < 0.5:
+                    break
+            await agen.aclose()
+            return None
+        if kind == 2:    # a task cancelled from outside
+            task = asyncio.ensure_future(collect(engine, ids=ids, max_tokens=40, ignore_eos=True))
+            await asyncio.sleep(rng.random() * 0.01)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return None
+        # stop string on whatever text the model produces, or EOS, or length
+        return await collect(engine, ids=ids, max_tokens=8, stop=[chr(rng.randrange(32, 127))])
+
+    async def go():
+        for start in range(0, 1000, 50):  # 50 in flight at a time, more than the 8 slots
+            await asyncio.gather(*[one(i) for i in range(start, start + 50)])
+        return await _wait_idle(engine)
+    assert run(go())
+    after = engine.stats()
+    done = (after.finished_requests + after.aborted_requests) - (before.finished_requests + before.aborted_requests)
+    assert done == 1000
+    assert engine.runtime.slots.leaked() == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_stop_string_ends_the_text_before_the_match(engine):
+    toks, text, reason = run(collect(engine, ids=[10, 20, 30], max_tokens=30, temperature=0.0, ignore_eos=True))
+    assert len(text) > 6
+    stop = text[4:6]
+    first = text.find(stop)
+    _, stopped, reason = run(collect(engine, ids=[10, 20, 30], max_tokens=30, temperature=0.0,
+                                     ignore_eos=True, stop=[stop]))
+    assert reason == "stop" and stopped == text[:first]
+    assert run(_wait_idle(engine))
+
+
+def test_bad_requests_raise_typed_errors_and_leave_others_running(engine):
+    async def go():
+        good = asyncio.ensure_future(collect(engine, ids=[1, 2], max_tokens=20, ignore_eos=True))
+        await asyncio.sleep(0)
+        errors = []
+        for bad in (dict(ids=[1] * 64, max_tokens=1),        # longer than max_seq_len - 1
+                    dict(ids=[10 ** 6], max_tokens=1)):       # outside the vocabulary
+            try:
+                await collect(engine, **bad)
+            except InvalidRequestError as e:
+                errors.append(str(e))
+        return errors, await good
+    errors, (toks, _, reason) = run(go())
+    assert len(errors) == 2 and "maximum is 63" in errors[0] and "[0, 259)" in errors[1]
+    assert len(toks) == 20 and reason == "length"
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_length_is_capped_by_max_seq_len(engine):
+    toks, _, reason = run(collect(engine, ids=list(range(60)), max_tokens=50, ignore_eos=True))
+    assert reason == "length" and len(toks) == 4   # 60 prompt + 4 new = max_seq_len 64
+
+
+def test_health_and_shutdown_abort_in_flight_requests():
+    eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2), max_seq_len=64))
+    eng.check_health()
+
+    async def go():
+        agen = eng.generate(GenerationRequest(prompt_token_ids=[1], params=SamplingParams(max_tokens=60, ignore_eos=True)))
+        await agen.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
+        reasons = [c.finish_reason async for c in agen]
+        return reasons
+    assert run(go())[-1] == "abort"
+    with pytest.raises(Exception, match="not running"):
+        eng.check_health()

@@ -1,0 +1,12 @@
+"""graphserve's routing package: pure Python, never imports torch.
+
+- `router.stats`: the `ReplicaStats` / `RoutingHint` contracts between replicas, callers and router.
+- `router.metrics`: the catalog of metric names.
+- `router.buckets`: batch-size bucket arithmetic (`bucket_for`, `padding_waste`,
+  `validate_buckets`).
+- `router.policy`: the pure ranking policy (`rank_replicas`), no Ray.
+- `router.request_router`: `BucketAwareRequestRouter`, the Ray Serve `RequestRouter` subclass
+  (import path `router.request_router:BucketAwareRequestRouter`).
+
+This file imports nothing, so `import router.stats` stays free of Ray and of torch.
+"""

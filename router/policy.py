@@ -1,0 +1,154 @@
+"""Bucket-aware ranking of replicas for one request batch: the pure half of the router.
+
+Contract: `rank_replicas(hint, candidates, now=..., stale_after_s=..., rng=...)` takes opaque,
+hashable replica keys paired with their parsed `ReplicaStats` (None when missing or malformed) and
+returns a `Ranking`: `tiers`, ranks of keys in the shape Ray Serve's `choose_replicas` returns
+(most preferred rank first; every key appears exactly once; empty ranks are never emitted), and
+`outcome`, the label for the `ROUTER_DECISIONS` metric (`OUTCOMES`).
+
+No Ray, no torch, no clock, no global randomness: time and the tie-break rng are arguments, so the
+policy is deterministic under test. It never raises for bad stats or a bad hint; those degrade to
+the "unknown" tier and to load-only ranking respectively.
+"""
+from __future__ import annotations
+
+import operator
+import random
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, TypeVar
+
+from router.buckets import padding_waste, validate_buckets
+from router.stats import ReplicaStats, RoutingHint
+
+K = TypeVar("K", bound=Hashable)
+
+GRAPH_FIT = "graph_fit"  # the first rank runs the batch inside a captured bucket
+NO_FIT = "no_fit"        # fresh stats exist, but no replica fits the batch in a bucket now
+NO_STATS = "no_stats"    # a hint was given but no replica has fresh, well-formed stats
+NO_HINT = "no_hint"      # the request carried no (valid) RoutingHint: ranked by load only
+OUTCOMES = (GRAPH_FIT, NO_FIT, NO_STATS, NO_HINT)
+
+
+class Ranking(NamedTuple):
+    tiers: list[list[Any]]   # ranks of replica keys, most preferred first
+    outcome: str             # one of OUTCOMES
+
+
+def coerce_hint(obj: Any) -> Optional[RoutingHint]:
+    """A `RoutingHint` from an instance or a mapping with the same fields; None when absent or
+    invalid (non-integer or non-positive fields). Never raises."""
+    if obj is None:
+        return None
+    try:
+        if isinstance(obj, RoutingHint):
+            n, t = obj.num_sequences, obj.max_total_tokens
+        else:
+            n, t = obj["num_sequences"], obj["max_total_tokens"]
+        if isinstance(n, bool) or isinstance(t, bool):
+            return None
+        n, t = operator.index(n), operator.index(t)  # ints (numpy ints too), never floats/strings
+    except Exception:  # untrusted caller input: any failure just means "no hint"
+        return None
+    return RoutingHint(n, t) if n >= 1 and t >= 1 else None
+
+
+def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -> bool:
+    """Stats are present, well-formed and at most `stale_after_s` away from `now`.
+
+    The distance is taken both ways: the timestamp is the replica's wall clock, so a small skew
+    between nodes is tolerated, but a timestamp far in the future is as untrustworthy as an old one.
+    """
+    if stats is None:
+        return False
+    try:
+        validate_buckets(stats.captured_buckets)
+        counts = (stats.running, stats.free_slots, stats.queued, stats.max_seq_len - 1,
+                  stats.max_num_seqs - 1)
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            return False
+        return abs(now - stats.timestamp) <= stale_after_s  # False for NaN
+    except (TypeError, ValueError):  # a hand-built ReplicaStats with wrong types
+        return False
+
+
+def fits(hint: RoutingHint, stats: ReplicaStats) -> bool:
+    """True when the batch, once admitted, decodes inside a captured bucket on this replica: every
+    sequence fits a KV slot, there are free slots for all of them, and the resulting batch
+    (`running + n`) is within both the largest captured bucket and `max_num_seqs`."""
+    total = stats.running + hint.num_sequences
+    return (hint.max_total_tokens <= stats.max_seq_len
+            and hint.num_sequences <= stats.free_slots
+            and total <= stats.max_num_seqs
+            and total <= stats.captured_buckets[-1])
+
+
+def load(stats: ReplicaStats) -> int:
+    """Sequences the replica is decoding or holding in its admission queue."""
+    return stats.running + stats.queued
+
+
+def rank_replicas(hint: Optional[RoutingHint],
+                  candidates: Sequence[tuple[K, Optional[ReplicaStats]]],
+                  *, now: float, stale_after_s: float, rng: random.Random) -> Ranking:
+    """Rank replicas for a batch of `hint.num_sequences` sequences.
+
+    Algorithm (with a hint):
+      1. Split candidates into *usable* (fresh, well-formed stats; `is_usable`) and *unknown*.
+      2. Usable replicas where the batch `fits` form the first ranks, one rank per distinct
+         padding waste of the resulting batch (`bucket_for(running + n) - (running + n)`), least
+         waste first. Inside a rank, replicas are ordered by `load`, ties in random order.
+      3. Then one rank holding every unknown replica, in random order: it may be idle or brand
+         new (`{}` stats before the first poll), so it beats replicas known not to fit.
+      4. Then usable non-fits (eager fallback, capacity wait): one rank of those whose KV slots
+         hold the sequences, then one rank of those where `max_total_tokens > max_seq_len` (the
+         replica will reject the request; still listed so a request that fits nowhere fails
+         fast with the replica's error instead of hanging in Ray's routing backoff).
+      Without a hint: one rank, usable replicas by load (ties random), then unknown ones.
+
+    Why ranks of equals, not one replica per rank: Ray Serve picks the replica with the shortest
+    live queue inside a rank (and only one below `max_ongoing_requests`), which is fresher than
+    our stats; on equal queue lengths it takes the first listed, so the order inside a rank is
+    the stats-load order with randomized ties, never "always the first candidate".
+
+    Failure modes: stats are at most one publish period old (1 s typical), so a burst of requests
+    between two publishes sees the same `running` and may land where the batch no longer fits
+    (the replica then pads a larger bucket or falls back; Ray's queue-length cap still bounds
+    it). Keys must be hashable and distinct; they are never compared with each other.
+
+    Returns:
+        `Ranking(tiers, outcome)`; `tiers` is empty only when `candidates` is.
+    """
+    usable, unknown = [], []
+    for key, stats in candidates:
+        (usable if is_usable(stats, now, stale_after_s) else unknown).append((key, stats))
+    unknown_keys = [key for key, _ in unknown]
+    rng.shuffle(unknown_keys)
+
+    if hint is None:
+        ordered = _by(usable, load, rng) + unknown_keys
+        return Ranking([ordered] if ordered else [], NO_HINT)
+
+    n = hint.num_sequences
+    fit = [(k, s) for k, s in usable if fits(hint, s)]
+    rest = [(k, s) for k, s in usable if not fits(hint, s)]
+    tiers = _grouped(fit, lambda s: padding_waste(s.running + n, s.captured_buckets), rng)
+    tiers.append(unknown_keys)
+    tiers += _grouped(rest, lambda s: hint.max_total_tokens > s.max_seq_len, rng)
+    outcome = GRAPH_FIT if fit else (NO_FIT if usable else NO_STATS)
+    return Ranking([t for t in tiers if t], outcome)
+
+
+def _by(items: list[tuple[K, ReplicaStats]], key: Callable[[ReplicaStats], Any],
+        rng: random.Random) -> list[K]:
+    """Keys ordered by `key(stats)`, ties in random order (keys themselves are never compared)."""
+    decorated = [(key(s), rng.random(), i) for i, (_, s) in enumerate(items)]
+    decorated.sort()
+    return [items[i][0] for _, _, i in decorated]
+
+
+def _grouped(items: list[tuple[K, ReplicaStats]], rank_key: Callable[[ReplicaStats], Any],
+             rng: random.Random) -> list[list[K]]:
+    """One rank per distinct `rank_key(stats)`, ascending; each rank ordered by load (`_by`)."""
+    groups: dict[Any, list[tuple[K, ReplicaStats]]] = {}
+    for k, s in items:
+        groups.setdefault(rank_key(s), []).append((k, s))
+    return [_by(groups[rk], load, rng) for rk in sorted(groups)]

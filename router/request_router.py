@@ -1,0 +1,187 @@
+"""Ray Serve request router that sends each request batch to a replica holding a fitting CUDA graph.
+
+Select it on the decode deployment (YAML or `RequestRouterConfig`):
+
+    request_router_config:
+      request_router_class: router.request_router:BucketAwareRequestRouter
+      request_router_kwargs: {stale_after_s: 10.0}      # optional; JSON values only
+      request_routing_stats_period_s: 1
+
+Contract with the two other parties:
+- the replica publishes `ReplicaStats(...).to_dict()` from `record_routing_stats()`; the router
+  reads it back from `RunningReplica.routing_stats` (`{}` before the first poll);
+- the caller (the ingress, which tokenizes) passes the batch shape as the keyword argument
+  `routing_hint`: a `RoutingHint` or a dict with its fields, e.g.
+  `handle.generate.remote(batch, routing_hint=RoutingHint(n, max_total_tokens))`. The replica
+  method therefore takes `routing_hint=None` as a keyword argument (and may ignore it).
+
+Ranking is `router.policy.rank_replicas`; this module only adapts Ray's objects to it. Guarantees:
+`choose_replicas` never raises (an exception there hangs the request inside Ray; on any error
+it logs and returns every candidate in one shuffled rank) and never blocks (no `ray.get`, no I/O).
+Missing, malformed or stale stats and a missing or malformed hint degrade the ranking, not the
+request. `initialize_state` never raises either: a router that fails to initialize hangs every
+request of its handle, so bad kwargs are logged and replaced by defaults.
+
+No FIFOMixin, on purpose: with it, Ray hands the replica chosen for request A to the *oldest*
+pending request, whose shape may differ, which defeats shape-aware routing under load. The base
+class assigns the replica to the request it was chosen for (by internal request id), as Ray's
+own prompt-aware routers do. No LocalityMixin either: its node/AZ ranks would have to be merged
+with the bucket ranks, and one GPU replica per node makes locality matter little here.
+
+The class is cloudpickled *by value* into every caller (driver, ingress replicas, proxy), so this
+module imports only `ray.serve` and `router.*` (importable in callers, pickled by reference),
+never torch.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from typing import Any, Callable, List, Optional
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from router import metrics as gs_metrics
+from router.policy import coerce_hint, rank_replicas
+from router.stats import ReplicaStats
+
+logger = logging.getLogger("ray.serve")
+
+HINT_KWARG = "routing_hint"
+DEFAULT_STALE_AFTER_S = 10.0
+_ERROR_LOG_PERIOD_S = 60.0
+_COUNTED_IDS_MAX = 4096
+
+# Lazily created ROUTER_DECISIONS counter. "Once per process" holds per copy of this module: each
+# by-value unpickle (one per router) brings its own globals, so a process with several handles
+# may create the same-named counter more than once, which Ray allows.
+_decisions_counter: Any = None
+_metric_failed = False
+
+
+def _record_outcome(outcome: str) -> None:
+    """Count one routing decision; never raises, gives up for good after the first failure."""
+    global _decisions_counter, _metric_failed
+    if _metric_failed:
+        return
+    try:
+        if _decisions_counter is None:
+            _decisions_counter = gs_metrics.make_ray_metric(gs_metrics.ROUTER_DECISIONS)
+        _decisions_counter.inc(1, tags={"outcome": outcome})
+    except Exception:
+        _metric_failed = True
+        logger.warning("graphserve router: metric %s disabled in this process",
+                       gs_metrics.ROUTER_DECISIONS.name, exc_info=True)
+
+
+class BucketAwareRequestRouter(RequestRouter):
+    """Ranks replicas by whether the request batch decodes inside one of their captured graphs.
+
+    Configured by `initialize_state(stale_after_s=10.0, seed=None)`; see the module docstring for
+    the stats/hint contract and `router.policy.rank_replicas` for the algorithm.
+    """
+
+    def initialize_state(self, stale_after_s: float = DEFAULT_STALE_AFTER_S,
+                         seed: Optional[int] = None,
+                         clock: Optional[Callable[[], float]] = None,
+                         record_outcome: Optional[Callable[[str], None]] = None,
+                         **unknown: Any) -> None:
+        """Set the configuration; never raises.
+
+        Args:
+            stale_after_s: stats older than this (seconds, replica wall clock) rank as unknown.
+                Keep it several `request_routing_stats_period_s` long.
+            seed: seed of the tie-break rng (None: nondeterministic).
+            clock: wall-clock source, for tests only (default `time.time`, the clock replicas
+                stamp their stats with).
+            record_outcome: metric sink, for tests only (default: the ROUTER_DECISIONS counter).
+        """
+        if unknown:
+            logger.error("graphserve router: ignoring unknown request_router_kwargs %s; "
+                         "accepted: stale_after_s, seed", sorted(unknown))
+        if isinstance(stale_after_s, bool) or not isinstance(stale_after_s, (int, float)) \
+                or not stale_after_s > 0:
+            logger.error("graphserve router: stale_after_s=%r must be a positive number of "
+                         "seconds; using %s", stale_after_s, DEFAULT_STALE_AFTER_S)
+            stale_after_s = DEFAULT_STALE_AFTER_S
+        if seed is not None and not isinstance(seed, (int, str)):
+            logger.error("graphserve router: seed=%r must be an int or null; ignoring it", seed)
+            seed = None
+        self._stale_after_s = float(stale_after_s)
+        self._rng = random.Random(seed)
+        self._clock = clock or time.time
+        self._record_outcome = record_outcome or _record_outcome
+        self._counted_ids: OrderedDict[str, None] = OrderedDict()
+        self._last_error_log_s = float("-inf")
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        """Ranks of candidates, best first; on any internal error, one shuffled rank of all."""
+        try:
+            return self.rank_candidates(candidate_replicas, pending_request)
+        except Exception:
+            self._log_error()
+            return self._fallback(candidate_replicas)
+
+    def rank_candidates(self, candidate_replicas: List[RunningReplica],
+                        pending_request: Optional[PendingRequest]) -> List[List[RunningReplica]]:
+        """The synchronous body of `choose_replicas` (may raise; the caller guards it)."""
+        replicas = list(candidate_replicas)
+        hint = coerce_hint(_hint_arg(pending_request))
+        keyed = [(i, _read_stats(r)) for i, r in enumerate(replicas)]
+        ranking = rank_replicas(hint, keyed, now=self._clock(),
+                                stale_after_s=self._stale_after_s, rng=self._rng)
+        self._count_once(pending_request, ranking.outcome)
+        return [[replicas[i] for i in tier] for tier in ranking.tiers]
+
+    def _count_once(self, pending_request: Optional[PendingRequest], outcome: str) -> None:
+        """Emit the outcome metric once per request (its first routing attempt), not once per
+        backoff retry; calls without a request are not counted. Never raises."""
+        try:
+            rid = pending_request.metadata.internal_request_id if pending_request else None
+            if not rid or rid in self._counted_ids:
+                return
+            self._counted_ids[rid] = None
+            if len(self._counted_ids) > _COUNTED_IDS_MAX:
+                self._counted_ids.popitem(last=False)
+            self._record_outcome(outcome)
+        except Exception:
+            pass  # metrics must never break routing
+
+    def _fallback(self, candidate_replicas: Any) -> List[List[RunningReplica]]:
+        try:
+            replicas = list(candidate_replicas)
+            random.shuffle(replicas)
+            return [replicas] if replicas else []
+        except Exception:
+            return []  # Ray backs off and calls again; better than raising
+
+    def _log_error(self) -> None:
+        """Log the current exception with its traceback, at most once per minute."""
+        try:
+            now = time.monotonic()
+            if now - self._last_error_log_s >= _ERROR_LOG_PERIOD_S:
+                self._last_error_log_s = now
+                logger.exception("graphserve router: ranking failed; routing to any replica")
+        except Exception:
+            pass
+
+
+def _hint_arg(pending_request: Optional[PendingRequest]) -> Any:
+    """The raw `routing_hint` keyword argument of the request, or None."""
+    if pending_request is None:
+        return None
+    kwargs = getattr(pending_request, "kwargs", None)
+    return kwargs.get(HINT_KWARG) if isinstance(kwargs, dict) else None
+
+
+def _read_stats(replica: RunningReplica) -> Optional[ReplicaStats]:
+    """The replica's published stats, or None when missing, malformed or unreadable."""
+    try:
+        return ReplicaStats.from_dict(replica.routing_stats)
+    except Exception:
+        return None

@@ -54,7 +54,8 @@ GRAPH_BYTES = MetricSpec("graphserve_graph_bytes", "gauge",
                          "GPU memory held by this replica's captured CUDA graphs.")
 ROUTER_DECISIONS = MetricSpec("graphserve_router_decisions", "counter",
                               "Routing decisions by outcome: graph_fit (first choice runs inside a "
-                              "captured graph), no_fit, or no_stats (no fresh replica stats).",
+                              "captured graph), no_fit, no_stats (no fresh replica stats) or no_hint "
+                              "(the caller sent no request shape).",
                               ("outcome",))
 
 CATALOG: tuple[MetricSpec, ...] = (DECODE_STEPS, PADDED_ROWS, TTFT, TPOT, GENERATED_TOKENS, PROMPT_TOKENS,

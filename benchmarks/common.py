@@ -9,6 +9,10 @@ Contract
   (batch x context positions x layers x K and V). `floor_ms = step_bytes / copy bandwidth`, where the
   bandwidth is a measured device-to-device copy counting bytes read + written (`copy_bandwidth`).
 - `Budget` guards the 10-minute GPU command: `ok(reserve_s)` is False once less than `reserve_s` is left.
+- `served_window(engine, requests)` times an in-process `replica.Engine` the way a server sees it:
+  the window from the last request's first token to the first request's last token (all rows
+  decoding), divided by the engine's own decode-step counters over that window.
+- `make_http(url, model)` is the streaming /v1/completions client of serve_load.py.
 - Nothing here imports ray; torch is imported lazily so `serve_load.py` can use the rest without it.
 """
 from __future__ import annotations
@@ -61,16 +65,11 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 class Budget:
     """Wall-clock guard for one GPU command. `ok(reserve_s)`: True while more than reserve_s is left."""
 
     def __init__(self, total_s: float, start: Optional[float] = None):
-        self.total_s = total_s
-        self.start = T0 if start is None else start
+        self.total_s, self.start = total_s, T0 if start is None else start
 
     def left(self) -> float:
         return self.total_s - (time.time() - self.start)
@@ -79,13 +78,31 @@ class Budget:
         return self.left() > reserve_s
 
 
+def add_sized_args(ap, sizes) -> None:
+    """sizes: (flag, GPU default, CPU smoke default, help); the default is picked by `fill_sized_args`."""
+    for flag, gpu, cpu, h in sizes:
+        ap.add_argument("--" + flag, type=type(gpu), default=None, help=f"{h} (GPU {gpu}; CPU smoke {cpu})")
+
+
+def fill_sized_args(a, sizes) -> None:
+    """Every sized flag left unset takes its GPU default when a.device is CUDA, else its CPU one."""
+    for flag, gpu, cpu, _ in sizes:
+        if getattr(a, flag.replace("-", "_")) is None:
+            setattr(a, flag.replace("-", "_"), gpu if a.device.startswith("cuda") else cpu)
+
+
+def ge(x: Optional[float], bar: float) -> Optional[bool]:
+    """x >= bar, or None when x was not measured."""
+    return None if x is None else x >= bar
+
+
 # ---------------------------------------------------------------- environment and device
 
 def env_info(device: str) -> dict:
     """Card, library versions and date for the run record."""
     import torch
-    info = {"date_utc": utc_now(), "python": platform.python_version(), "torch": torch.__version__,
-            "host": platform.node(), "device": device}
+    info = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -189,11 +206,7 @@ def rnd(x: Any, nd: int = 3) -> Any:
 
 
 def fmt(x: Any, spec: str = ".3f") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return format(x, spec)
-    return str(x)
+    return "-" if x is None else format(x, spec) if isinstance(x, float) else str(x)
 
 
 def print_table(rows: Iterable[dict], cols: Sequence[tuple[str, str, int]]) -> None:
@@ -314,3 +327,71 @@ async def served_window(engine, reqs) -> dict:
         out["ms_per_step_chunks"] = (chunks[-1][0] - chunks[0][0]) * 1e3 / sum(n for _, n in chunks[1:])
         out["window_tokens"] = sum(n for _, n in chunks)
     return out
+
+
+# ---------------------------------------------------------------- a streaming OpenAI HTTP client
+
+def seq_record(kind: str, t_send: float, first=None, last=None, tokens: int = 0, **kw) -> dict:
+    """One sequence as a client saw it (perf_counter seconds)."""
+    return {"kind": kind, "t_send": t_send, "t_first": first, "t_last": last, "tokens": tokens, **kw}
+
+
+def make_http(url: str, model: str):
+    """(http(prompt_ids, max_tokens) -> awaitable record, aclose or None) for streaming greedy
+    /v1/completions calls: httpx when installed, else urllib in a thread. The record's t_first is
+    the response-header time (graphserve starts a stream only once its first token exists), t_last
+    the last event; the token count comes from the usage chunk, because events carry only
+    non-empty text."""
+    body = lambda p, m: {"model": model, "prompt": list(p), "max_tokens": m, "temperature": 0.0,  # noqa: E731
+                         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    try:
+        import httpx
+    except ImportError:
+        return (lambda p, m: asyncio.to_thread(_urllib_stream, url, body(p, m))), None
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
+
+    async def http(p, m):
+        t_send, ev = time.perf_counter(), _Events()
+        async with client.stream("POST", url, json=body(p, m), timeout=600.0) as resp:
+            ev.t_first = time.perf_counter()
+            if resp.status_code != 200:
+                ev.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+            async for line in resp.aiter_lines():
+                ev.add(line)
+        return ev.record(t_send)
+    return http, client.aclose
+
+
+def _urllib_stream(url: str, body: dict) -> dict:
+    import urllib.request
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    t_send, ev = time.perf_counter(), _Events()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        ev.t_first = time.perf_counter()
+        for raw in resp:
+            ev.add(raw.decode())
+    return ev.record(t_send)
+
+
+class _Events:
+    """Server-sent events of one completion stream: arrival times, usage, in-band errors."""
+
+    def __init__(self):
+        self.t_first, self.times, self.usage, self.error = None, [], None, None
+
+    def add(self, line: str) -> None:
+        line = line.strip()
+        if not line.startswith("data: {"):
+            return
+        d = json.loads(line[6:])
+        self.usage = d.get("usage") or self.usage
+        if d.get("choices"):
+            self.times.append(time.perf_counter())
+        if "error" in d:
+            self.error = str(d["error"])[:200]
+
+    def record(self, t_send: float) -> dict:
+        t = self.times
+        n = (self.usage or {}).get("completion_tokens", len(t))
+        return seq_record("interactive", t_send, self.t_first, t[-1] if t else None, n, events=len(t),
+                          gaps=[b - a for a, b in zip(t, t[1:])], error=self.error)

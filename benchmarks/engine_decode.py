@@ -45,8 +45,7 @@ SIZES = [("models", "llama-8b,llama-1b", "tiny", "shapes, in run order"),
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for flag, gpu, cpu, h in SIZES:
-        ap.add_argument("--" + flag, type=type(gpu), default=None, help=f"{h} (GPU {gpu}; CPU smoke {cpu})")
+    C.add_sized_args(ap, SIZES)
     ap.add_argument("--hf-prefill-tokens", type=int, default=8192, help="HF prefill chunk, tokens x rows")
     ap.add_argument("--engine-repeats", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=4352)
@@ -58,10 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    for flag, gpu, cpu, _ in SIZES:
-        key = flag.replace("-", "_")
-        if getattr(a, key) is None:
-            setattr(a, key, gpu if a.device.startswith("cuda") else cpu)
+    C.fill_sized_args(a, SIZES)
     return a
 
 
@@ -319,8 +315,8 @@ def bars(res, lines) -> dict:
     frac = {(ln["model"], ln["batch"], ln["ctx"]): ln.get("engine_frac") for ln in lines}
     short = res["args"]["prompt"]
     out = {"engine_beats_hf_graph_every_row": bool(both) and all(ln["engine"] < ln["hf_graph"] for ln in both),
-           "llama-8b_b1_floor_frac>=0.70": _ge(frac.get(("llama-8b", 1, short)), 0.70),
-           "llama-8b_b32_floor_frac>=0.60": _ge(frac.get(("llama-8b", 32, short)), 0.60)}
+           "llama-8b_b1_floor_frac>=0.70": C.ge(frac.get(("llama-8b", 1, short)), 0.70),
+           "llama-8b_b32_floor_frac>=0.60": C.ge(frac.get(("llama-8b", 32, short)), 0.60)}
     for name, st in res["startup"].items():
         if st.get("capture_s") is not None:
             out[f"{name}_capture_all_buckets<5s"] = st["capture_s"] < 5.0
@@ -328,10 +324,6 @@ def bars(res, lines) -> dict:
     if hits and res["env"]["card"] != "cpu":
         out["engine_window_steps_all_graph"] = min(hits) >= 1.0
     return out
-
-
-def _ge(x, bar):
-    return None if x is None else x >= bar
 
 
 def print_summary(res, lines):

@@ -1,0 +1,378 @@
+"""Issue 3's benchmark: the graphserve app under a seeded mixed load, our router vs Ray's default.
+
+One run starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2 fake GPUs, so replicas run
+random:tiny eagerly), then for each router deploys the same app (`deployments.app:build_app`:
+2 LLMReplica with bucket sets latency [1,2,4,8] and throughput [16,32,64], max_num_seqs 64 each)
+and runs, in order:
+  probe  one streaming HTTP client at batch 1 (prompt 512, 128 new tokens, idle system): its
+         per-token time vs the engine's own step time, measured in-process in this same run
+         (before Ray starts, same model, buckets [1,2,4,8], common.served_window);
+  load   the same seeded open-loop mix for both routers (Poisson arrivals over --duration-s):
+         interactive single requests over HTTP streaming (/v1/completions, stream=true), prompt
+         U[64,512] tokens, output U[32,128]; and batch jobs of U[8,64] prompts through the
+         ingress handle's `stream`, prompt U[128,512], output U[64,128] per job. Greedy,
+         ignore_eos, random byte-token prompts.
+Reported per router: tokens/s (all output tokens / first arrival .. last completion), TTFT and
+TPOT p50/p99 (per sequence; TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode
+steps run by replay / all decode steps, from the replicas' `counters()` before/after the load) and
+padding waste (padded rows / rows run). Bars: graph-hit >= 99% with our router; our tokens/s >= the
+default router's; probe per-token time within 15% of the engine step time.
+
+  . .gpubundle/activate && python benchmarks/serve_load.py          # 2 GPUs, ~7 min
+  python benchmarks/serve_load.py --device cpu                      # CPU smoke test, ~1-2 min
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import common as C  # noqa: E402
+
+APP = "graphserve"
+ROUTERS = {"ours": "router.request_router:BucketAwareRequestRouter",
+           "default": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"}
+# (flag, GPU default, CPU smoke default, help)
+SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every replica"),
+         ("duration-s", 40.0, 6.0, "arrival window of the open-loop mix"),
+         ("interactive-rate", 2.0, 1.0, "interactive HTTP requests per second (Poisson)"),
+         ("batch-rate", 0.25, 0.3, "batch jobs per second (Poisson)"),
+         ("batch-size", "8,64", "8,16", "batch job prompts, uniform in [lo,hi]"),
+         ("interactive-prompt", "64,512", "16,64", "interactive prompt tokens, uniform"),
+         ("interactive-output", "32,128", "4,12", "interactive output tokens, uniform"),
+         ("batch-prompt", "128,512", "16,64", "batch-job prompt tokens, uniform"),
+         ("batch-output", "64,128", "4,12", "batch-job output tokens (one per job), uniform"),
+         ("probe-prompt", 512, 32, "batch-1 probe prompt tokens"),
+         ("probe-tokens", 128, 24, "batch-1 probe new tokens")]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
+    C.add_sized_args(ap, SIZES)
+    ap.add_argument("--routers", default="ours,default")
+    ap.add_argument("--bucket-sets", default="1,2,4,8/16,32,64", help="one set per tier, '/'-separated")
+    ap.add_argument("--num-replicas", type=int, default=2)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--probe-repeats", type=int, default=3)
+    ap.add_argument("--engine-probe", choices=("first", "off"), default="first")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--budget-s", type=float, default=540.0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.device is None:
+        a.device = "cuda" if _cuda_count() else "cpu"
+    C.fill_sized_args(a, SIZES)
+    return a
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _range(s: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in s.split(","))
+    return lo, hi
+
+
+# ---------------------------------------------------------------- the workload
+
+@dataclass(frozen=True)
+class Job:
+    kind: str                       # "interactive" (HTTP stream) | "batch" (handle stream)
+    at: float                       # arrival offset, seconds
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: int
+
+
+def make_workload(a) -> list[Job]:
+    """Two independent Poisson streams over [0, duration), fixed by --seed."""
+    rng, jobs = random.Random(a.seed), []
+    ip, io, bp, bo, bs = (_range(x) for x in (a.interactive_prompt, a.interactive_output, a.batch_prompt,
+                                              a.batch_output, a.batch_size))
+    prompt = lambda n: tuple(rng.randrange(256) for _ in range(n))  # noqa: E731 - byte tokens
+    for kind, rate in (("interactive", a.interactive_rate), ("batch", a.batch_rate)):
+        t = rng.expovariate(rate) if rate > 0 else a.duration_s
+        while t < a.duration_s:
+            if kind == "interactive":
+                jobs.append(Job(kind, t, (prompt(rng.randint(*ip)),), rng.randint(*io)))
+            else:
+                n = rng.randint(*bs)
+                jobs.append(Job(kind, t, tuple(prompt(rng.randint(*bp)) for _ in range(n)), rng.randint(*bo)))
+            t += rng.expovariate(rate)
+    return sorted(jobs, key=lambda j: j.at)
+
+
+# ---------------------------------------------------------------- clients
+
+async def handle_stream(stream_handle, job: Job) -> list[dict]:
+    """A batch job through the ingress handle's `stream`; per-sequence first/last token times."""
+    t_send = time.perf_counter()
+    seqs: dict[int, dict] = {}
+    gen = stream_handle.remote([list(p) for p in job.prompts], max_tokens=job.max_tokens,
+                               temperature=0.0, ignore_eos=True)
+    async for chunks in gen:
+        now = time.perf_counter()
+        for c in chunks:
+            s = seqs.setdefault(c.index, C.seq_record("batch", t_send, batch=len(job.prompts)))
+            if c.token_ids:
+                s["t_first"] = s["t_first"] or now
+                s["t_last"] = now
+                s["tokens"] += len(c.token_ids)
+    return list(seqs.values())
+
+
+async def run_load(jobs: list[Job], a, stream_handle, http) -> tuple[list[dict], float, float]:
+    t0 = time.perf_counter()
+
+    async def launch(job: Job):
+        await asyncio.sleep(max(0.0, t0 + job.at - time.perf_counter()))
+        try:
+            if job.kind == "interactive":
+                return [await http(job.prompts[0], job.max_tokens)]
+            return await handle_stream(stream_handle, job)
+        except Exception as e:  # noqa: BLE001 - a failed job is data
+            return [C.seq_record(job.kind, time.perf_counter(), error=f"{type(e).__name__}: {e}"[:300])]
+    results = await asyncio.gather(*(launch(j) for j in jobs))
+    return [s for r in results for s in r], t0, time.perf_counter()
+
+
+# ---------------------------------------------------------------- metrics
+
+def seq_metrics(seqs: list[dict]) -> dict:
+    ok = [s for s in seqs if not s.get("error") and s["t_first"] is not None]
+    ttft = [s["t_first"] - s["t_send"] for s in ok]
+    tpot = [(s["t_last"] - s["t_first"]) / (s["tokens"] - 1) for s in ok if s["tokens"] > 1 and s["t_last"]]
+    ms = lambda v, q: None if not v else C.percentile(v, q) * 1e3  # noqa: E731
+    return {"sequences": len(seqs), "errors": len(seqs) - len(ok), "tokens": sum(s["tokens"] for s in ok),
+            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
+            "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
+
+
+def replica_delta(before: list[dict], after: list[dict]) -> dict:
+    """Decode steps by (bucket, path), padding and batch sizes per replica, run between snapshots."""
+    prev = {r["replica"]: r for r in before}
+    steps_all, padded, out = {}, 0, []
+    have_padded = all("padded_rows" in r for r in after)
+    for r in after:
+        p = prev.get(r["replica"], {})
+        d = C.diff_steps(_steps(r), _steps(p))
+        for k, n in d.items():
+            steps_all[k] = steps_all.get(k, 0) + n
+        if have_padded:
+            padded += sum(int(v) for v in r["padded_rows"].values()) - \
+                sum(int(v) for v in p.get("padded_rows", {}).values())
+        sizes = {int(k): v - p.get("batch_sizes", {}).get(k, 0) for k, v in r.get("batch_sizes", {}).items()}
+        out.append({"replica": r["replica"], "rank": r.get("rank"), "buckets": r.get("captured_buckets"),
+                    "decode_steps": d, "batch_sizes": {k: v for k, v in sorted(sizes.items()) if v}})
+    rows_run = sum(int(k.split(":")[0]) * n for k, n in steps_all.items() if not k.startswith("0:"))
+    return {"per_replica": out, "decode_steps": steps_all, "graph_hit": C.graph_hit_rate(steps_all),
+            "rows_run_bucketed": rows_run, "padded_rows": padded if have_padded else None}
+
+
+def _steps(counters: dict) -> dict:
+    return {(int(b), str(path)): int(n) for b, path, n in counters.get("decode_steps", [])}
+
+
+def load_metrics(seqs, t0, t1, delta) -> dict:
+    ok = [s for s in seqs if s["t_last"] is not None]
+    end = max((s["t_last"] for s in ok), default=t1)
+    m = {"all": seq_metrics(seqs), "interactive": seq_metrics([s for s in seqs if s["kind"] == "interactive"]),
+         "batch": seq_metrics([s for s in seqs if s["kind"] == "batch"]), "wall_s": end - t0}
+    m["tokens_per_s"] = m["all"]["tokens"] / m["wall_s"] if m["wall_s"] > 0 else None
+    m["graph_hit"] = delta["graph_hit"]
+    padded, live = delta["padded_rows"], m["all"]["tokens"] - (m["all"]["sequences"] - m["all"]["errors"])
+    if padded is None and not any(k.startswith("0:") for k in delta["decode_steps"]):
+        padded, m["padding_note"] = delta["rows_run_bucketed"] - live, "derived: bucket rows - decode tokens"
+    if padded is not None and live + padded > 0:  # live decode rows = tokens - first tokens (prefill)
+        m["padding_waste"] = padded / (live + padded)
+    return m
+
+
+# ---------------------------------------------------------------- deployment and probes
+
+def app_args(a, router: str) -> dict:
+    return {"model": a.model, "bucket_sets": [[int(b) for b in t.split(",")] for t in a.bucket_sets.split("/")],
+            "max_seq_len": a.max_seq_len, "max_num_seqs": a.max_num_seqs, "num_replicas": a.num_replicas,
+            "router": {"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 1.0}}
+
+
+def deploy(a, router: str) -> float:
+    from ray import serve
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+    t = time.perf_counter()
+    serve.run(build_app(AppArgs(**app_args(a, router))), name=APP, route_prefix="/")
+    return time.perf_counter() - t
+
+
+async def counters() -> list[dict]:
+    from ray import serve
+    h = serve.get_deployment_handle("LLMReplica", app_name=APP)
+    return list(await h.broadcast("counters").results_async())
+
+
+async def http_probe(a, http) -> dict:
+    """One client, batch 1, alone: per-token time (median event gap when every token has an event,
+    else the mean over the stream: (last - first token) / (tokens - 1))."""
+    rng, runs = random.Random(a.seed + 7), []
+    for _ in range(a.probe_repeats):
+        runs.append(await http(tuple(rng.randrange(256) for _ in range(a.probe_prompt)), a.probe_tokens))
+    per_tok = []
+    for r in runs:
+        if r.get("error") or not r["t_last"] or r["tokens"] < 2:
+            continue
+        if r["events"] >= r["tokens"] - 1 and r["gaps"]:
+            per_tok.append(C.percentile(r["gaps"][1:], 50) * 1e3)   # gap 0 may hold the stream start
+        else:
+            per_tok.append((r["t_last"] - r["t_first"]) * 1e3 / (r["tokens"] - 1))
+    return {"per_token_ms": C.percentile(per_tok, 50) if per_tok else None, "per_token_ms_runs": per_tok,
+            "runs": [{k: v for k, v in r.items() if k != "gaps"} for r in runs]}
+
+
+def engine_probe(a) -> dict:
+    """The engine's own batch-1 step time, in this process, same model, the latency bucket set."""
+    from replica import Engine, EngineConfig
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    buckets = tuple(int(b) for b in a.bucket_sets.split("/")[0].split(","))
+    t = time.perf_counter()
+    eng = Engine(EngineConfig(model=a.model, device=dev, batch_buckets=buckets, max_seq_len=a.max_seq_len,
+                              max_num_seqs=buckets[-1]))
+    res = {"build_s": time.perf_counter() - t, "buckets": list(buckets), "runs": []}
+    try:
+        asyncio.run(C.served_window(eng, C.engine_requests(1, min(a.probe_prompt, 64), 8, seed=1)))
+        for r in range(a.probe_repeats):
+            res["runs"].append(asyncio.run(C.served_window(
+                eng, C.engine_requests(1, a.probe_prompt, a.probe_tokens, seed=10 + r))))
+    finally:
+        eng.shutdown()
+        del eng
+        C.free_device_memory(dev)
+    ms = [r["ms_per_step"] for r in res["runs"] if r.get("ms_per_step")]
+    res["ms_per_step"] = C.percentile(ms, 50) if ms else None
+    return res
+
+
+# ---------------------------------------------------------------- the run
+
+async def router_phase(a, jobs) -> dict:
+    from ray import serve
+    http, close = C.make_http(f"http://127.0.0.1:{a.port}/v1/completions", a.model)
+    stream_handle = serve.get_app_handle(APP).options(method_name="stream", stream=True)
+    try:
+        probe = await http_probe(a, http)
+        C.log("probe", {k: C.rnd(v) for k, v in probe.items() if k != "runs"})
+        before = await counters()
+        seqs, t0, t1 = await run_load(jobs, a, stream_handle, http)
+        after = await counters()
+    finally:
+        if close is not None:
+            await close()
+    delta = replica_delta(before, after)
+    return {"probe": probe, "load": load_metrics(seqs, t0, t1, delta), "replicas": delta,
+            "errors": sorted({s["error"] for s in seqs if s.get("error")})[:5]}
+
+
+def start_ray(a) -> int:
+    import ray
+    from ray import serve
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    gpus = _cuda_count() if a.device.startswith("cuda") else 2   # CPU: fake GPUs, eager CPU engines
+    ray.init(num_gpus=gpus, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    return gpus
+
+
+def bars(res) -> dict:
+    r, out = res["routers"], {}
+    ours, dflt = r.get("ours", {}), r.get("default", {})
+    if ours.get("load"):
+        out["graph_hit_ours>=0.99"] = C.ge(ours["load"].get("graph_hit"), 0.99)
+    if ours.get("load") and dflt.get("load"):
+        out["tokens_per_s_ours>=default"] = ours["load"]["tokens_per_s"] >= dflt["load"]["tokens_per_s"]
+    eng = (res.get("engine_probe") or {}).get("ms_per_step")
+    http = (ours.get("probe") or {}).get("per_token_ms")
+    if eng and http:
+        res["probe_ratio_http_over_engine"] = http / eng
+        out["http_b1_per_token_within_15%_of_engine_step"] = http <= 1.15 * eng
+    return out
+
+
+def print_summary(res):
+    print(f"\ncard {res['env']['card']} x{res.get('gpus')}, model {res['args']['model']}, "
+          f"torch {res['env']['torch']}; engine b1 step {C.fmt(res.get('engine_probe', {}).get('ms_per_step'))} ms")
+    lines = []
+    for name, r in res["routers"].items():
+        ld, pr = r.get("load") or {}, r.get("probe") or {}
+        eng = (res.get("engine_probe") or {}).get("ms_per_step")
+        lines.append({"router": name, "tok_s": ld.get("tokens_per_s"), "ttft50": ld.get("all", {}).get("ttft_ms_p50"),
+                      "ttft99": ld.get("all", {}).get("ttft_ms_p99"), "tpot50": ld.get("all", {}).get("tpot_ms_p50"),
+                      "tpot99": ld.get("all", {}).get("tpot_ms_p99"), "hit": ld.get("graph_hit"),
+                      "pad": ld.get("padding_waste"), "b1_http": pr.get("per_token_ms"),
+                      "b1_ratio": pr["per_token_ms"] / eng if eng and pr.get("per_token_ms") else None})
+    if len(lines) == 2 and lines[1]["tok_s"]:
+        lines.append({"router": "ours/dflt", **{k: lines[0][k] / lines[1][k] for k in lines[0]
+                                                 if k != "router" and lines[0][k] and lines[1][k]}})
+    C.print_table(lines, [("router", "router", 9), ("tok_s", "tok/s", 8), ("ttft50", "ttft50", 8),
+                          ("ttft99", "ttft99", 8), ("tpot50", "tpot50", 7), ("tpot99", "tpot99", 7),
+                          ("hit", "g_hit", 6), ("pad", "pad", 6), ("b1_http", "b1_http", 7),
+                          ("b1_ratio", "b1/eng", 6)])
+    print("(ms; g_hit = graph-replayed decode steps / all; pad = padded rows / rows run; b1/eng = HTTP per-token "
+          "time at batch 1 / engine step time)\nbars:", res["bars"])
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    budget, path = C.Budget(a.budget_s), C.out_path(a.out, "serve_load.json")
+    jobs = make_workload(a)
+    res = {"env": C.env_info(a.device), "args": vars(a), "routers": {}, "skipped": [],
+           "workload": {"jobs": len(jobs), "interactive": sum(j.kind == "interactive" for j in jobs),
+                        "batch_jobs": sum(j.kind == "batch" for j in jobs),
+                        "sequences": sum(len(j.prompts) for j in jobs),
+                        "output_tokens": sum(len(j.prompts) * j.max_tokens for j in jobs)}}
+    save = lambda: C.write_json(path, res)  # noqa: E731
+    C.log("workload", res["workload"])
+    if a.engine_probe == "first":
+        res["engine_probe"] = engine_probe(a)
+        C.log("engine probe b1 ms/step", C.rnd(res["engine_probe"]["ms_per_step"]))
+        save()
+    from ray import serve
+    res["gpus"] = start_ray(a)
+    routers = a.routers.split(",")
+    for k, name in enumerate(routers):
+        if not budget.ok(60.0 + 90.0 * (len(routers) - k - 1)):
+            res["skipped"].append(f"{name}: budget")
+            continue
+        try:
+            res["routers"][name] = {"deploy_s": deploy(a, name)}
+            C.log(name, "deployed in", C.rnd(res["routers"][name]["deploy_s"]), "s")
+            res["routers"][name].update(asyncio.run(router_phase(a, jobs)))
+            C.log(name, {k2: C.rnd(v) for k2, v in res["routers"][name]["load"].items() if not isinstance(v, dict)})
+        except Exception as e:  # noqa: BLE001 - keep the other router's numbers
+            import traceback
+            traceback.print_exc()
+            res["routers"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:400]
+        finally:
+            serve.delete(APP)
+        save()
+    res["bars"] = bars(res)
+    save()
+    print_summary(res)
+    print("wrote", path)
+    serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

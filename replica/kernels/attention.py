@@ -2,7 +2,8 @@
 
 Contract: same semantics as `reference.decode_attention`: q [B, H, hd]; k/v_cache [S, KVH, L, hd];
 row b, head h attends to cache[slot_ids[b], h // (H // KVH), :seq_lens[b]] (GQA), fp32 softmax;
-out [B, H, hd] in q.dtype. Requires seq_lens[b] >= 1. Rows at or past seq_lens[b] are never read.
+out [B, H, hd] in q.dtype. Requires 1 <= seq_lens[b] <= L (not checked on the device: no syncs) and
+int64 slot_ids (slot * slot_stride can pass 2**31). Rows at or past seq_lens[b] are never read.
 
 Design (two launches, no host syncs, grid depends only on shapes, so it is CUDA-graph capturable):
 1. `_split_kernel`, grid (B, KVH, NUM_SPLITS), NUM_SPLITS = cdiv(L, SPLIT) from the cache's
@@ -131,9 +132,10 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 
 
 def default_split(batch: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
-    """Tokens per split: small enough that a full-length batch gives ~4 programs per SM, at least
-    one tile, at most 256 (longer splits leave too few programs for short contexts)."""
-    per_seq = max(1, 4 * NUM_SMS_GUESS // max(1, batch * num_kv_heads))
+    """Tokens per split: small enough that a full-length batch gives ~8 programs per SM (contexts
+    are usually shorter than L, and only splits below seq_len run), at least one tile, at most 256
+    (longer splits leave too few programs for short contexts). Tune with benchmarks/kernels_bench.py."""
+    per_seq = max(1, 8 * NUM_SMS_GUESS // max(1, batch * num_kv_heads))
     split = triton.next_power_of_2(max(1, math.ceil(max_len / per_seq)))
     return int(min(max(split, block_n), max(256, block_n)))
 
@@ -148,7 +150,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kvh, max_len = k_cache.shape[1], k_cache.shape[2]
     group = h // kvh
     if block_n is None:
-        block_n = 64 if q.element_size() <= 2 else 32
+        block_n = 64 if q.element_size() <= 2 else 16  # fp32 (FMA dot) spills at 32
     split = split or default_split(bsz, kvh, max_len, block_n)
     assert split % block_n == 0, "split must be a multiple of block_n"
     num_splits = triton.cdiv(max_len, split)

@@ -1,0 +1,138 @@
+"""Compile every Triton kernel for an NVIDIA GPU target on a machine without a GPU.
+
+    python -m replica.kernels.compile_check [--arch 90] [--full]   # --full: + tuning variants
+
+Uses Triton's bundled ptxas / cuobjdump, so CI (CPU only) catches code that the interpreter accepts
+but the GPU compiler rejects, register spills and shared-memory overflows. Configs mirror what the
+wrappers launch for llama-8b (bf16, hd=128, G=4), the tiny test model (hd=16) and edge cases
+(fp32, hd=80 with unaligned strides, large GQA groups). Pointer arguments and strides are marked
+16-byte divisible as Triton's launcher specialises them for contiguous caches.
+Prints one JSON object {config: {"shared": bytes, "regs": n, "spill_bytes": n}}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from replica.kernels import attention, fused
+
+_TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _compile(fn, types: dict, consts: dict, arch: int, num_warps: int, num_stages: int = 2,
+             aligned: bool = True):
+    """types: {arg: triton type string} for runtime args; constexprs come from `consts`."""
+    signature = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+    div = [["tt.divisibility", 16]]
+    attrs = {(fn.arg_names.index(n),): div for n, t in types.items()
+             if t.startswith("*") or (aligned and n.startswith("stride"))}
+    src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _resources(kernel) -> dict:
+    """Registers and spill (local memory) bytes from the cubin, shared memory from Triton."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(_TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", text)}
+    # spills live in the stack frame (these kernels have no local arrays)
+    return dict(shared=kernel.metadata.shared, regs=usage.get("REG", -1),
+                spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0))
+
+
+def _attention_configs(full: bool):
+    # name: (dtype, heads, group, head_dim, block_n, num_warps, num_stages, aligned strides).
+    # The first group is what decode_attention launches by default; `full` adds sweep variants.
+    configs = {
+        "8b_bf16": ("bf16", 32, 4, 128, 64, 4, 2, True),
+        "8b_fp32": ("fp32", 32, 4, 128, 16, 4, 2, True),
+        "tiny_hd16": ("bf16", 4, 2, 16, 64, 4, 2, True),
+        "hd80": ("bf16", 3, 1, 80, 64, 4, 2, True),
+        "hd72_unaligned": ("fp16", 2, 1, 72, 64, 4, 2, False),
+        "group32_hd64": ("bf16", 64, 32, 64, 64, 4, 2, True),
+    }
+    if full:
+        configs.update({
+            "8b_bf16_bn32": ("bf16", 32, 4, 128, 32, 4, 2, True),
+            "8b_bf16_bn64_s3": ("bf16", 32, 4, 128, 64, 4, 3, True),
+            "8b_bf16_bn64_w8": ("bf16", 32, 4, 128, 64, 8, 2, True),
+            "8b_bf16_bn128_w8": ("bf16", 32, 4, 128, 128, 8, 2, True),
+            "8b_fp16": ("fp16", 32, 4, 128, 64, 4, 2, True),
+        })
+    return configs
+
+
+def _attention(arch: int, full: bool) -> dict:
+    out = {}
+    ints = ["stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_kn", "stride_vs",
+            "stride_vh", "stride_vn", "stride_ob", "stride_oh"]
+    for name, (dt, h, g, hd, bn, warps, stages, aligned) in _attention_configs(full).items():
+        p = "*" + dt
+        types = dict(q_ptr=p, k_ptr=p, v_ptr=p, slot_ptr="*i64", len_ptr="*i64", out_ptr=p,
+                     po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                     **{n: "i32" for n in ints})
+        block_d = max(16, triton.next_power_of_2(hd))
+        for direct in (False, True):
+            consts = dict(NUM_HEADS=h, GROUP=g, HEAD_DIM=hd, NUM_SPLITS=1 if direct else 8,
+                          SPLIT=256, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=bn,
+                          BLOCK_D=block_d, DIRECT=direct,
+                          PRECISION="ieee" if dt == "fp32" else "tf32")
+            k = _compile(attention._split_kernel, types, consts, arch, warps, stages, aligned)
+            out[f"attn_split.{name}{'.direct' if direct else ''}"] = _resources(k)
+        types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", len_ptr="*i64", out_ptr=p,
+                     stride_ob="i32", stride_oh="i32")
+        consts = dict(NUM_HEADS=h, HEAD_DIM=hd, NUM_SPLITS=64, SPLIT=64, SPLITS_POW2=64, CHUNK=16,
+                      BLOCK_D=block_d)
+        k = _compile(attention._combine_kernel, types, consts, arch, 1 if hd <= 64 else 2)
+        out[f"attn_combine.{name}"] = _resources(k)
+    return out
+
+
+def _fused(arch: int) -> dict:
+    out = {}
+    for dt, d in (("bf16", 4096), ("fp32", 64)):
+        p = "*" + dt
+        for res in (False, True):
+            types = dict(x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, stride_x="i32",
+                         stride_res="i32", stride_out="i32", D="i32", eps="fp32")
+            block = triton.next_power_of_2(d)
+            k = _compile(fused._rms_norm_kernel, types, dict(HAS_RESIDUAL=res, BLOCK_D=block),
+                         arch, 8 if block > 2048 else 4)
+            out[f"{'add_' if res else ''}rms_norm.{dt}_d{d}"] = _resources(k)
+        types = dict(in_ptr=p, out_ptr=p, stride_in="i32", stride_out="i32", INTER="i32")
+        k = _compile(fused._silu_mul_kernel, types, dict(BLOCK=1024), arch, 4)
+        out[f"silu_mul.{dt}"] = _resources(k)
+    ints = ("stride_qkv stride_cos stride_sin stride_qn stride_qh stride_ks stride_kh "
+            "stride_kl stride_vs stride_vh stride_vl").split()
+    for dt, h, kvh, hd in (("bf16", 32, 8, 128), ("fp32", 4, 2, 16), ("bf16", 3, 1, 24)):
+        p = "*" + dt
+        types = dict(qkv_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
+                     slot_ptr="*i64", q_ptr=p, k_ptr=p, v_ptr=p, **{n: "i32" for n in ints})
+        half = triton.next_power_of_2(hd // 2)
+        consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half)
+        k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
+                     aligned=hd % 16 == 0)
+        out[f"rope_store_kv.{dt}_hd{hd}"] = _resources(k)
+    return out
+
+
+def compile_all(arch: int = 90, full: bool = False) -> dict:
+    return {**_fused(arch), **_attention(arch, full)}
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    arch = int(args[args.index("--arch") + 1]) if "--arch" in args else 90
+    print(json.dumps(compile_all(arch, full="--full" in args), indent=1))

@@ -1,8 +1,8 @@
 """Shared helpers of the benchmarks: model shapes, the bandwidth floor, the run record, tables.
 
 Contract
-- `PRESETS` are the shapes of the engine's `random:<name>` models (replica/presets.py is the source of
-  truth; a copy is kept here so the HF half runs even where replica/ does not import).
+- `PRESETS` are the shapes of the engine's `random:<name>` models (replica/presets.py), which the
+  HF baselines build too, so both sides read the same bytes per step.
 - `step_bytes(name, batch, context)` counts the bytes one decode step must read: each weight matrix
   once (q/k/v/o, gate/up/down, norms, lm_head), an untied embedding only for the `batch` rows used (a
   tied embedding IS the lm_head and is counted once, fully), plus the KV cache actually attended
@@ -13,7 +13,7 @@ Contract
   the window from the last request's first token to the first request's last token (all rows
   decoding), divided by the engine's own decode-step counters over that window.
 - `make_http(url, model)` is the streaming /v1/completions client of serve_load.py.
-- Nothing here imports ray; torch is imported lazily so `serve_load.py` can use the rest without it.
+- Nothing here imports ray, and torch only inside the functions that need a device.
 """
 from __future__ import annotations
 
@@ -28,19 +28,7 @@ import sys
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-_FALLBACK_PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=259, tie_word_embeddings=False),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
-}
-try:  # the engine's own table, when the repo root is on sys.path
-    from replica.presets import PRESETS as _ENGINE_PRESETS
-    PRESETS: dict[str, dict] = dict(_ENGINE_PRESETS)
-except Exception:  # noqa: BLE001 - any import problem: fall back to the copy
-    PRESETS = dict(_FALLBACK_PRESETS)
+from replica.presets import PRESETS  # the engine's random:<name> shapes; the HF twins use them too
 
 T0 = time.time()
 
@@ -152,9 +140,7 @@ def free_device_memory(device) -> None:
 
 def cuda_mem_gb(device) -> Optional[float]:
     import torch
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return round(torch.cuda.memory_allocated() / 1e9, 2)
-    return None
+    return round(torch.cuda.memory_allocated() / 1e9, 2) if str(device).startswith("cuda") else None
 
 
 # ---------------------------------------------------------------- the floor
@@ -193,8 +179,7 @@ def floor_ms(name: str, batch: int, context: float, copy_Bps: float, dtype_bytes
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     """Linear-interpolated percentile, q in [0, 100]; None for no values."""
-    v = sorted(values)
-    if not v:
+    if not (v := sorted(values)):
         return None
     k = (len(v) - 1) * q / 100.0
     lo, hi = int(k), min(int(k) + 1, len(v) - 1)
@@ -233,6 +218,9 @@ def stats_dict(stats: Any) -> dict:
 
 
 def _json_safe(v: Any) -> Any:
+    import dataclasses
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return stats_dict(v)
     if isinstance(v, dict):
         return {(":".join(map(str, k)) if isinstance(k, tuple) else str(k)): _json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -334,6 +322,17 @@ async def served_window(engine, reqs) -> dict:
 def seq_record(kind: str, t_send: float, first=None, last=None, tokens: int = 0, **kw) -> dict:
     """One sequence as a client saw it (perf_counter seconds)."""
     return {"kind": kind, "t_send": t_send, "t_first": first, "t_last": last, "tokens": tokens, **kw}
+
+
+def seq_metrics(seqs: list[dict]) -> dict:
+    """Count, tokens, TTFT and TPOT p50/p99 (ms) of seq_records; errors are counted, not timed."""
+    ok = [s for s in seqs if not s.get("error") and s["t_first"] is not None]
+    ttft = [s["t_first"] - s["t_send"] for s in ok]
+    tpot = [(s["t_last"] - s["t_first"]) / (s["tokens"] - 1) for s in ok if s["tokens"] > 1 and s["t_last"]]
+    ms = lambda v, q: None if not v else percentile(v, q) * 1e3  # noqa: E731
+    return {"sequences": len(seqs), "errors": len(seqs) - len(ok), "tokens": sum(s["tokens"] for s in ok),
+            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
+            "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
 
 
 def make_http(url: str, model: str):

@@ -1,25 +1,24 @@
 """Issue 3's benchmark: the graphserve app under a seeded mixed load, our router vs Ray's default.
 
-One run starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2 fake GPUs, so replicas run
-random:tiny eagerly), then for each router deploys the same app (`deployments.app:build_app`:
-2 LLMReplica with bucket sets latency [1,2,4,8] and throughput [16,32,64], max_num_seqs 64 each)
-and runs, in order:
-  probe  one streaming HTTP client at batch 1 (prompt 512, 128 new tokens, idle system): its
-         per-token time vs the engine's own step time, measured in-process in this same run
-         (before Ray starts, same model, buckets [1,2,4,8], common.served_window);
-  load   the same seeded open-loop mix for both routers (Poisson arrivals over --duration-s):
-         interactive single requests over HTTP streaming (/v1/completions, stream=true), prompt
-         U[64,512] tokens, output U[32,128]; and batch jobs of U[8,64] prompts through the
-         ingress handle's `stream`, prompt U[128,512], output U[64,128] per job. Greedy,
-         ignore_eos, random byte-token prompts.
-Reported per router: tokens/s (all output tokens / first arrival .. last completion), TTFT and
-TPOT p50/p99 (per sequence; TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode
-steps run by replay / all decode steps, from the replicas' `counters()` before/after the load) and
-padding waste (padded rows / rows run). Bars: graph-hit >= 99% with our router; our tokens/s >= the
-default router's; probe per-token time within 15% of the engine step time.
+One run measures the engine's own batch-1 step time in-process (the latency-tier replica's exact
+EngineConfig, `common.served_window`), starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2
+fake GPUs and random:tiny CPU engines), then for each router deploys the same app
+(`deployments.app:build_app`: 2 LLMReplica, bucket sets latency [1,2,4,8] and throughput
+[16,32,64], max_num_seqs 64 each; only `router.request_router_class` differs) and runs:
+  probe  one streaming HTTP client at batch 1 on an idle system (prompt 512, 128 new tokens);
+  load   a seeded open-loop mix (Poisson arrivals over --duration-s): interactive requests over
+         HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];
+         batch jobs of U[8,64] prompts through the ingress handle's `stream`, prompt U[128,512],
+         output U[64,128] per job; greedy, ignore_eos, random byte-token prompts;
+  burst  the same distributions, 12 batch jobs + 16 interactive requests all at t=0 (capacity).
+Per phase and router: tokens/s (output tokens / first arrival .. last token), TTFT and TPOT p50/p99
+per sequence (TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode steps replayed /
+all, from the replicas' `counters()` around the phase) and padding waste (padded rows / rows run).
+Bars: graph-hit >= 99% with our router (load + burst); burst tokens/s >= the default router's;
+probe per-token time within 15% of the engine step time.
 
-  . .gpubundle/activate && python benchmarks/serve_load.py          # 2 GPUs, ~7 min
-  python benchmarks/serve_load.py --device cpu                      # CPU smoke test, ~1-2 min
+  . .gpubundle/activate && python benchmarks/serve_load.py          # 2 GPUs, ~6-8 min
+  python benchmarks/serve_load.py --device cpu                      # CPU smoke test, ~1 min
 """
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every repl
          ("duration-s", 40.0, 6.0, "arrival window of the open-loop mix"),
          ("interactive-rate", 2.0, 1.0, "interactive HTTP requests per second (Poisson)"),
          ("batch-rate", 0.25, 0.3, "batch jobs per second (Poisson)"),
+         ("burst", "12,16", "2,4", "capacity burst: batch jobs, interactive requests, all at t=0"),
          ("batch-size", "8,64", "8,16", "batch job prompts, uniform in [lo,hi]"),
          ("interactive-prompt", "64,512", "16,64", "interactive prompt tokens, uniform"),
          ("interactive-output", "32,128", "4,12", "interactive output tokens, uniform"),
@@ -75,16 +75,12 @@ def parse_args(argv=None):
 
 
 def _cuda_count() -> int:
-    try:
-        import torch
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
+    import torch
+    return torch.cuda.device_count()
 
 
-def _range(s: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in s.split(","))
-    return lo, hi
+def _range(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(","))
 
 
 # ---------------------------------------------------------------- the workload
@@ -97,22 +93,34 @@ class Job:
     max_tokens: int
 
 
-def make_workload(a) -> list[Job]:
-    """Two independent Poisson streams over [0, duration), fixed by --seed."""
-    rng, jobs = random.Random(a.seed), []
+def make_workload(a) -> tuple[list[Job], list[Job]]:
+    """(mix, burst), fixed by --seed. mix: two independent Poisson streams over [0, duration).
+    burst: --burst 'J,I' = J batch jobs and I interactive requests, all arriving at t=0 (capacity)."""
+    rng = random.Random(a.seed)
     ip, io, bp, bo, bs = (_range(x) for x in (a.interactive_prompt, a.interactive_output, a.batch_prompt,
                                               a.batch_output, a.batch_size))
     prompt = lambda n: tuple(rng.randrange(256) for _ in range(n))  # noqa: E731 - byte tokens
+
+    def job(kind: str, t: float) -> Job:
+        if kind == "interactive":
+            return Job(kind, t, (prompt(rng.randint(*ip)),), rng.randint(*io))
+        n = rng.randint(*bs)
+        return Job(kind, t, tuple(prompt(rng.randint(*bp)) for _ in range(n)), rng.randint(*bo))
+    mix = []
     for kind, rate in (("interactive", a.interactive_rate), ("batch", a.batch_rate)):
         t = rng.expovariate(rate) if rate > 0 else a.duration_s
         while t < a.duration_s:
-            if kind == "interactive":
-                jobs.append(Job(kind, t, (prompt(rng.randint(*ip)),), rng.randint(*io)))
-            else:
-                n = rng.randint(*bs)
-                jobs.append(Job(kind, t, tuple(prompt(rng.randint(*bp)) for _ in range(n)), rng.randint(*bo)))
+            mix.append(job(kind, t))
             t += rng.expovariate(rate)
-    return sorted(jobs, key=lambda j: j.at)
+    n_batch, n_inter = _range(a.burst)
+    burst = [job("batch", 0.0) for _ in range(n_batch)] + [job("interactive", 0.0) for _ in range(n_inter)]
+    return sorted(mix, key=lambda j: j.at), burst
+
+
+def describe(jobs: list[Job]) -> dict:
+    return {"jobs": len(jobs), "interactive": sum(j.kind == "interactive" for j in jobs),
+            "batch_jobs": sum(j.kind == "batch" for j in jobs), "sequences": sum(len(j.prompts) for j in jobs),
+            "output_tokens": sum(len(j.prompts) * j.max_tokens for j in jobs)}
 
 
 # ---------------------------------------------------------------- clients
@@ -151,16 +159,6 @@ async def run_load(jobs: list[Job], a, stream_handle, http) -> tuple[list[dict],
 
 # ---------------------------------------------------------------- metrics
 
-def seq_metrics(seqs: list[dict]) -> dict:
-    ok = [s for s in seqs if not s.get("error") and s["t_first"] is not None]
-    ttft = [s["t_first"] - s["t_send"] for s in ok]
-    tpot = [(s["t_last"] - s["t_first"]) / (s["tokens"] - 1) for s in ok if s["tokens"] > 1 and s["t_last"]]
-    ms = lambda v, q: None if not v else C.percentile(v, q) * 1e3  # noqa: E731
-    return {"sequences": len(seqs), "errors": len(seqs) - len(ok), "tokens": sum(s["tokens"] for s in ok),
-            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
-            "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
-
-
 def replica_delta(before: list[dict], after: list[dict]) -> dict:
     """Decode steps by (bucket, path), padding and batch sizes per replica, run between snapshots."""
     prev = {r["replica"]: r for r in before}
@@ -189,8 +187,8 @@ def _steps(counters: dict) -> dict:
 def load_metrics(seqs, t0, t1, delta) -> dict:
     ok = [s for s in seqs if s["t_last"] is not None]
     end = max((s["t_last"] for s in ok), default=t1)
-    m = {"all": seq_metrics(seqs), "interactive": seq_metrics([s for s in seqs if s["kind"] == "interactive"]),
-         "batch": seq_metrics([s for s in seqs if s["kind"] == "batch"]), "wall_s": end - t0}
+    m = {"all": C.seq_metrics(seqs), "interactive": C.seq_metrics([s for s in seqs if s["kind"] == "interactive"]),
+         "batch": C.seq_metrics([s for s in seqs if s["kind"] == "batch"]), "wall_s": end - t0}
     m["tokens_per_s"] = m["all"]["tokens"] / m["wall_s"] if m["wall_s"] > 0 else None
     m["graph_hit"] = delta["graph_hit"]
     padded, live = delta["padded_rows"], m["all"]["tokens"] - (m["all"]["sequences"] - m["all"]["errors"])
@@ -214,7 +212,8 @@ def deploy(a, router: str) -> float:
     from deployments.app import build_app
     from deployments.config import AppArgs
     t = time.perf_counter()
-    serve.run(build_app(AppArgs(**app_args(a, router))), name=APP, route_prefix="/")
+    serve.run(build_app(AppArgs(**app_args(a, router))), name=APP, route_prefix="/",
+              logging_config={"enable_access_log": False})  # one log line per request drowns the table
     return time.perf_counter() - t
 
 
@@ -225,32 +224,27 @@ async def counters() -> list[dict]:
 
 
 async def http_probe(a, http) -> dict:
-    """One client, batch 1, alone: per-token time (median event gap when every token has an event,
-    else the mean over the stream: (last - first token) / (tokens - 1))."""
+    """One client, batch 1, alone. Per-token time = (last - first token) / (tokens - 1), the mean the
+    engine probe reports too; the median gap between events is kept when every token had one."""
     rng, runs = random.Random(a.seed + 7), []
     for _ in range(a.probe_repeats):
         runs.append(await http(tuple(rng.randrange(256) for _ in range(a.probe_prompt)), a.probe_tokens))
-    per_tok = []
-    for r in runs:
-        if r.get("error") or not r["t_last"] or r["tokens"] < 2:
-            continue
-        if r["events"] >= r["tokens"] - 1 and r["gaps"]:
-            per_tok.append(C.percentile(r["gaps"][1:], 50) * 1e3)   # gap 0 may hold the stream start
-        else:
-            per_tok.append((r["t_last"] - r["t_first"]) * 1e3 / (r["tokens"] - 1))
-    return {"per_token_ms": C.percentile(per_tok, 50) if per_tok else None, "per_token_ms_runs": per_tok,
-            "runs": [{k: v for k, v in r.items() if k != "gaps"} for r in runs]}
+    ok = [r for r in runs if not r.get("error") and r["t_last"] and r["tokens"] >= 2]
+    mean = [(r["t_last"] - r["t_first"]) * 1e3 / (r["tokens"] - 1) for r in ok]
+    gaps = [C.percentile(r["gaps"], 50) * 1e3 for r in ok if r["gaps"] and r["events"] >= r["tokens"] - 1]
+    return {"per_token_ms": C.percentile(mean, 50) if mean else None, "per_token_ms_runs": mean,
+            "gap_median_ms_runs": gaps, "runs": [{k: v for k, v in r.items() if k != "gaps"} for r in runs]}
 
 
 def engine_probe(a) -> dict:
-    """The engine's own batch-1 step time, in this process, same model, the latency bucket set."""
-    from replica import Engine, EngineConfig
-    dev = "cuda" if a.device.startswith("cuda") else "cpu"
-    buckets = tuple(int(b) for b in a.bucket_sets.split("/")[0].split(","))
+    """The engine's own batch-1 step time, in this process, with the rank-0 (latency tier) replica's
+    exact EngineConfig (AppArgs.engine_config)."""
+    from deployments.config import AppArgs
+    from replica import Engine
+    config = AppArgs(**app_args(a, "ours")).engine_config(0, device="cuda" if a.device.startswith("cuda") else "cpu")
     t = time.perf_counter()
-    eng = Engine(EngineConfig(model=a.model, device=dev, batch_buckets=buckets, max_seq_len=a.max_seq_len,
-                              max_num_seqs=buckets[-1]))
-    res = {"build_s": time.perf_counter() - t, "buckets": list(buckets), "runs": []}
+    eng = Engine(config)
+    res = {"build_s": time.perf_counter() - t, "buckets": list(config.batch_buckets), "runs": []}
     try:
         asyncio.run(C.served_window(eng, C.engine_requests(1, min(a.probe_prompt, 64), 8, seed=1)))
         for r in range(a.probe_repeats):
@@ -259,7 +253,7 @@ def engine_probe(a) -> dict:
     finally:
         eng.shutdown()
         del eng
-        C.free_device_memory(dev)
+        C.free_device_memory(config.device)
     ms = [r["ms_per_step"] for r in res["runs"] if r.get("ms_per_step")]
     res["ms_per_step"] = C.percentile(ms, 50) if ms else None
     return res
@@ -267,22 +261,30 @@ def engine_probe(a) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-async def router_phase(a, jobs) -> dict:
+async def router_phase(a, mix: list[Job], burst: list[Job]) -> dict:
+    """probe (batch 1, idle), then the open-loop mix, then the burst; replica counters around each."""
     from ray import serve
     http, close = C.make_http(f"http://127.0.0.1:{a.port}/v1/completions", a.model)
     stream_handle = serve.get_app_handle(APP).options(method_name="stream", stream=True)
+    out = {}
     try:
-        probe = await http_probe(a, http)
-        C.log("probe", {k: C.rnd(v) for k, v in probe.items() if k != "runs"})
-        before = await counters()
-        seqs, t0, t1 = await run_load(jobs, a, stream_handle, http)
-        after = await counters()
+        c0 = await counters()
+        out["probe"] = await http_probe(a, http)
+        c1 = await counters()
+        out["probe"]["decode_steps"] = replica_delta(c0, c1)["decode_steps"]  # which bucket and path served it
+        C.log("probe", {k: C.rnd(v) for k, v in out["probe"].items() if k != "runs"})
+        for phase, jobs in (("load", mix), ("burst", burst)):
+            seqs, t0, t1 = await run_load(jobs, a, stream_handle, http)
+            c2 = await counters()
+            delta = replica_delta(c1, c2)
+            out[phase] = load_metrics(seqs, t0, t1, delta)
+            out[phase]["replicas"] = delta
+            out[phase]["errors"] = sorted({s["error"] for s in seqs if s.get("error")})[:5]
+            c1 = c2
     finally:
         if close is not None:
             await close()
-    delta = replica_delta(before, after)
-    return {"probe": probe, "load": load_metrics(seqs, t0, t1, delta), "replicas": delta,
-            "errors": sorted({s["error"] for s in seqs if s.get("error")})[:5]}
+    return out
 
 
 def start_ray(a) -> int:
@@ -295,13 +297,25 @@ def start_ray(a) -> int:
     return gpus
 
 
+def graph_hit_all(r: dict) -> float | None:
+    """Graph-hit rate over the mix and the burst together (decode steps summed per key)."""
+    steps: dict = {}
+    for phase in ("load", "burst"):
+        for k, n in ((r.get(phase) or {}).get("replicas") or {}).get("decode_steps", {}).items():
+            steps[k] = steps.get(k, 0) + n
+    return C.graph_hit_rate(steps)
+
+
 def bars(res) -> dict:
-    r, out = res["routers"], {}
-    ours, dflt = r.get("ours", {}), r.get("default", {})
+    ours, dflt, out = res["routers"].get("ours", {}), res["routers"].get("default", {}), {}
     if ours.get("load"):
-        out["graph_hit_ours>=0.99"] = C.ge(ours["load"].get("graph_hit"), 0.99)
-    if ours.get("load") and dflt.get("load"):
-        out["tokens_per_s_ours>=default"] = ours["load"]["tokens_per_s"] >= dflt["load"]["tokens_per_s"]
+        out["graph_hit_ours>=0.99"] = C.ge(graph_hit_all(ours), 0.99)
+    for phase in ("burst", "load"):  # burst: capacity; load: open loop, so mostly the offered rate
+        x, y = (ours.get(phase) or {}).get("tokens_per_s"), (dflt.get(phase) or {}).get("tokens_per_s")
+        if x and y:
+            res[f"{phase}_tokens_per_s_ours_over_default"] = x / y
+            if phase == "burst":
+                out["tokens_per_s_ours>=default(burst)"] = x >= y
     eng = (res.get("engine_probe") or {}).get("ms_per_step")
     http = (ours.get("probe") or {}).get("per_token_ms")
     if eng and http:
@@ -311,37 +325,37 @@ def bars(res) -> dict:
 
 
 def print_summary(res):
-    print(f"\ncard {res['env']['card']} x{res.get('gpus')}, model {res['args']['model']}, "
-          f"torch {res['env']['torch']}; engine b1 step {C.fmt(res.get('engine_probe', {}).get('ms_per_step'))} ms")
-    lines = []
+    eng = (res.get("engine_probe") or {}).get("ms_per_step")
+    print(f"\ncard {res['env']['card']} x{res.get('gpus')}, model {res['args']['model']}, torch {res['env']['torch']}")
+    keys, lines = ("tok_s", "ttft50", "ttft99", "tpot50", "tpot99", "hit", "pad"), []
+    for phase in ("load", "burst"):
+        by = {}
+        for name, r in res["routers"].items():
+            m = r.get(phase) or {}
+            al = m.get("all", {})
+            by[name] = dict(zip(keys, (m.get("tokens_per_s"), al.get("ttft_ms_p50"), al.get("ttft_ms_p99"),
+                                       al.get("tpot_ms_p50"), al.get("tpot_ms_p99"), m.get("graph_hit"),
+                                       m.get("padding_waste"))), row=f"{phase}:{name}")
+            lines.append(by[name])
+        if "ours" in by and "default" in by:
+            o, d = by["ours"], by["default"]
+            lines.append({"row": f"{phase}:ours/dflt", **{k: o[k] / d[k] for k in keys if o[k] and d[k]}})
+    C.print_table(lines, [("row", "phase:router", 15)] + [(k, k, 8) for k in keys])
     for name, r in res["routers"].items():
-        ld, pr = r.get("load") or {}, r.get("probe") or {}
-        eng = (res.get("engine_probe") or {}).get("ms_per_step")
-        lines.append({"router": name, "tok_s": ld.get("tokens_per_s"), "ttft50": ld.get("all", {}).get("ttft_ms_p50"),
-                      "ttft99": ld.get("all", {}).get("ttft_ms_p99"), "tpot50": ld.get("all", {}).get("tpot_ms_p50"),
-                      "tpot99": ld.get("all", {}).get("tpot_ms_p99"), "hit": ld.get("graph_hit"),
-                      "pad": ld.get("padding_waste"), "b1_http": pr.get("per_token_ms"),
-                      "b1_ratio": pr["per_token_ms"] / eng if eng and pr.get("per_token_ms") else None})
-    if len(lines) == 2 and lines[1]["tok_s"]:
-        lines.append({"router": "ours/dflt", **{k: lines[0][k] / lines[1][k] for k in lines[0]
-                                                 if k != "router" and lines[0][k] and lines[1][k]}})
-    C.print_table(lines, [("router", "router", 9), ("tok_s", "tok/s", 8), ("ttft50", "ttft50", 8),
-                          ("ttft99", "ttft99", 8), ("tpot50", "tpot50", 7), ("tpot99", "tpot99", 7),
-                          ("hit", "g_hit", 6), ("pad", "pad", 6), ("b1_http", "b1_http", 7),
-                          ("b1_ratio", "b1/eng", 6)])
-    print("(ms; g_hit = graph-replayed decode steps / all; pad = padded rows / rows run; b1/eng = HTTP per-token "
-          "time at batch 1 / engine step time)\nbars:", res["bars"])
+        pr = r.get("probe") or {}
+        http = pr.get("per_token_ms")
+        print(f"b1 probe {name}: HTTP per-token {C.fmt(http)} ms / engine step {C.fmt(eng)} ms = "
+              f"{C.fmt(http / eng if http and eng else None)}; steps {pr.get('decode_steps')}")
+    print("(ms; hit = graph-replayed decode steps / all; pad = padded rows / rows run; burst tok/s = capacity)")
+    print("bars:", res["bars"])
 
 
 def main(argv=None):
     a = parse_args(argv)
     budget, path = C.Budget(a.budget_s), C.out_path(a.out, "serve_load.json")
-    jobs = make_workload(a)
+    mix, burst = make_workload(a)
     res = {"env": C.env_info(a.device), "args": vars(a), "routers": {}, "skipped": [],
-           "workload": {"jobs": len(jobs), "interactive": sum(j.kind == "interactive" for j in jobs),
-                        "batch_jobs": sum(j.kind == "batch" for j in jobs),
-                        "sequences": sum(len(j.prompts) for j in jobs),
-                        "output_tokens": sum(len(j.prompts) * j.max_tokens for j in jobs)}}
+           "workload": {"mix": describe(mix), "burst": describe(burst)}}
     save = lambda: C.write_json(path, res)  # noqa: E731
     C.log("workload", res["workload"])
     if a.engine_probe == "first":
@@ -350,22 +364,26 @@ def main(argv=None):
         save()
     from ray import serve
     res["gpus"] = start_ray(a)
-    routers = a.routers.split(",")
-    for k, name in enumerate(routers):
-        if not budget.ok(60.0 + 90.0 * (len(routers) - k - 1)):
-            res["skipped"].append(f"{name}: budget")
+    routers, phase_s = a.routers.split(","), 150.0   # a router phase's cost: first a guess, then measured
+    for name in routers:
+        if not budget.ok(phase_s * 1.1):
+            res["skipped"].append(f"{name}: budget ({budget.left():.0f} s left, a phase took {phase_s:.0f} s)")
             continue
+        t = time.perf_counter()
         try:
             res["routers"][name] = {"deploy_s": deploy(a, name)}
             C.log(name, "deployed in", C.rnd(res["routers"][name]["deploy_s"]), "s")
-            res["routers"][name].update(asyncio.run(router_phase(a, jobs)))
-            C.log(name, {k2: C.rnd(v) for k2, v in res["routers"][name]["load"].items() if not isinstance(v, dict)})
+            res["routers"][name].update(asyncio.run(router_phase(a, mix, burst)))
+            for phase in ("load", "burst"):
+                C.log(name, phase, {k: C.rnd(v) for k, v in res["routers"][name][phase].items()
+                                    if not isinstance(v, (dict, list))})
         except Exception as e:  # noqa: BLE001 - keep the other router's numbers
             import traceback
             traceback.print_exc()
             res["routers"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:400]
         finally:
             serve.delete(APP)
+        phase_s = time.perf_counter() - t
         save()
     res["bars"] = bars(res)
     save()

@@ -6,9 +6,10 @@ Contract (shared with the Triton kernels in `fused.py` / `attention.py`, dispatc
   (norm statistics, rotations, softmax, silu) runs in fp32 and is rounded once at the end.
 - `add_rms_norm` writes the sum into `residual` in place and returns it as `new_residual`
   (both backends do, so engine code that aliases buffers behaves the same on CPU and GPU).
-- CUDA-graph capturable: no host syncs, no `.item()`, shapes depend only on input shapes. The
-  attention reference materialises [B, KVH, L, hd] gathers, so it is O(L) in time and memory: it
-  is the CPU path and the test oracle, not a fast path.
+- CUDA-graph capturable on CUDA: no host syncs, no `.item()`, shapes depend only on input shapes.
+  The attention reference materialises [B, KVH, L, hd] gathers, O(L) on CUDA; on CPU (never
+  captured) it reads max(seq_lens) on the host and cuts L to it. The CPU path and the test oracle,
+  not a fast path.
 - `decode_attention` never lets cache rows at or beyond `seq_lens[b]` influence the result, even
   if they hold NaN/inf (an uninitialised `torch.empty` KV pool).
 """
@@ -70,6 +71,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # q [B, H, hd]; caches [S, KVH, L, hd]; slot_ids/seq_lens [B] -> out [B, H, hd] in q.dtype
     b, h, hd = q.shape
     kvh, max_len = k_cache.shape[1], k_cache.shape[2]
+    if not q.is_cuda:  # CPU: a host read is free and keeps short sequences from paying for all of L
+        max_len = int(seq_lens.max())
+        k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
     group = h // kvh
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
     mask = valid[:, None, :, None]                                               # [B, 1, L, 1]

@@ -174,8 +174,7 @@ def hf_rows(model, B: int, P: int, a, dev, graphs: bool) -> dict:
     agree = (runs[0][1] == eager_toks).float().mean().item()
     res["hf_graph"] = {"ms_per_step": min(r[0] for r in runs) * 1e3 / n, "ms_runs": [r[0] * 1e3 / n for r in runs],
                        "steps": n, "capture_s": capture_s, "graph_bytes": graph_bytes, "tokens_agree_eager": agree}
-    del g
-    return res
+    return res  # the graph and its pool go with this frame
 
 
 # ---------------------------------------------------------------- our engine

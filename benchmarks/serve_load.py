@@ -10,7 +10,7 @@ fake GPUs and random:tiny CPU engines), then for each router deploys the same ap
          HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];
          batch jobs of U[8,64] prompts through the ingress handle's `stream`, prompt U[128,512],
          output U[64,128] per job; greedy, ignore_eos, random byte-token prompts;
-  burst  the same distributions, 12 batch jobs + 16 interactive requests all at t=0 (capacity).
+  burst  the same distributions, 8 batch jobs + 16 interactive requests all at t=0 (capacity).
 Per phase and router: tokens/s (output tokens / first arrival .. last token), TTFT and TPOT p50/p99
 per sequence (TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode steps replayed /
 all, from the replicas' `counters()` around the phase) and padding waste (padded rows / rows run).
@@ -42,7 +42,7 @@ SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every repl
          ("duration-s", 40.0, 6.0, "arrival window of the open-loop mix"),
          ("interactive-rate", 2.0, 1.0, "interactive HTTP requests per second (Poisson)"),
          ("batch-rate", 0.25, 0.3, "batch jobs per second (Poisson)"),
-         ("burst", "12,16", "2,4", "capacity burst: batch jobs, interactive requests, all at t=0"),
+         ("burst", "8,16", "2,4", "capacity burst: batch jobs, interactive requests, all at t=0"),
          ("batch-size", "8,64", "8,16", "batch job prompts, uniform in [lo,hi]"),
          ("interactive-prompt", "64,512", "16,64", "interactive prompt tokens, uniform"),
          ("interactive-output", "32,128", "4,12", "interactive output tokens, uniform"),

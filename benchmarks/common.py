@@ -271,8 +271,9 @@ def engine_requests(B: int, P: int, new: int, seed: int):
             for i, row in enumerate(ids)]
 
 
-async def served_window(engine, reqs) -> dict:
-    """Run all requests concurrently; window = last first token .. first finish (all B decoding)."""
+async def served_window(engine, reqs, timeout_s: float = 300.0) -> dict:
+    """Run all requests concurrently; window = last first token .. first finish (all B decoding).
+    Raises TimeoutError (requests aborted) after timeout_s: a stuck engine must not eat the GPU slot."""
     B, times, win = len(reqs), [[] for _ in reqs], {}
     started, reasons = set(), []
 
@@ -299,7 +300,7 @@ async def served_window(engine, reqs) -> dict:
                     snap("end")
                     win["first_done"] = i
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+    await asyncio.wait_for(asyncio.gather(*(one(i, r) for i, r in enumerate(reqs))), timeout_s)
     out = {"wall_s": time.perf_counter() - t0, "tokens": sum(n for ts in times for _, n in ts),
            "finish_reasons": sorted(set(reasons))}
     if "start" not in win or "end" not in win:

@@ -62,6 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--probe-repeats", type=int, default=3)
+    ap.add_argument("--job-timeout-s", type=float, default=180.0, help="a job still running then is an error")
     ap.add_argument("--engine-probe", choices=("first", "off"), default="first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8000)
@@ -149,9 +150,9 @@ async def run_load(jobs: list[Job], a, stream_handle, http) -> tuple[list[dict],
         await asyncio.sleep(max(0.0, t0 + job.at - time.perf_counter()))
         try:
             if job.kind == "interactive":
-                return [await http(job.prompts[0], job.max_tokens)]
-            return await handle_stream(stream_handle, job)
-        except Exception as e:  # noqa: BLE001 - a failed job is data
+                return [await asyncio.wait_for(http(job.prompts[0], job.max_tokens), a.job_timeout_s)]
+            return await asyncio.wait_for(handle_stream(stream_handle, job), a.job_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a failed or timed-out job is data
             return [C.seq_record(job.kind, time.perf_counter(), error=f"{type(e).__name__}: {e}"[:300])]
     results = await asyncio.gather(*(launch(j) for j in jobs))
     return [s for r in results for s in r], t0, time.perf_counter()
@@ -220,7 +221,7 @@ def deploy(a, router: str) -> float:
 async def counters() -> list[dict]:
     from ray import serve
     h = serve.get_deployment_handle("LLMReplica", app_name=APP)
-    return list(await h.broadcast("counters").results_async())
+    return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
 
 
 async def http_probe(a, http) -> dict:
@@ -228,7 +229,8 @@ async def http_probe(a, http) -> dict:
     engine probe reports too; the median gap between events is kept when every token had one."""
     rng, runs = random.Random(a.seed + 7), []
     for _ in range(a.probe_repeats):
-        runs.append(await http(tuple(rng.randrange(256) for _ in range(a.probe_prompt)), a.probe_tokens))
+        prompt = tuple(rng.randrange(256) for _ in range(a.probe_prompt))
+        runs.append(await asyncio.wait_for(http(prompt, a.probe_tokens), a.job_timeout_s))
     ok = [r for r in runs if not r.get("error") and r["t_last"] and r["tokens"] >= 2]
     mean = [(r["t_last"] - r["t_first"]) * 1e3 / (r["tokens"] - 1) for r in ok]
     gaps = [C.percentile(r["gaps"], 50) * 1e3 for r in ok if r["gaps"] and r["events"] >= r["tokens"] - 1]

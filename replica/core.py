@@ -1,9 +1,12 @@
 """EngineCore: the synchronous continuous-batching step, token ids in, token ids out.
 
 One `step()` = apply aborts -> admit waiting requests into free KV slots -> prefill up to
-`prefill_chunk_tokens` prompt tokens (eager, chunked) -> one decode step for every running sequence
-(graph replay) -> one host sync to read the new tokens -> token-level stops (EOS, stop ids,
-max_tokens, max_seq_len) -> free finished slots. Text (detokenisation, stop strings) is the async
+`prefill_chunk_tokens` prompt tokens (eager, chunked) -> launch one decode step for every running
+sequence (graph replay) -> read the *previous* step's tokens (its one host wait, while this step
+runs on the GPU) -> token-level stops (EOS, stop ids, max_tokens, max_seq_len) -> free finished
+slots. The one-step lookahead hides the host's bookkeeping behind the GPU: a sequence's next input
+token is taken on the device from the step in flight. The price: a sequence that stops on EOS has
+already been launched once more; that row's token is dropped. Text (detokenisation, stop strings) is the async
 front end's job (replica/engine.py), which keeps it off this thread's critical path.
 
 Thread model: `submit` and `abort` may be called from any thread; everything else runs on the single
@@ -32,11 +35,20 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0                 # prompt tokens already in the KV pool
     output_ids: list[int] = field(default_factory=list)
+    pending: int = 0                   # tokens launched on the device, not yet read back
     finished: bool = False
 
-    @property
-    def decoding(self) -> bool:
-        return bool(self.output_ids) and not self.finished
+    def wants_decode(self, max_seq_len: int) -> bool:
+        """Prefilled, running, and one more launched token stays within max_tokens and max_seq_len."""
+        n = len(self.output_ids) + self.pending
+        return (bool(self.output_ids) and not self.finished and n < self.params.max_tokens
+                and len(self.prompt_ids) + n < max_seq_len)
+
+
+@dataclass
+class LaunchedStep:
+    seqs: list[Sequence]
+    step: object                       # replica.graphs.InFlight
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Scheduler:
         self.counters = collections.Counter()
         self.decode_steps: collections.Counter = collections.Counter()
         self.padded_rows: collections.Counter = collections.Counter()
+        self._inflight: Optional[LaunchedStep] = None
 
     # -- any thread -----------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -73,7 +86,7 @@ class Scheduler:
             self._aborts.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._incoming or self._aborts or self.waiting or self.running)
+        return bool(self._incoming or self._aborts or self.waiting or self.running or self._inflight)
 
     # -- step thread ----------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -124,19 +137,37 @@ class Scheduler:
         return int(tok.item())
 
     def _decode(self, events: list[Event]) -> None:
-        seqs = [s for s in self.running.values() if s.decoding]
+        """Launch this step, then collect the previous one while this one runs."""
+        prev = self._inflight
+        prev_row = {id(s): j for j, s in enumerate(prev.seqs)} if prev else {}
+        seqs = [s for s in self.running.values() if s.wants_decode(self.rt.max_seq_len)]
         seqs = seqs[:self.rt.max_decode_rows]  # fallback="queue": never past the largest bucket
-        if not seqs:
-            return
-        P = lambda s: len(s.prompt_ids) + len(s.output_ids) - 1   # position of the token fed in
-        rows = [(s.output_ids[-1], P(s), s.slot, s.params.top_k, s.seed, len(s.output_ids),
-                 float(s.params.temperature), float(s.params.top_p)) for s in seqs]
-        sampling = any(s.params.temperature > 0 for s in seqs)
-        result, tokens = self.rt.decode(rows, sampling)
-        self.decode_steps[(result.bucket, result.path)] += 1
-        self.padded_rows[result.bucket] += result.padded
-        for seq, tok in zip(seqs, tokens):
-            self._accept(seq, tok, events)
+        self._inflight = None
+        if seqs:
+            rows = [self._row(s, prev_row) for s in seqs]
+            step = self.rt.launch_decode(rows, any(s.params.temperature > 0 for s in seqs))
+            for s in seqs:
+                s.pending += 1
+            self._inflight = LaunchedStep(seqs, step)
+            self.decode_steps[(step.result.bucket, step.result.path)] += 1
+            self.padded_rows[step.result.bucket] += step.result.padded
+        if prev:
+            for seq, tok in zip(prev.seqs, self.rt.collect_decode(prev.step)):
+                seq.pending -= 1
+                if not seq.finished:   # finished since launch (EOS one step earlier, or aborted)
+                    self._accept(seq, tok, events)
+
+    @staticmethod
+    def _row(s: Sequence, prev_row: dict) -> tuple:
+        """(token, position, slot, top_k, seed, step, temperature, top_p, src) for DecodeGraphs."""
+        n = len(s.output_ids) + s.pending           # tokens generated incl. the one in flight
+        position = len(s.prompt_ids) + n - 1        # where the fed token goes
+        if s.pending:  # its input is the in-flight token, still on the device
+            token, src = 0, prev_row[id(s)]
+        else:
+            token, src = s.output_ids[-1], -1
+        p = s.params
+        return (token, position, s.slot, p.top_k, s.seed, n, float(p.temperature), float(p.top_p), src)
 
     def _accept(self, seq: Sequence, tok: int, events: list[Event]) -> None:
         seq.output_ids.append(tok)
@@ -166,4 +197,5 @@ class Scheduler:
         for seq in list(self.waiting) + list(self.running.values()):
             self._finish(seq, (), "abort", events)
         self.waiting.clear()
+        self._inflight = None
         return events

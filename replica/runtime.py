@@ -17,7 +17,7 @@ import time
 import torch
 
 from replica.config import ConfigError, EngineConfig
-from replica.graphs import DecodeGraphs, StepResult
+from replica.graphs import DecodeGraphs, InFlight
 from replica.kv_pool import KVPool, SlotAllocator
 from replica.loader import load_model, resolve_dtype
 from replica.stats import StartupReport
@@ -124,6 +124,8 @@ class ModelRuntime:
         return self.model.prefill(tokens, start, slot, self.kv)
 
     @torch.inference_mode()
-    def decode(self, rows: list[tuple], sampling: bool) -> tuple[StepResult, list[int]]:
-        result = self.graphs.run(rows, sampling)
-        return result, self.graphs.out_tokens[:len(rows)].tolist()   # the step's one host sync
+    def launch_decode(self, rows: list[tuple], sampling: bool) -> InFlight:
+        return self.graphs.launch(rows, sampling)
+
+    def collect_decode(self, step: InFlight) -> list[int]:
+        return self.graphs.collect(step)   # the step's one host wait

@@ -41,18 +41,19 @@ def _prefilled_rows(rt, b, gen):
         slot = rt.slots.allocate()
         slots.append(slot)
         logits = rt.prefill(prompt, 0, slot)
-        rows.append((int(logits.argmax()), len(prompt), slot, 0, 1000 + i, 1, 0.0, 1.0))
+        rows.append((int(logits.argmax()), len(prompt), slot, 0, 1000 + i, 1, 0.0, 1.0, -1))
     return rows, slots
 
 
 def _replay_vs_eager(rt, b, mode, gen):
     rows, slots = _prefilled_rows(rt, b, gen)
     if mode == "sample":
-        rows = [r[:3] + (20, r[4], r[5], 0.9, 0.95) for r in rows]
+        rows = [r[:3] + (20, r[4], r[5], 0.9, 0.95, -1) for r in rows]
     g = rt.graphs
     with torch.inference_mode():
-        res = g.run(rows, sampling=(mode == "sample"))
-        torch.cuda.synchronize()
+        step = g.launch(rows, sampling=(mode == "sample"))
+        g.collect(step)
+        res = step.result
         replay = (g.out_tokens[:b].clone(), g.logits[:b].float().clone())
         g._step(b, mode)  # same static inputs, no graph; rewrites the same KV entries
         torch.cuda.synchronize()

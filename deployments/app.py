@@ -1,0 +1,75 @@
+"""`build_app(args: AppArgs) -> Application`: the graphserve Serve application.
+
+    serve run deployments/app.yaml                                   # from the repo root
+    serve run deployments.app:build_app model=random:tiny            # the same, without the file
+
+The graph is `OpenAIIngress -> LLMReplica`: the ingress tokenizes and calls the replica deployment
+through a handle, so the bucket-aware router (set here from `args.router`) runs in the ingress.
+
+Deployment options derived from the args (the only place they are set):
+- `num_gpus` per replica: `args.num_gpus_per_replica`, else 1 when the cluster has GPUs, else 0;
+- `num_replicas`: `args.num_replicas`, else one per GPU (or per `num_gpus_per_replica` share), or
+  one per bucket set on a CPU-only cluster;
+- `max_ongoing_requests`: the engine's capacity in sequences (`AppArgs.replica_capacity`), since
+  Serve's default of 5 would cap a replica at 5 concurrent batches; the ingress's is, by default,
+  enough to fill every decode replica.
+Each replica derives its engine config (and bucket set) from the same `args` by its rank.
+"""
+# No `from __future__ import annotations` here: Serve validates a builder's `args` into the
+# pydantic model named by the *evaluated* annotation of its parameter; a string annotation would
+# hand build_app a plain dict.
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppArgs
+from deployments.ingress import OpenAIIngress
+from deployments.llm_replica import LLMReplica
+
+log = logging.getLogger("ray.serve")
+APP_NAME = "graphserve"   # the application name in deployments/app.yaml
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 when Ray is not initialized: a dry build)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
+    """The LLMReplica `.options(...)` for these args on a cluster with this many GPUs."""
+    gpus = args.num_gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if gpus_in_cluster > 0 else 0.0
+    replicas = args.num_replicas
+    if replicas is None:
+        replicas = int(gpus_in_cluster // gpus) if gpus > 0 else 0
+        replicas = max(replicas, len(args.tiers), 1)
+    if gpus > 0 and replicas * gpus > gpus_in_cluster:
+        log.warning("graphserve: %d replicas x %s GPU need more than the %s GPUs in the cluster; "
+                    "some replicas will stay pending", replicas, gpus, gpus_in_cluster)
+    return {
+        "num_replicas": replicas,
+        "max_ongoing_requests": args.max_ongoing_requests or args.replica_capacity(),
+        "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
+        "request_router_config": args.router.to_serve(),
+        "health_check_period_s": args.health_check_period_s,
+    }
+
+
+def build_app(args: AppArgs) -> Application:
+    if not isinstance(args, AppArgs):   # a dict from a caller that bypassed Serve's validation
+        args = AppArgs.model_validate(args)
+    opts = replica_options(args, cluster_gpus())
+    log.info("graphserve: %s, %d x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s",
+             args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
+             opts["max_ongoing_requests"], [list(t) for t in args.tiers])
+    replica = LLMReplica.options(**opts).bind(args)
+    ingress = OpenAIIngress.options(
+        num_replicas=args.ingress_replicas,
+        max_ongoing_requests=args.ingress_max_ongoing_requests
+        or opts["num_replicas"] * opts["max_ongoing_requests"])
+    return ingress.bind(replica, args)

@@ -1,0 +1,98 @@
+"""`BatchRunner`: runs one `PromptBatch` on a `replica.Engine` as len(prompts) * n engine requests.
+
+Contract:
+- `run(batch)` is an async generator of `list[StreamChunk]`: each item holds every chunk that
+  became ready since the previous one, across the batch's sequences (in arrival order);
+- `collect(batch)` runs the batch to the end and returns a `BatchResult` ordered by sequence;
+- a request the engine refuses (it raises `InvalidRequestError` before its first chunk) fails the
+  whole batch: the error is raised to the caller and the other sequences are aborted;
+- when the consumer stops iterating or is cancelled, every sequence still running is cancelled,
+  which makes the engine abort it and free its KV slot before its next step.
+
+Ray-free (the engine and the metrics sink are injected), so tests run it on a fake engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, AsyncIterator, Optional
+
+from deployments.protocol import BatchResult, Completion, PromptBatch, StreamChunk, usage_of
+
+_DONE = object()
+
+
+class BatchRunner:
+    def __init__(self, engine: Any, metrics: Optional[Any] = None, replica: str = ""):
+        self.engine = engine
+        self.metrics = metrics           # has observe_ttft(s) / observe_tpot(s), or None
+        self.replica = replica
+        self.batch_sizes: Counter[int] = Counter()   # sequences per batch -> batches received
+
+    async def run(self, batch: PromptBatch) -> AsyncIterator[list[StreamChunk]]:
+        requests = batch.requests()      # validates; raises InvalidRequestError
+        self.batch_sizes[len(requests)] += 1
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(k, k // batch.n, r, queue))
+                 for k, r in enumerate(requests)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                ready = []
+                for item in items:
+                    if item is _DONE:
+                        remaining -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        ready.append(item)
+                if ready:
+                    yield ready
+        finally:  # done, failed, or the consumer went away: abort whatever still runs
+            for t in tasks:
+                t.cancel()
+
+    async def collect(self, batch: PromptBatch) -> BatchResult:
+        text: dict[int, list[str]] = {}
+        ids: dict[int, list[int]] = {}
+        last: dict[int, StreamChunk] = {}
+        async for chunks in self.run(batch):
+            for c in chunks:
+                text.setdefault(c.index, []).append(c.text)
+                ids.setdefault(c.index, []).extend(c.token_ids)
+                last[c.index] = c
+        completions = tuple(
+            Completion(index=k, prompt_index=c.prompt_index, text="".join(text[k]),
+                       token_ids=tuple(ids[k]), finish_reason=c.finish_reason or "abort",
+                       prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+            for k, c in sorted(last.items()))
+        return BatchResult(completions, usage_of(completions, batch.n), self.engine.model_name,
+                           self.replica)
+
+    async def _pump(self, index: int, prompt_index: int, request: Any, queue: asyncio.Queue) -> None:
+        """Feed one sequence's chunks into the batch's queue, then _DONE (or the exception)."""
+        t_last, first = time.perf_counter(), True
+        try:
+            async for c in self.engine.generate(request):
+                now = time.perf_counter()
+                self._observe(first, now - t_last, len(c.token_ids))
+                t_last, first = now, False
+                queue.put_nowait(StreamChunk(index, prompt_index, c.text, tuple(c.token_ids),
+                                             c.finish_reason, c.prompt_tokens, c.completion_tokens))
+            queue.put_nowait(_DONE)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the batch, which fails as a whole
+            queue.put_nowait(e)
+
+    def _observe(self, first: bool, seconds: float, tokens: int) -> None:
+        if self.metrics is None:
+            return
+        if first:
+            self.metrics.observe_ttft(seconds)
+        elif tokens:
+            self.metrics.observe_tpot(seconds / tokens)

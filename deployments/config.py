@@ -1,0 +1,118 @@
+"""`AppArgs`: the pydantic model of the `args:` block in deployments/app.yaml (the Ray boundary).
+
+This is the one source of truth for the bucket list. `build_app` turns it into deployment options;
+each replica turns it into its own frozen `replica.EngineConfig` with `engine_config(rank)`, and
+publishes the buckets it captured to the router through `record_routing_stats()`. The router never
+reads this config: it learns each replica's buckets from those stats.
+
+Bucket assignment:
+- `batch_buckets: [1, 2, 4, 8, 16, 32, 64]`: every replica captures the same ladder;
+- `bucket_sets: [[1, 2, 4, 8], [16, 32, 64]]`: tiers inside ONE deployment, so one router chooses
+  among all replicas; the replica of rank r captures `bucket_sets[r % len(bucket_sets)]`.
+Give at most one of the two; neither means `replica.config.DEFAULT_BUCKETS` for every replica.
+
+Every bucket set is checked by building the `EngineConfig` it will produce, so a bad value fails
+at `serve run` time with the engine's own message, not later inside a replica.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from replica.config import DEFAULT_BUCKETS, ConfigError, EngineConfig
+
+DEFAULT_ROUTER = "router.request_router:BucketAwareRequestRouter"
+
+
+class RouterArgs(BaseModel):
+    """The replica deployment's `RequestRouterConfig` (see ray-serve notes §1)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Import path of the RequestRouter class; null selects Ray Serve's default (power of two).
+    request_router_class: Optional[str] = DEFAULT_ROUTER
+    request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # How often each replica's record_routing_stats() is polled (Ray's default is 10 s).
+    request_routing_stats_period_s: float = Field(1.0, gt=0)
+    request_routing_stats_timeout_s: float = Field(30.0, gt=0)
+
+    def to_serve(self) -> Optional[dict[str, Any]]:
+        if self.request_router_class is None:
+            return {"request_routing_stats_period_s": self.request_routing_stats_period_s,
+                    "request_routing_stats_timeout_s": self.request_routing_stats_timeout_s}
+        return self.model_dump()
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A local checkpoint directory or "random:<preset>" (random:tiny runs anywhere, CPU included).
+    model: str = "random:tiny"
+    dtype: str = "auto"
+    # One bucket ladder for every replica ...
+    batch_buckets: Optional[list[int]] = None
+    # ... or one set per tier: replica rank r captures bucket_sets[r % len(bucket_sets)].
+    bucket_sets: Optional[list[list[int]]] = None
+    # Longest sequence (prompt + completion); also the ingress's context-length limit.
+    max_seq_len: int = 2048
+    # KV slots per replica; null lets each engine use its largest bucket (or what memory allows).
+    max_num_seqs: Optional[int] = Field(None, ge=1)
+    # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
+    fallback: Literal["eager", "queue"] = "eager"
+    seed: int = 0
+    # Replicas of the decode deployment; null: one per GPU in the cluster, or one per bucket set
+    # on a CPU-only cluster.
+    num_replicas: Optional[int] = Field(None, ge=1)
+    # GPUs per replica; null: 1 when the cluster has GPUs, else 0 (CPU, eager decode).
+    num_gpus_per_replica: Optional[float] = Field(None, ge=0)
+    # CPUs Ray reserves per replica (a scheduling label: the step loop is one thread either way).
+    num_cpus_per_replica: float = Field(0.0, ge=0)
+    # Requests (batches) one replica accepts at once; null: its capacity in sequences (the largest
+    # max_num_seqs over the tiers), so Serve's default of 5 never caps a decode batch.
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    # Requests one ingress replica passes on at once; null: enough to fill every decode replica.
+    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+    router: RouterArgs = Field(default_factory=RouterArgs)
+    # Import path of the engine class; tests and serving-overhead benchmarks may swap in a fake.
+    engine_class: str = "replica:Engine"
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppArgs":
+        if self.batch_buckets is not None and self.bucket_sets is not None:
+            raise ValueError("give batch_buckets (one ladder for all replicas) or bucket_sets "
+                             "(one set per tier), not both")
+        if self.bucket_sets is not None and not self.bucket_sets:
+            raise ValueError("bucket_sets is empty; give at least one set, e.g. [[1, 2, 4, 8]]")
+        for rank in range(len(self.tiers)):
+            try:
+                self.engine_config(rank)
+            except ConfigError as e:
+                where = f"bucket_sets[{rank}]" if self.bucket_sets is not None else "args"
+                raise ValueError(f"{where}: {e}") from None
+        if self.num_replicas is not None and self.num_replicas < len(self.tiers):
+            raise ValueError(f"num_replicas={self.num_replicas} is fewer than the {len(self.tiers)} "
+                             f"bucket_sets: the sets {self.tiers[self.num_replicas:]} would never be "
+                             "served; add replicas or drop sets")
+        return self
+
+    @property
+    def tiers(self) -> list[tuple[int, ...]]:
+        """The bucket sets, one per tier (a single ladder is one tier)."""
+        if self.bucket_sets is not None:
+            return [tuple(s) for s in self.bucket_sets]
+        return [tuple(self.batch_buckets) if self.batch_buckets is not None else DEFAULT_BUCKETS]
+
+    def buckets_for_rank(self, rank: int) -> tuple[int, ...]:
+        return self.tiers[rank % len(self.tiers)]
+
+    def engine_config(self, rank: int, device: str = "auto") -> EngineConfig:
+        """The EngineConfig of the replica with this rank (raises ConfigError)."""
+        return EngineConfig(model=self.model, dtype=self.dtype, device=device,
+                            batch_buckets=self.buckets_for_rank(rank), max_seq_len=self.max_seq_len,
+                            max_num_seqs=self.max_num_seqs, fallback=self.fallback, seed=self.seed)
+
+    def replica_capacity(self) -> int:
+        """Sequences the largest tier holds at once: its max_num_seqs, by default its top bucket."""
+        return self.max_num_seqs or max(s[-1] for s in self.tiers)

@@ -1,0 +1,111 @@
+"""`LLMReplica`: the decode deployment, one `replica.Engine` per replica (one GPU each, or CPU).
+
+Contract:
+- `__init__` picks this replica's bucket set by its rank (`AppArgs.buckets_for_rank`), builds the
+  engine on `device="auto"` (`cuda:0` is the GPU Ray pinned through CUDA_VISIBLE_DEVICES, else
+  CPU) and returns only after the engine has captured its graphs: Serve does not count the
+  replica as started, nor route to it, before that.
+- `generate(batch, *, routing_hint=None) -> BatchResult` and `stream(batch, *, routing_hint=None)`
+  (an async generator of `list[StreamChunk]`) run one `PromptBatch` through `BatchRunner`
+  (failure and cancellation rules there: a refused sequence fails the batch; a caller that
+  cancels or stops reading aborts every sequence in the engine). `routing_hint` is for the
+  router, which reads it from the call's kwargs; the replica ignores it.
+- `record_routing_stats()` publishes `router.stats.ReplicaStats(...).to_dict()` from
+  `engine.stats()`: captured buckets, max_seq_len, running, free slots, queued.
+- `check_health()` raises when the engine's step loop is dead or stuck.
+- `counters()` reports what this replica did (batch sizes received, decode steps by bucket and
+  path); tests read it with `handle.broadcast("counters")`.
+- metrics go through `ReplicaMetrics` (names from router/metrics.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import ray
+from ray import serve
+
+from deployments.batch_runner import BatchRunner
+from deployments.config import AppArgs
+from deployments.protocol import BatchResult, PromptBatch, StreamChunk
+from deployments.replica_metrics import ReplicaMetrics
+from router.stats import ReplicaStats
+
+log = logging.getLogger("ray.serve")
+METRICS_PERIOD_S = 2.0
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _gpu_ids() -> list[str]:
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+
+
+@serve.deployment(name="LLMReplica", ray_actor_options={"num_cpus": 0})
+class LLMReplica:
+    async def __init__(self, args: AppArgs):
+        ctx = serve.get_replica_context()
+        self._rank = ctx.rank.rank
+        self._replica = ctx.replica_tag
+        config = args.engine_config(self._rank)
+        started = time.perf_counter()
+        self._engine = _import(args.engine_class)(config)   # loads, captures, starts the step loop
+        stats = self._engine.stats()
+        log.info("LLMReplica rank %d: %s ready in %.1f s on buckets %s (graphs=%s, capture %.2f s)",
+                 self._rank, config.model, time.perf_counter() - started,
+                 list(stats.captured_buckets), stats.graphs, stats.startup.capture_seconds)
+        self._metrics = ReplicaMetrics(self._engine.model_name)
+        self._metrics.update(stats)
+        self._runner = BatchRunner(self._engine, self._metrics, self._replica)
+        self._metrics_task = asyncio.get_running_loop().create_task(self._export_metrics())
+
+    # -- Serve hooks ----------------------------------------------------------------------------
+    def record_routing_stats(self) -> dict[str, Any]:
+        s = self._engine.stats()
+        return ReplicaStats(captured_buckets=tuple(s.captured_buckets), max_seq_len=s.max_seq_len,
+                            max_num_seqs=s.max_num_seqs, running=s.running, free_slots=s.free_slots,
+                            queued=s.queued, graphs=s.graphs, fallback=s.fallback).to_dict()
+
+    def check_health(self) -> None:
+        self._engine.check_health()
+
+    def __del__(self):
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def generate(self, batch: PromptBatch, *, routing_hint: Any = None) -> BatchResult:
+        return await self._runner.collect(batch)
+
+    async def stream(self, batch: PromptBatch, *, routing_hint: Any = None
+                     ) -> AsyncIterator[list[StreamChunk]]:
+        async for chunks in self._runner.run(batch):
+            yield chunks
+
+    def counters(self) -> dict[str, Any]:
+        """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""
+        s = self._engine.stats()
+        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(),
+                "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
+                "batch_sizes": dict(self._runner.batch_sizes),
+                "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],
+                "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,
+                "aborted_requests": s.aborted_requests}
+
+    async def _export_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PERIOD_S)
+            try:
+                self._metrics.update(self._engine.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                log.warning("LLMReplica: metrics update failed", exc_info=True)

@@ -1,0 +1,70 @@
+"""`serve run deployments/app.yaml` from the repo root starts the whole app, and it answers.
+
+The CLI runs as a subprocess against the session's cluster (`--address`), so it shares the one
+Ray/Serve start-up of this test run; Serve is already up there, so the YAML's http_options are
+ignored (with a warning) and the app answers on the fixture's port. On the cluster's 2 fake GPUs
+the default args give one replica per GPU, each pinned to its own. The CLI is stopped with
+SIGTERM: its Ctrl-C handler would call `serve.shutdown()` on the shared instance.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import httpx
+import pytest
+import yaml
+
+from deployments.app import APP_NAME
+from serve_helpers import wait_for
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+APP_YAML = REPO / "deployments" / "app.yaml"
+
+
+@pytest.fixture
+def serve_run(ray_cluster, tmp_path):
+    from ray import serve
+
+    serve_cli = shutil.which("serve", path=str(pathlib.Path(sys.executable).parent))
+    log = open(tmp_path / "serve_run.log", "w")
+    proc = subprocess.Popen([serve_cli, "run", "deployments/app.yaml", "--address",
+                             ray_cluster.gcs_address], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc, tmp_path / "serve_run.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        serve.delete(APP_NAME)
+
+
+def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
+    from ray import serve
+
+    proc, log = serve_run
+    url = ray_cluster.base_url
+
+    def answering():
+        assert proc.poll() is None, f"serve run exited:\n{log.read_text()[-4000:]}"
+        return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+
+    wait_for(answering, 150, "the app deployed by `serve run deployments/app.yaml` to answer")
+    resp = httpx.post(f"{url}/v1/completions", timeout=60,
+                      json={"model": "random:tiny", "prompt": ["Hello", "there"], "max_tokens": 4})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["choices"]) == 2
+    assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+
+    ladder = yaml.safe_load(APP_YAML.read_text())["applications"][0]["args"]["batch_buckets"]
+    handle = serve.get_deployment_handle("LLMReplica", APP_NAME)
+
+    def both_replicas():
+        reports = handle.broadcast("counters").results()
+        return reports if len(reports) == 2 else None
+
+    replicas = wait_for(both_replicas, 60, "both LLMReplica replicas (one per fake GPU) to be up")
+    assert all(r["captured_buckets"] == ladder for r in replicas)
+    assert sorted(r["gpu_ids"][0] for r in replicas) == ["0", "1"]

@@ -1,0 +1,104 @@
+"""AppArgs validation, the bucket assignment by rank, the derived deployment options, and the
+shipped deployments/app.yaml. No Ray cluster (the guard fixture refuses ray.init)."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app, replica_options
+from deployments.config import DEFAULT_ROUTER, AppArgs
+from replica.config import DEFAULT_BUCKETS
+from router_fakes import no_ray_init  # noqa: F401 - autouse guard
+
+APP_YAML = pathlib.Path(__file__).resolve().parents[2] / "deployments" / "app.yaml"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # Unsorted ladder: the engine's own message, naming the fix.
+    (dict(batch_buckets=[8, 4, 1]), "must be sorted and unique"),
+    (dict(batch_buckets=[]), "non-empty list of positive integers"),
+    (dict(batch_buckets=[0, 1]), "positive integers"),
+    # The failing tier is named by its index.
+    (dict(bucket_sets=[[1, 2], [32, 16]]), "bucket_sets[1]"),
+    (dict(bucket_sets=[]), "bucket_sets is empty"),
+    (dict(batch_buckets=[1, 2], bucket_sets=[[1, 2]]), "not both"),
+    # A tier no replica would serve.
+    (dict(bucket_sets=[[1, 2], [4, 8]], num_replicas=1), "would never be served"),
+    (dict(max_seq_len=1), "max_seq_len=1"),
+    (dict(fallback="queue", max_num_seqs=128), "exceeds the largest bucket"),
+    (dict(batch_bucket=[1, 2]), "Extra inputs are not permitted"),   # typo of batch_buckets
+])
+def test_bad_args_fail_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValidationError) as err:
+        AppArgs(**kwargs)
+    assert message in str(err.value)
+
+
+def test_replica_rank_picks_its_tier_round_robin():
+    args = AppArgs(bucket_sets=[[1, 2, 4, 8], [16, 32, 64]], max_seq_len=256)
+    assert [args.buckets_for_rank(r) for r in range(4)] == [(1, 2, 4, 8), (16, 32, 64)] * 2
+    cfg = args.engine_config(1)
+    assert cfg.batch_buckets == (16, 32, 64) and cfg.max_seq_len == 256 and cfg.device == "auto"
+
+
+def test_one_ladder_and_the_default_ladder_serve_every_rank():
+    assert AppArgs(batch_buckets=[1, 4]).buckets_for_rank(5) == (1, 4)
+    assert AppArgs().tiers == [DEFAULT_BUCKETS]
+
+
+def test_cpu_cluster_gets_one_cpu_replica_per_tier():
+    opts = replica_options(AppArgs(bucket_sets=[[1, 2], [4, 8]]), gpus_in_cluster=0)
+    assert opts["num_replicas"] == 2
+    assert opts["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 0.0}
+
+
+def test_gpu_cluster_gets_one_pinned_replica_per_gpu():
+    opts = replica_options(AppArgs(), gpus_in_cluster=4)
+    assert opts["num_replicas"] == 4 and opts["ray_actor_options"]["num_gpus"] == 1.0
+    explicit = replica_options(AppArgs(num_replicas=2, num_gpus_per_replica=0.5), gpus_in_cluster=4)
+    assert explicit["num_replicas"] == 2 and explicit["ray_actor_options"]["num_gpus"] == 0.5
+
+
+def test_max_ongoing_requests_matches_engine_capacity_not_serves_default_of_5():
+    assert replica_options(AppArgs(bucket_sets=[[1, 2], [16, 32, 64]]), 0)["max_ongoing_requests"] == 64
+    assert replica_options(AppArgs(max_num_seqs=24), 0)["max_ongoing_requests"] == 24
+    assert replica_options(AppArgs(max_ongoing_requests=7), 0)["max_ongoing_requests"] == 7
+
+
+def test_router_config_comes_from_args():
+    opts = replica_options(AppArgs(), 0)
+    assert opts["request_router_config"]["request_router_class"] == DEFAULT_ROUTER
+    assert opts["request_router_config"]["request_routing_stats_period_s"] == 1.0
+    default = replica_options(AppArgs(router={"request_router_class": None}), 0)
+    assert "request_router_class" not in default["request_router_config"]
+
+
+def test_build_app_without_ray_is_a_cpu_build():
+    app = build_app(AppArgs(bucket_sets=[[1, 2], [4, 8]]))
+    ingress = app._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    assert ingress.name == "OpenAIIngress" and replica.name == "LLMReplica"
+    assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 0.0
+    assert ingress._deployment_config.max_ongoing_requests == 2 * 8
+
+
+def test_app_yaml_is_a_valid_serve_config_whose_args_validate():
+    config = yaml.safe_load(APP_YAML.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["name"] == "graphserve" and app["import_path"] == "deployments.app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    assert args.model == "random:tiny"   # runs on a CPU-only laptop
+    assert args.router.request_router_class == DEFAULT_ROUTER
+    assert args.router.request_routing_stats_period_s == 1
+
+
+def test_serve_validates_builder_args_into_appargs():
+    # Serve picks the pydantic model from the evaluated annotation of the builder's one parameter.
+    import inspect
+    assert inspect.signature(build_app).parameters["args"].annotation is AppArgs
+    assert build_app({"batch_buckets": [1, 2]})._bound_deployment.name == "OpenAIIngress"

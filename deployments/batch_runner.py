@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from deployments.protocol import BatchResult, Completion, PromptBatch, StreamChunk, usage_of
@@ -60,11 +61,12 @@ class BatchRunner:
         text: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
         last: dict[int, StreamChunk] = {}
-        async for chunks in self.run(batch):
-            for c in chunks:
-                text.setdefault(c.index, []).append(c.text)
-                ids.setdefault(c.index, []).extend(c.token_ids)
-                last[c.index] = c
+        async with aclosing(self.run(batch)) as stream:   # cancelled: abort at once, not at GC
+            async for chunks in stream:
+                for c in chunks:
+                    text.setdefault(c.index, []).append(c.text)
+                    ids.setdefault(c.index, []).extend(c.token_ids)
+                    last[c.index] = c
         completions = tuple(
             Completion(index=k, prompt_index=c.prompt_index, text="".join(text[k]),
                        token_ids=tuple(ids[k]), finish_reason=c.finish_reason or "abort",

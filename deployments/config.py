@@ -48,6 +48,8 @@ class AppArgs(BaseModel):
 
     # A local checkpoint directory or "random:<preset>" (random:tiny runs anywhere, CPU included).
     model: str = "random:tiny"
+    # The name clients pass as `model` and see in responses; null: `model` itself.
+    served_model_name: Optional[str] = None
     dtype: str = "auto"
     # One bucket ladder for every replica ...
     batch_buckets: Optional[list[int]] = None
@@ -96,6 +98,10 @@ class AppArgs(BaseModel):
                              f"bucket_sets: the sets {self.tiers[self.num_replicas:]} would never be "
                              "served; add replicas or drop sets")
         return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
 
     @property
     def tiers(self) -> list[tuple[int, ...]]:

@@ -14,6 +14,7 @@ bucket-aware router therefore runs here, in the ingress replica, and sees the ba
 """
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from ray import serve
@@ -53,7 +54,7 @@ class ReplicaBackend:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, replica: DeploymentHandle, args: AppArgs):
-        self._frontend = Frontend(load_tokenizer(args.model), args.model, args.max_seq_len,
+        self._frontend = Frontend(load_tokenizer(args.model), args.model_name, args.max_seq_len,
                                   ReplicaBackend(replica))
 
     def __serve_build_asgi_app__(self):
@@ -71,8 +72,9 @@ class OpenAIIngress:
                      stop: Sequence[str] = (), seed: Optional[int] = None, n: int = 1,
                      ignore_eos: bool = False) -> AsyncIterator[list[StreamChunk]]:
         batch, hint = self._frontend.prepare(prompts, _params(locals()), n=n)
-        async for chunks in self._frontend.stream(batch, hint):
-            yield chunks
+        async with aclosing(self._frontend.stream(batch, hint)) as stream:
+            async for chunks in stream:
+                yield chunks
 
 
 def _params(kw: dict[str, Any]) -> dict[str, Any]:

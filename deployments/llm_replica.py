@@ -23,6 +23,7 @@ import asyncio
 import importlib
 import logging
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import ray
@@ -89,8 +90,9 @@ class LLMReplica:
 
     async def stream(self, batch: PromptBatch, *, routing_hint: Any = None
                      ) -> AsyncIterator[list[StreamChunk]]:
-        async for chunks in self._runner.run(batch):
-            yield chunks
+        async with aclosing(self._runner.run(batch)) as stream:
+            async for chunks in stream:
+                yield chunks
 
     def counters(self) -> dict[str, Any]:
         """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""

@@ -32,7 +32,10 @@ class PromptBatch:
     request_id: Optional[str] = None
 
     def __post_init__(self) -> None:
-        prompts = tuple(p if isinstance(p, str) else tuple(int(t) for t in p) for p in self.prompts)
+        try:
+            prompts = tuple(p if isinstance(p, str) else tuple(int(t) for t in p) for p in self.prompts)
+        except (TypeError, ValueError):
+            raise InvalidRequestError("each prompt must be a string or a list of token ids") from None
         object.__setattr__(self, "prompts", prompts)
         if not prompts:
             raise InvalidRequestError("the batch has no prompts")

@@ -45,6 +45,11 @@ def test_replica_rank_picks_its_tier_round_robin():
     assert cfg.batch_buckets == (16, 32, 64) and cfg.max_seq_len == 256 and cfg.device == "auto"
 
 
+def test_served_model_name_defaults_to_the_model():
+    assert AppArgs().model_name == "random:tiny"
+    assert AppArgs(model="/models/llama", served_model_name="llama").model_name == "llama"
+
+
 def test_one_ladder_and_the_default_ladder_serve_every_rank():
     assert AppArgs(batch_buckets=[1, 4]).buckets_for_rank(5) == (1, 4)
     assert AppArgs().tiers == [DEFAULT_BUCKETS]

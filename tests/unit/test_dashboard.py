@@ -105,6 +105,8 @@ def test_docs_show_the_current_layout():
     assert d.ascii_layout() in text, "docs/operations.md: paste `python -m deployments.dashboard --ascii`"
     assert d.markdown_table() in text, "docs/operations.md: paste `python -m deployments.dashboard --markdown`"
     assert d.metrics_table() in text, "docs/operations.md: paste `python -m deployments.dashboard --metrics`"
+    readme = (ROOT / "README.md").read_text()
+    assert d.ascii_layout() in readme, "README.md: paste `python -m deployments.dashboard --ascii`"
 
 
 def test_promql_syntax_with_promtool(dash, tmp_path):

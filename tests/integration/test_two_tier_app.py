@@ -12,6 +12,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import openai
@@ -27,13 +28,15 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL, LARGE = (1, 2, 4, 8), (16, 32, 64)
 MODEL = "random:tiny"
 MAX_SEQ_LEN = 256
+STATS_PERIOD_S = 0.5   # record_routing_stats period (the app.yaml default is 1 s)
 
 
 @pytest.fixture(scope="module")
 def app(ray_cluster):
     from ray import serve
 
-    args = AppArgs(model=MODEL, bucket_sets=[list(SMALL), list(LARGE)], max_seq_len=MAX_SEQ_LEN)
+    args = AppArgs(model=MODEL, bucket_sets=[list(SMALL), list(LARGE)], max_seq_len=MAX_SEQ_LEN,
+                   router={"request_routing_stats_period_s": STATS_PERIOD_S})
     handle = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     tiers = wait_for(lambda: len(replica_counters()) == 2 and replica_counters(), 60,
                      "both LLMReplica replicas to answer a broadcast")
@@ -83,15 +86,28 @@ def test_each_replica_holds_its_tier_on_its_own_gpu(app):
     assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1]   # one GPU each, not shared
 
 
-def test_batches_of_1_to_64_land_on_a_replica_with_a_fitting_graph(app):
+def test_batches_of_9_to_64_land_only_on_the_large_tier(app):
+    # Back to back, so the router's view of the large replica is often a busy snapshot (stats are
+    # up to one publish period old): a batch that only the large tier can hold in a graph must
+    # still go there, never to the small tier (which would run it 8 at a time).
     before = replica_counters()
-    for size in range(1, 65):
+    for size in range(9, 65):
         res = app.generate.remote([f"prompt {i}" for i in range(size)], max_tokens=3).result()
         assert len(res.completions) == size
     got = batch_sizes_since(before, replica_counters())
-    # Idle replicas: a batch goes to the tier whose buckets hold it with the least padding.
-    assert got[SMALL] == Counter({s: 1 for s in range(1, 9)})
-    assert got[LARGE] == Counter({s: 1 for s in range(9, 65)})
+    assert got[LARGE] == Counter({s: 1 for s in range(9, 65)}) and not got[SMALL], got
+
+
+def test_batches_of_1_to_8_go_to_the_small_tier_when_idle(app):
+    # Both tiers hold a fitting graph; on idle replicas the one padding least (small) wins. Each
+    # batch waits until both replicas have published idle stats (2 periods).
+    before = replica_counters()
+    for size in range(1, 9):
+        time.sleep(2 * STATS_PERIOD_S)
+        res = app.generate.remote([f"prompt {i}" for i in range(size)], max_tokens=3).result()
+        assert len(res.completions) == size
+    got = batch_sizes_since(before, replica_counters())
+    assert got[SMALL] == Counter({s: 1 for s in range(1, 9)}) and not got[LARGE], got
 
 
 def test_concurrent_batches_larger_than_8_only_run_on_the_large_tier(app):

@@ -145,8 +145,9 @@ class Engine:
             reason = "stop"
             self.scheduler.abort(seq.request_id)
             self._notify()
+        detok.emitted_tokens += len(event.token_ids)  # not len(seq.output_ids): the step thread runs ahead
         chunk = GenerationChunk(seq.request_id, event.token_ids, text, reason,
-                                prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+                                prompt_tokens=len(seq.prompt_ids), completion_tokens=detok.emitted_tokens)
         return chunk, reason is not None
 
     # -- step thread ----------------------------------------------------------------------------

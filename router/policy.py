@@ -98,8 +98,9 @@ def rank_replicas(hint: Optional[RoutingHint],
          waste first. Inside a rank, replicas are ordered by `load`, ties in random order.
       3. Then one rank holding every unknown replica, in random order: it may be idle or brand
          new (`{}` stats before the first poll), so it beats replicas known not to fit.
-      4. Then usable non-fits (eager fallback, capacity wait): one rank of those whose KV slots
-         hold the sequences, then one rank of those where `max_total_tokens > max_seq_len` (the
+      4. Then usable non-fits: one rank of those whose largest bucket (and slots) could hold the
+         batch once they drain (a capacity wait, then graph replay), then those that could only
+         run it eagerly, then one rank of those where `max_total_tokens > max_seq_len` (the
          replica will reject the request; still listed so a request that fits nowhere fails
          fast with the replica's error instead of hanging in Ray's routing backoff).
       Without a hint: one rank, usable replicas by load (ties random), then unknown ones.
@@ -132,7 +133,10 @@ def rank_replicas(hint: Optional[RoutingHint],
     rest = [(k, s) for k, s in usable if not fits(hint, s)]
     tiers = _grouped(fit, lambda s: padding_waste(s.running + n, s.captured_buckets), rng)
     tiers.append(unknown_keys)
-    tiers += _grouped(rest, lambda s: hint.max_total_tokens > s.max_seq_len, rng)
+    # Non-fits: first those that will hold the batch inside a graph once they drain (stale stats
+    # often make a free large-bucket replica look busy), then eager-only ones, then too-short ones.
+    tiers += _grouped(rest, lambda s: (hint.max_total_tokens > s.max_seq_len,
+                                       n > min(max(s.captured_buckets, default=0), s.max_num_seqs)), rng)
     outcome = GRAPH_FIT if fit else (NO_FIT if usable else NO_STATS)
     return Ranking([t for t in tiers if t], outcome)
 

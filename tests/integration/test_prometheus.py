@@ -235,9 +235,6 @@ def test_dashboard_variables_find_the_app(scraped):
         assert {"cluster": CLUSTER, "application": "graphserve"}[var["name"]] in values
 
 
-@pytest.mark.xfail(strict=True, reason="deployments/replica_metrics.py sets graph_capture_seconds and "
-                   "graph_bytes once at startup, so Ray stops exporting them ~2 report intervals later; "
-                   "fix: set them again in ReplicaMetrics.update(), then remove this marker")
 @pytest.mark.timeout(60)
 def test_replica_gauges_are_still_live_after_traffic(scraped):
     """Per-replica state gauges must be re-set periodically: Ray drops a gauge series that is not

@@ -135,3 +135,15 @@ def test_health_and_shutdown_abort_in_flight_requests():
     assert run(go())[-1] == "abort"
     with pytest.raises(Exception, match="not running"):
         eng.check_health()
+
+
+def test_chunks_count_completion_tokens_as_they_arrive(engine):
+    async def go():
+        req = GenerationRequest(prompt_token_ids=[3, 4], params=SamplingParams(max_tokens=6, ignore_eos=True))
+        return [(len(c.token_ids), c.completion_tokens) async for c in engine.generate(req)]
+    counts = run(go())
+    running = 0
+    for n, reported in counts:
+        running += n
+        assert reported == running
+    assert running == 6

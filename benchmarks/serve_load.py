@@ -4,7 +4,9 @@ One run measures the engine's own batch-1 step time in-process (the latency-tier
 EngineConfig, `common.served_window`), starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2
 fake GPUs and random:tiny CPU engines), then for each router deploys the same app
 (`deployments.app:build_app`: 2 LLMReplica, bucket sets latency [1,2,4,8] and throughput
-[16,32,64], max_num_seqs 64 each; only `router.request_router_class` differs) and runs:
+[16,32,64], each with as many KV slots as its largest bucket unless --max-num-seqs is set, so no
+replica ever decodes outside a graph and the router decides where batches wait; only
+`router.request_router_class` differs) and runs:
   probe  one streaming HTTP client at batch 1 on an idle system (prompt 512, 128 new tokens);
   load   a seeded open-loop mix (Poisson arrivals over --duration-s): interactive requests over
          HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];
@@ -59,7 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--routers", default="ours,default")
     ap.add_argument("--bucket-sets", default="1,2,4,8/16,32,64", help="one set per tier, '/'-separated")
     ap.add_argument("--num-replicas", type=int, default=2)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=0,
+                    help="KV slots per replica; 0: each tier's largest bucket (no eager fallback)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--probe-repeats", type=int, default=3)
     ap.add_argument("--job-timeout-s", type=float, default=180.0, help="a job still running then is an error")
@@ -204,7 +207,7 @@ def load_metrics(seqs, t0, t1, delta) -> dict:
 
 def app_args(a, router: str) -> dict:
     return {"model": a.model, "bucket_sets": [[int(b) for b in t.split(",")] for t in a.bucket_sets.split("/")],
-            "max_seq_len": a.max_seq_len, "max_num_seqs": a.max_num_seqs, "num_replicas": a.num_replicas,
+            "max_seq_len": a.max_seq_len, "max_num_seqs": a.max_num_seqs or None, "num_replicas": a.num_replicas,
             "router": {"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 1.0}}
 
 

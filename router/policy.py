@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import random
-from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 from router.buckets import padding_waste, validate_buckets
 from router.stats import ReplicaStats, RoutingHint
@@ -70,31 +70,39 @@ def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -
         return False
 
 
-def fits(hint: RoutingHint, stats: ReplicaStats) -> bool:
+def occupancy(stats: ReplicaStats, local: int = 0) -> int:
+    """Sequences the replica holds or has waiting: running + queued from its stats, or `local`,
+    the sequences this router has in flight there, when that is more (the router's own count is
+    fresh; published stats lag by up to one period, so a burst would otherwise all see 'idle')."""
+    return max(stats.running + stats.queued, local)
+
+
+def fits(hint: RoutingHint, stats: ReplicaStats, local: int = 0) -> bool:
     """True when the batch, once admitted, decodes inside a captured bucket on this replica: every
     sequence fits a KV slot, there are free slots for all of them, and the resulting batch
-    (`running + n`) is within both the largest captured bucket and `max_num_seqs`."""
-    total = stats.running + hint.num_sequences
+    (`occupancy + n`) is within both the largest captured bucket and `max_num_seqs`."""
+    total = occupancy(stats, local) + hint.num_sequences
     return (hint.max_total_tokens <= stats.max_seq_len
             and hint.num_sequences <= stats.free_slots
             and total <= stats.max_num_seqs
             and total <= stats.captured_buckets[-1])
 
 
-def load(stats: ReplicaStats) -> int:
-    """Sequences the replica is decoding or holding in its admission queue."""
-    return stats.running + stats.queued
+def load(stats: ReplicaStats, local: int = 0) -> int:
+    """Sequences the replica is decoding or holding in its admission queue (see `occupancy`)."""
+    return occupancy(stats, local)
 
 
 def rank_replicas(hint: Optional[RoutingHint],
                   candidates: Sequence[tuple[K, Optional[ReplicaStats]]],
-                  *, now: float, stale_after_s: float, rng: random.Random) -> Ranking:
+                  *, now: float, stale_after_s: float, rng: random.Random,
+                  outstanding: Optional[Mapping[K, int]] = None) -> Ranking:
     """Rank replicas for a batch of `hint.num_sequences` sequences.
 
     Algorithm (with a hint):
       1. Split candidates into *usable* (fresh, well-formed stats; `is_usable`) and *unknown*.
       2. Usable replicas where the batch `fits` form the first ranks, one rank per distinct
-         padding waste of the resulting batch (`bucket_for(running + n) - (running + n)`), least
+         padding waste of the resulting batch (`bucket_for(occ + n) - (occ + n)`, occ = `occupancy`), least
          waste first. Inside a rank, replicas are ordered by `load`, ties in random order.
       3. Then one rank holding every unknown replica, in random order: it may be idle or brand
          new (`{}` stats before the first poll), so it beats replicas known not to fit.
@@ -110,49 +118,56 @@ def rank_replicas(hint: Optional[RoutingHint],
     our stats; on equal queue lengths it takes the first listed, so the order inside a rank is
     the stats-load order with randomized ties, never "always the first candidate".
 
-    Failure modes: stats are at most one publish period old (1 s typical), so a burst of requests
-    between two publishes sees the same `running` and may land where the batch no longer fits
-    (the replica then pads a larger bucket or falls back; Ray's queue-length cap still bounds
-    it). Keys must be hashable and distinct; they are never compared with each other.
+    `outstanding` maps keys to the sequences this router has sent there and not yet seen complete;
+    it bounds occupancy from below, so a burst between two stats publishes does not pile onto the
+    replica that looked idle. Failure modes: other routers' (other callers') recent requests are
+    only seen once published (one period, 1 s typical). Keys must be hashable and distinct; they
+    are never compared with each other.
 
     Returns:
         `Ranking(tiers, outcome)`; `tiers` is empty only when `candidates` is.
     """
+    local = outstanding or {}
     usable, unknown = [], []
     for key, stats in candidates:
         (usable if is_usable(stats, now, stale_after_s) else unknown).append((key, stats))
     unknown_keys = [key for key, _ in unknown]
     rng.shuffle(unknown_keys)
+    occ = {key: occupancy(s, local.get(key, 0)) for key, s in usable}
+
+    def by_load(items):
+        return _by(items, lambda key, s: occ[key], rng)
 
     if hint is None:
-        ordered = _by(usable, load, rng) + unknown_keys
+        ordered = by_load(usable) + unknown_keys
         return Ranking([ordered] if ordered else [], NO_HINT)
 
     n = hint.num_sequences
-    fit = [(k, s) for k, s in usable if fits(hint, s)]
-    rest = [(k, s) for k, s in usable if not fits(hint, s)]
-    tiers = _grouped(fit, lambda s: padding_waste(s.running + n, s.captured_buckets), rng)
+    fit = [(k, s) for k, s in usable if fits(hint, s, local.get(k, 0))]
+    rest = [(k, s) for k, s in usable if not fits(hint, s, local.get(k, 0))]
+    tiers = _grouped(fit, lambda k, s: padding_waste(occ[k] + n, s.captured_buckets), by_load)
     tiers.append(unknown_keys)
     # Non-fits: first those that will hold the batch inside a graph once they drain (stale stats
     # often make a free large-bucket replica look busy), then eager-only ones, then too-short ones.
-    tiers += _grouped(rest, lambda s: (hint.max_total_tokens > s.max_seq_len,
-                                       n > min(max(s.captured_buckets, default=0), s.max_num_seqs)), rng)
+    tiers += _grouped(rest, lambda k, s: (hint.max_total_tokens > s.max_seq_len,
+                                          n > min(max(s.captured_buckets, default=0), s.max_num_seqs)),
+                      by_load)
     outcome = GRAPH_FIT if fit else (NO_FIT if usable else NO_STATS)
     return Ranking([t for t in tiers if t], outcome)
 
 
-def _by(items: list[tuple[K, ReplicaStats]], key: Callable[[ReplicaStats], Any],
+def _by(items: list[tuple[K, ReplicaStats]], key: Callable[[K, ReplicaStats], Any],
         rng: random.Random) -> list[K]:
-    """Keys ordered by `key(stats)`, ties in random order (keys themselves are never compared)."""
-    decorated = [(key(s), rng.random(), i) for i, (_, s) in enumerate(items)]
+    """Keys ordered by `key(key, stats)`, ties in random order (keys themselves are never compared)."""
+    decorated = [(key(k, s), rng.random(), i) for i, (k, s) in enumerate(items)]
     decorated.sort()
     return [items[i][0] for _, _, i in decorated]
 
 
-def _grouped(items: list[tuple[K, ReplicaStats]], rank_key: Callable[[ReplicaStats], Any],
-             rng: random.Random) -> list[list[K]]:
-    """One rank per distinct `rank_key(stats)`, ascending; each rank ordered by load (`_by`)."""
+def _grouped(items: list[tuple[K, ReplicaStats]], rank_key: Callable[[K, ReplicaStats], Any],
+             order: Callable[[list], list[K]]) -> list[list[K]]:
+    """One rank per distinct `rank_key(key, stats)`, ascending; each rank ordered by `order`."""
     groups: dict[Any, list[tuple[K, ReplicaStats]]] = {}
     for k, s in items:
-        groups.setdefault(rank_key(s), []).append((k, s))
-    return [_by(groups[rk], load, rng) for rk in sorted(groups)]
+        groups.setdefault(rank_key(k, s), []).append((k, s))
+    return [order(groups[rk]) for rk in sorted(groups)]

@@ -114,6 +114,9 @@ class BucketAwareRequestRouter(RequestRouter):
         self._record_outcome = record_outcome or _record_outcome
         self._counted_ids: OrderedDict[str, None] = OrderedDict()
         self._last_error_log_s = float("-inf")
+        # replica id -> {internal request id: sequences}: what this router sent and has not seen
+        # complete. Fresher than published stats; see router.policy.occupancy.
+        self._outstanding: dict[Any, dict[str, int]] = {}
 
     async def choose_replicas(
         self,
@@ -133,10 +136,35 @@ class BucketAwareRequestRouter(RequestRouter):
         replicas = list(candidate_replicas)
         hint = coerce_hint(_hint_arg(pending_request))
         keyed = [(i, _read_stats(r)) for i, r in enumerate(replicas)]
-        ranking = rank_replicas(hint, keyed, now=self._clock(),
-                                stale_after_s=self._stale_after_s, rng=self._rng)
+        local = {i: sum(self._outstanding.get(r.replica_id, {}).values()) for i, r in enumerate(replicas)}
+        ranking = rank_replicas(hint, keyed, now=self._clock(), stale_after_s=self._stale_after_s,
+                                rng=self._rng, outstanding=local)
         self._count_once(pending_request, ranking.outcome)
         return [[replicas[i] for i in tier] for tier in ranking.tiers]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        """Remember the batch's sequences on the chosen replica until it completes. Never raises."""
+        try:
+            hint = coerce_hint(_hint_arg(pending_request))
+            rid = pending_request.metadata.internal_request_id
+            if rid:
+                self._outstanding.setdefault(replica_id, {})[rid] = hint.num_sequences if hint else 1
+        except Exception:
+            pass
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        try:
+            requests = self._outstanding.get(replica_id)
+            if requests is not None:
+                requests.pop(internal_request_id, None)
+                if not requests:
+                    del self._outstanding[replica_id]
+        except Exception:
+            pass
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        self._outstanding.pop(replica_id, None)
+        super().on_replica_actor_died(replica_id)
 
     def _count_once(self, pending_request: Optional[PendingRequest], outcome: str) -> None:
         """Emit the outcome metric once per request (its first routing attempt), not once per

@@ -15,9 +15,10 @@ from router.stats import ReplicaStats, RoutingHint
 STALE = 10.0
 
 
-def rank(h, candidates, *, now=NOW, seed=0):
+def rank(h, candidates, *, now=NOW, seed=0, outstanding=None):
     """rank_replicas with the test clock; also checks the invariants every ranking must hold."""
-    r = rank_replicas(h, candidates, now=now, stale_after_s=STALE, rng=random.Random(seed))
+    r = rank_replicas(h, candidates, now=now, stale_after_s=STALE, rng=random.Random(seed),
+                      outstanding=outstanding)
     flat = [k for tier in r.tiers for k in tier]
     assert sorted(flat) == sorted(k for k, _ in candidates), "every candidate exactly once"
     assert all(r.tiers), "no empty rank"
@@ -94,10 +95,27 @@ def test_padding_counts_the_running_batch():
 
 
 def test_load_breaks_padding_ties():
-    # Same buckets, same waste (running 4 + 4 = 8 exactly on both); B has a deeper queue.
-    cands = [("B", stats(running=4, queued=3, free_slots=4)), ("A", stats(running=4, free_slots=4))]
+    # Same waste: A holds 4 (+4 = bucket 8 exactly), B holds 8 running + 4 queued (+4 = bucket 16).
+    ladder = (1, 2, 4, 8, 16)
+    cands = [("B", stats(ladder, running=8, queued=4)), ("A", stats(ladder, running=4))]
     r = rank(hint(4), cands)
     assert r.tiers == [["A", "B"]]  # one rank (Ray picks the shortest live queue), least load first
+
+
+def test_queued_sequences_count_toward_the_fit():
+    # 6 running + 4 queued + 2 new = 12 > 8: the batch would wait, then run past the largest bucket.
+    assert not fits(hint(2), stats((1, 2, 4, 8), running=6, queued=4, max_num_seqs=16, free_slots=10))
+    assert fits(hint(2), stats((1, 2, 4, 8), running=6, max_num_seqs=16, free_slots=10))
+
+
+def test_outstanding_sequences_bound_stale_stats_from_below():
+    """A burst between two stats publishes: the router's own in-flight count keeps it from piling
+    every request onto the replica whose (stale) stats say idle."""
+    cands = [("small", stats((1, 2, 4, 8))), ("large", stats((16, 32, 64)))]
+    assert rank(hint(1), cands).tiers[0] == ["small"]                      # idle: no padding there
+    r = rank(hint(1), cands, outstanding={"small": 8})                    # 8 already sent there
+    assert r.tiers[0] == ["large"] and r.outcome == "graph_fit"
+    assert rank(hint(1), cands, outstanding={"small": 3}).tiers[0] == ["small"]
 
 
 def test_free_slots_and_max_num_seqs_bound_a_fit():

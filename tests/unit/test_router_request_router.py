@@ -241,3 +241,22 @@ def test_request_router_config_pickles_by_value_and_routes(tmp_path):
         print(names(asyncio.run(go()))[0], 'torch' in sys.modules, cls.__module__)
     """)
     assert out == "['B'] False router.request_router"
+
+
+def test_burst_between_stats_publishes_spreads_by_what_the_router_sent():
+    """Stats say both replicas are idle for the whole burst; the router's own in-flight count
+    stops it from sending more than 8 single requests to the [1, 2, 4, 8] replica, and frees the
+    room again once those requests complete."""
+    router = make_router()
+    replicas = ab_replicas()
+    chosen = []
+    for i in range(12):
+        pr = pending(hint(1), request_id=f"r{i}")
+        first = choose(router, replicas, pr)[0][0]
+        router.on_request_routed(pr, first.replica_id, None)
+        chosen.append(first)
+    names_chosen = [r.replica_id.unique_id for r in chosen]
+    assert names_chosen[:8] == ["A"] * 8 and names_chosen[8:] == ["B"] * 4
+    for i in range(8):
+        router.on_request_completed(chosen[i].replica_id, f"r{i}")
+    assert choose(router, replicas, pending(hint(1), request_id="late"))[0][0].replica_id.unique_id == "A"

@@ -48,6 +48,9 @@ class EngineConfig:
     # Prompt tokens prefilled per engine step: a long prompt is split into chunks so one request
     # cannot stall the running decodes for longer than one chunk.
     prefill_chunk_tokens: int = 512
+    # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
+    # caller's GIL, the setting for servers), "thread" (in-process), "auto" (process on CUDA).
+    engine_process: Literal["auto", "thread", "process"] = "auto"
     # Seed for random weights (random:* models) and for requests that do not give one.
     seed: int = 0
 
@@ -89,6 +92,8 @@ def _validate(c: EngineConfig) -> None:
         fail(f"memory_utilization={c.memory_utilization} must be between 0.05 and 0.99")
     if c.fallback not in FALLBACKS:
         fail(f"fallback={c.fallback!r} must be one of {FALLBACKS}")
+    if c.engine_process not in ("auto", "thread", "process"):
+        fail(f"engine_process={c.engine_process!r} must be 'auto', 'thread' or 'process'")
     if c.prefill_chunk_tokens < 1:
         fail(f"prefill_chunk_tokens={c.prefill_chunk_tokens} must be positive")
     if c.fallback == "queue" and c.max_num_seqs is not None and c.max_num_seqs > b[-1]:

@@ -21,7 +21,6 @@ class IncrementalDetokenizer:
         self.read = 0               # ids whose text is already in self.text
         self.text = ""              # all decoded text so far
         self.emitted = 0            # chars of self.text handed out
-        self.emitted_tokens = 0     # token ids handed out (the front end counts them here)
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
 

@@ -21,9 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BUCKETS = (1, 2, 4, 8, 16)
 
 
-def _engine(path, dtype):
+def _engine(path, dtype, mode="thread"):
+    """mode "thread" keeps the runtime in this process so tests can reach its buffers."""
     return Engine(EngineConfig(model=path, device="cuda", dtype=dtype, batch_buckets=BUCKETS,
-                               max_seq_len=256, max_num_seqs=16, kv_cache_bytes=64 << 20))
+                               max_seq_len=256, max_num_seqs=16, kv_cache_bytes=64 << 20,
+                               engine_process=mode))
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -97,7 +99,7 @@ def test_bf16_logits_track_float32_reference(tiny_llama_dir):
 def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
     path, hf_cpu = tiny_llama_dir
     hf = hf_cpu.to("cuda")
-    eng = _engine(path, "float32")
+    eng = _engine(path, "float32", mode="process")   # the server's configuration
     prompts = [[5, 17, 99], list(range(40, 80)), [7], list(range(100, 113))]
     try:
         async def all_at_once():

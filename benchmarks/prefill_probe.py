@@ -42,10 +42,11 @@ def component_times(eng) -> dict:
     out = {}
     with torch.inference_mode():
         toks = torch.randint(0, V, (512,), device=rt.device)
-        out["prefill_512_at_0_ms"] = timed(lambda: m.prefill(toks, 0, 0, kv))
-        out["prefill_512_at_512_ms"] = timed(lambda: m.prefill(toks, 512, 0, kv))
+        out["prefill_512_at_0_ms"] = timed(lambda: m.prefill([(toks, 0, 0)], kv))
+        out["prefill_512_at_512_ms"] = timed(lambda: m.prefill([(toks, 512, 0)], kv))
         parts = [torch.randint(0, V, (n,), device=rt.device) for n in (100, 320, 92)]
-        out["prefill_3_seqs_512_tokens_ms"] = timed(lambda: [m.prefill(p, 0, i, kv) for i, p in enumerate(parts)])
+        out["prefill_3_seqs_512_tokens_one_call_each_ms"] = timed(lambda: [m.prefill([(p, 0, i)], kv) for i, p in enumerate(parts)])
+        out["prefill_3_seqs_512_tokens_packed_ms"] = timed(lambda: m.prefill([(p, 0, i) for i, p in enumerate(parts)], kv))
         q = torch.randn(1, 32, 512, 128, device=rt.device, dtype=rt.dtype)
         k = torch.randn(1, 8, 1024, 128, device=rt.device, dtype=rt.dtype)
         mask = torch.ones(512, 1024, dtype=torch.bool, device=rt.device).tril(512)

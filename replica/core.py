@@ -117,24 +117,34 @@ class Scheduler:
             self.running[seq.request_id] = seq
 
     def _prefill(self, events: list[Event]) -> None:
-        budget = self.chunk
+        """Up to `chunk` prompt tokens, across as many waiting prompts as fit, in one forward;
+        sequences whose prompt is complete get their first token (one batched sample, one sync)."""
+        budget, chunks, seqs = self.chunk, [], []
         for seq in [s for s in self.running.values() if not s.output_ids]:
             if budget <= 0:
                 break
             n = min(budget, len(seq.prompt_ids) - seq.prefilled)
-            logits = self.rt.prefill(seq.prompt_ids[seq.prefilled:seq.prefilled + n], seq.prefilled, seq.slot)
+            chunks.append((seq.prompt_ids[seq.prefilled:seq.prefilled + n], seq.prefilled, seq.slot))
+            seqs.append(seq)
             seq.prefilled += n
             budget -= n
-            self.counters["prompt_tokens"] += n
-            if seq.prefilled == len(seq.prompt_ids):
-                self._accept(seq, self._first_token(seq, logits), events)
+        if not chunks:
+            return
+        logits = self.rt.prefill(chunks)                                  # [len(chunks), V]
+        self.counters["prompt_tokens"] += self.chunk - budget
+        done = [i for i, s in enumerate(seqs) if s.prefilled == len(s.prompt_ids)]
+        if done:
+            for i, tok in zip(done, self._first_tokens([seqs[i] for i in done], logits[done])):
+                self._accept(seqs[i], tok, events)
 
-    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> int:
-        p, dev = seq.params, logits.device
-        tok = sample(logits[None], torch.tensor([float(p.temperature)], device=dev),
-                     torch.tensor([p.top_k], device=dev), torch.tensor([float(p.top_p)], device=dev),
-                     torch.tensor([seq.seed], device=dev), torch.tensor([0], device=dev))
-        return int(tok.item())
+    @staticmethod
+    def _first_tokens(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        dev = logits.device
+        col = lambda f, dtype: torch.tensor([f(s) for s in seqs], dtype=dtype, device=dev)
+        toks = sample(logits, col(lambda s: s.params.temperature, torch.float32),
+                      col(lambda s: s.params.top_k, torch.long), col(lambda s: s.params.top_p, torch.float32),
+                      col(lambda s: s.seed, torch.long), torch.zeros(len(seqs), dtype=torch.long, device=dev))
+        return toks.tolist()
 
     def _decode(self, events: list[Event]) -> None:
         """Launch this step, then collect the previous one while this one runs."""

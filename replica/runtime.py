@@ -110,7 +110,7 @@ class ModelRuntime:
         logits = torch.empty(b, s.vocab_size, dtype=self.dtype, device=self.device)
         self.model.decode(torch.zeros_like(idx), torch.zeros_like(idx), idx, torch.ones_like(idx), probe, logits)
         T = min(c.prefill_chunk_tokens, c.max_seq_len - 1)
-        self.model.prefill(torch.zeros(T, dtype=torch.long, device=self.device), 0, 0, probe)
+        self.model.prefill([(torch.zeros(T, dtype=torch.long, device=self.device), 0, 0)], probe)
         self._sync()
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del probe, idx, logits
@@ -119,9 +119,11 @@ class ModelRuntime:
 
     # -- per step (step thread) -----------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], start: int, slot: int) -> torch.Tensor:
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        return self.model.prefill(tokens, start, slot, self.kv)
+    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """chunks: (token ids, start, slot) per sequence; one forward; logits [len(chunks), V]."""
+        dev = self.device
+        return self.model.prefill([(torch.tensor(ids, dtype=torch.long, device=dev), start, slot)
+                                   for ids, start, slot in chunks], self.kv)
 
     @torch.inference_mode()
     def launch_decode(self, rows: list[tuple], sampling: bool) -> InFlight:

@@ -124,23 +124,32 @@ class LlamaModel:
         h = self._layers(self.embed[tokens], positions, slot_ids, kv, attend)
         torch.matmul(h, self.lm_head.t(), out=logits_out)
 
-    def prefill(self, tokens: torch.Tensor, start: int, slot: int, kv) -> torch.Tensor:
-        """Prefill tokens [T] of one sequence at positions start..start+T-1 into KV slot `slot`.
-        Returns the logits [V] of the last token. Eager (never captured)."""
-        T = tokens.shape[0]
-        positions = torch.arange(start, start + T, device=tokens.device)
-        slot_ids = torch.full((T,), slot, dtype=torch.long, device=tokens.device)
-        end = start + T
-        # Causal mask with an offset: query t (at position start+t) sees cache positions <= start+t.
-        mask = (torch.arange(end, device=tokens.device)[None, :] <= positions[:, None])  # [T, end]
+    def prefill(self, chunks: list[tuple[torch.Tensor, int, int]], kv) -> torch.Tensor:
+        """Prefill prompt chunks of several sequences in ONE forward pass (eager: a forward costs
+        ~15 ms of launches for an 8B model however few tokens it has, so chunks are packed).
+        chunks: (tokens [n_i], start_i, slot_i); chunk i's tokens go to positions
+        start_i..start_i+n_i-1 of KV slot slot_i. Returns the logits [len(chunks), V] of each
+        chunk's last token."""
+        dev = kv.k[0].device
+        tokens = torch.cat([t for t, _, _ in chunks])
+        positions = torch.cat([torch.arange(s, s + len(t), device=dev) for t, s, _ in chunks])
+        slot_ids = torch.cat([torch.full((len(t),), slot, dtype=torch.long, device=dev) for t, _, slot in chunks])
+        # Keys: each chunk's cache rows 0..end_i-1, packed. A token sees keys of its own chunk at
+        # positions <= its own (block-diagonal causal mask with offsets).
+        ends = [s + len(t) for t, s, _ in chunks]
+        tok_chunk = torch.cat([torch.full((len(t),), i, device=dev) for i, (t, _, _) in enumerate(chunks)])
+        key_chunk = torch.cat([torch.full((e,), i, device=dev) for i, e in enumerate(ends)])
+        key_pos = torch.cat([torch.arange(e, device=dev) for e in ends])
+        mask = (tok_chunk[:, None] == key_chunk[None, :]) & (key_pos[None, :] <= positions[:, None])
 
         def attend(q, k_cache, v_cache):
-            qh = q.transpose(0, 1).unsqueeze(0)                              # [1, H, T, hd]
-            k = k_cache[slot, :, :end].unsqueeze(0)                           # [1, KVH, end, hd]
-            v = v_cache[slot, :, :end].unsqueeze(0)
-            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=True)
-            return out[0].transpose(0, 1)                                    # [T, H, hd]
+            k = torch.cat([k_cache[slot, :, :e] for (_, _, slot), e in zip(chunks, ends)], dim=1)  # [KVH, S, hd]
+            v = torch.cat([v_cache[slot, :, :e] for (_, _, slot), e in zip(chunks, ends)], dim=1)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=True)   # [1, H, T, hd]
+            return out[0].transpose(0, 1)                                              # [T, H, hd]
 
         h = self._layers(self.embed[tokens], positions, slot_ids, kv, attend)
-        return F.linear(h[-1:], self.lm_head)[0]
+        last = torch.tensor(ends, device=dev) - torch.tensor([s for _, s, _ in chunks], device=dev)
+        last = last.cumsum(0) - 1                                                      # [C] rows
+        return F.linear(h[last], self.lm_head)

@@ -42,7 +42,7 @@ def _prefilled_rows(rt, b, gen):
         prompt = torch.randint(0, 256, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
         slot = rt.slots.allocate()
         slots.append(slot)
-        logits = rt.prefill(prompt, 0, slot)
+        logits = rt.prefill([(prompt, 0, slot)])[0]
         rows.append((int(logits.argmax()), len(prompt), slot, 0, 1000 + i, 1, 0.0, 1.0, -1))
     return rows, slots
 

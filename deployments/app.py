@@ -21,7 +21,6 @@ Each replica derives its engine config (and bucket set) from the same `args` by 
 import logging
 from typing import Any
 
-from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppArgs

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Callable, Optional
 
 from replica.config import EngineConfig
-from replica.step_loop import EngineInfo, EventRecord, SeqSpec, StepLoop
+from replica.step_loop import EventRecord, SeqSpec, StepLoop
 from replica.stats import EngineStats
 
 log = logging.getLogger("replica")
@@ -166,7 +166,7 @@ class ProcessBackend:
                 self._on_events(records)
                 if kind == "stopped":
                     return
-        except (EOFError, OSError) as e:
+        except (EOFError, OSError):
             if not self._stopping:
                 self.error = EngineDeadError(f"the engine process exited (code {self._proc.poll()})")
                 log.error("%s", self.error)

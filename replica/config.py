@@ -7,7 +7,7 @@ pydantic models into an `EngineConfig`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

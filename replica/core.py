@@ -1,23 +1,25 @@
-"""EngineCore: the synchronous continuous-batching step, token ids in, token ids out.
+"""Scheduler: the synchronous continuous-batching step, token ids in, token ids out.
 
 One `step()` = apply aborts -> admit waiting requests into free KV slots -> prefill up to
-`prefill_chunk_tokens` prompt tokens (eager, chunked) -> launch one decode step for every running
-sequence (graph replay) -> read the *previous* step's tokens (its one host wait, while this step
-runs on the GPU) -> token-level stops (EOS, stop ids, max_tokens, max_seq_len) -> free finished
-slots. The one-step lookahead hides the host's bookkeeping behind the GPU: a sequence's next input
-token is taken on the device from the step in flight. The price: a sequence that stops on EOS has
-already been launched once more; that row's token is dropped. Text (detokenisation, stop strings) is the async
-front end's job (replica/engine.py), which keeps it off this thread's critical path.
+`prefill_chunk_tokens` prompt tokens across waiting prompts (eager, one packed forward) -> launch
+one decode step for every running sequence (graph replay) -> read the *previous* step's tokens (its
+one host wait, while this step runs on the GPU) -> token-level stops (EOS, stop ids, max_tokens,
+max_seq_len) -> free finished slots.
 
-Thread model: `submit` and `abort` may be called from any thread; everything else runs on the single
-step thread that owns the model, the KV pool and the slot allocator.
+The one-step lookahead hides the host's bookkeeping behind the GPU: a sequence's next input token
+is taken on the device from the step in flight. The price: a sequence that stops on EOS has already
+been launched once more; that row's token is dropped. Text (detokenisation, stop strings) is the
+front end's job (replica/engine.py).
+
+Thread model: `submit` and `abort` may be called from any thread; everything else runs on the one
+thread (or process, replica/backends.py) that owns the model, the KV pool and the slot allocator.
 """
 from __future__ import annotations
 
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -31,7 +33,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
-    sink: Callable = None              # receives Events; set by the front end
     slot: int = -1
     prefilled: int = 0                 # prompt tokens already in the KV pool
     output_ids: list[int] = field(default_factory=list)

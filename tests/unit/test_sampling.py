@@ -3,8 +3,6 @@ temperature sampling follows softmax(logits / T) (a chi-square test with a fixed
 from __future__ import annotations
 
 import asyncio
-import math
-
 import pytest
 import torch
 

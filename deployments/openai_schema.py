@@ -15,11 +15,19 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from deployments.protocol import Completion, StreamChunk, Usage
 
 PromptField = Union[str, list[str], list[int], list[list[int]]]
+
+
+def reject_unless_neutral(v, info: ValidationInfo):
+    """A field OpenAI defines that graphserve does not implement: only its neutral value passes
+    (falsy; `best_of` may also be 1)."""
+    if v and not (info.field_name == "best_of" and v == 1):
+        raise ValueError(f"{info.field_name} is not supported")
+    return v
 
 
 class StreamOptions(BaseModel):
@@ -46,19 +54,7 @@ class _SamplingRequest(BaseModel):
     user: Optional[str] = None
     ignore_eos: bool = False   # extension (vLLM's): generate max_tokens even past EOS
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v):
-        if v:
-            raise ValueError("presence and frequency penalties are not supported; use 0")
-        return v
+    _unsupported = field_validator("logit_bias", "presence_penalty", "frequency_penalty")(reject_unless_neutral)
 
     @field_validator("stop")
     @classmethod
@@ -86,6 +82,8 @@ class CompletionRequest(_SamplingRequest):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
+    _unsupported_here = field_validator("logprobs", "echo", "best_of", "suffix")(reject_unless_neutral)
+
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v):
@@ -93,33 +91,6 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be an empty list")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs is not supported")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError("best_of is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
 
     def prompt_list(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts: text or token ids."""
@@ -156,12 +127,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs is not supported")
-        return v
+    _unsupported_here = field_validator("logprobs")(reject_unless_neutral)
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]

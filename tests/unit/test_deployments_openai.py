@@ -209,3 +209,17 @@ def test_python_level_validation_raises_a_typed_error():
         frontend.prepare([[1, -2]], {})
     batch, hint = frontend.prepare([1, 2, 3], {"max_tokens": 4})   # one token-id prompt
     assert batch.prompts == ((1, 2, 3),) and hint == RoutingHint(1, 7)
+
+
+@pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 2), ("logprobs", 1), ("suffix", "x"),
+                                          ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                                          ("logit_bias", {"1": 1.0})])
+def test_unimplemented_openai_fields_are_refused_unless_neutral(field, value):
+    from pydantic import ValidationError
+
+    from deployments.openai_schema import CompletionRequest
+
+    with pytest.raises(ValidationError, match=f"{field} is not supported"):
+        CompletionRequest(prompt="a", **{field: value})
+    neutral = {"best_of": 1, "logit_bias": {}}.get(field, 0 if isinstance(value, (int, float)) else None)
+    CompletionRequest(prompt="a", **{field: neutral})

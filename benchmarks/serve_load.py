@@ -4,9 +4,8 @@ One run measures the engine's own batch-1 step time in-process (the latency-tier
 EngineConfig, `common.served_window`), starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2
 fake GPUs and random:tiny CPU engines), then for each router deploys the same app
 (`deployments.app:build_app`: 2 LLMReplica, bucket sets latency [1,2,4,8] and throughput
-[16,32,64], each with as many KV slots as its largest bucket unless --max-num-seqs is set, so no
-replica ever decodes outside a graph and the router decides where batches wait; only
-`router.request_router_class` differs) and runs:
+[16,32,64], KV slots = each tier's largest bucket unless --max-num-seqs is set, so no replica
+decodes outside a graph; only `router.request_router_class` differs) and runs:
   probe  one streaming HTTP client at batch 1 on an idle system (prompt 512, 128 new tokens);
   load   a seeded open-loop mix (Poisson arrivals over --duration-s): interactive requests over
          HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];

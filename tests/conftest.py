@@ -9,13 +9,25 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests/hf_fixtures.py and friends
 
 
+def _tier(item) -> int:
+    path = str(item.fspath)
+    if f"{os.sep}integration{os.sep}" in path:
+        return 1
+    if f"{os.sep}gpu{os.sep}" in path:
+        return 2
+    return 0
+
+
 def pytest_collection_modifyitems(items):
+    """Mark tiers by folder, and run unit tests first: the integration tier keeps one Ray cluster
+    up until the session ends, and unit tests refuse to run with Ray initialised."""
     for item in items:
-        path = str(item.fspath)
-        if f"{os.sep}gpu{os.sep}" in path:
-            item.add_marker(pytest.mark.gpu)
-        elif f"{os.sep}integration{os.sep}" in path:
+        tier = _tier(item)
+        if tier == 1:
             item.add_marker(pytest.mark.integration)
+        elif tier == 2:
+            item.add_marker(pytest.mark.gpu)
+    items.sort(key=_tier)  # stable: file order is kept inside each tier
 
 
 @pytest.fixture(scope="session")

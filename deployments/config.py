@@ -62,6 +62,9 @@ class AppArgs(BaseModel):
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
     seed: int = 0
+    # Where each replica's step loop runs (EngineConfig.engine_process): "auto" is a child process
+    # on CUDA, so the replica's busy event loop never holds the GPU loop back, and a thread on CPU.
+    engine_process: Literal["auto", "thread", "process"] = "auto"
     # Replicas of the decode deployment; null: one per GPU in the cluster, or one per bucket set
     # on a CPU-only cluster.
     num_replicas: Optional[int] = Field(None, ge=1)
@@ -117,7 +120,8 @@ class AppArgs(BaseModel):
         """The EngineConfig of the replica with this rank (raises ConfigError)."""
         return EngineConfig(model=self.model, dtype=self.dtype, device=device,
                             batch_buckets=self.buckets_for_rank(rank), max_seq_len=self.max_seq_len,
-                            max_num_seqs=self.max_num_seqs, fallback=self.fallback, seed=self.seed)
+                            max_num_seqs=self.max_num_seqs, fallback=self.fallback, seed=self.seed,
+                            engine_process=self.engine_process)
 
     def replica_capacity(self) -> int:
         """Sequences the largest tier holds at once: its max_num_seqs, by default its top bucket."""

@@ -113,7 +113,11 @@ class ProcessBackend:
         self.error: Optional[BaseException] = None
         self._stopping = False
         self._send(("config", config))
-        kind, *payload = self._conn.recv()      # blocks through weight load and graph capture
+        try:
+            kind, *payload = self._conn.recv()  # blocks through weight load and graph capture
+        except EOFError:
+            raise EngineDeadError(f"the engine process exited during startup (code {self._proc.wait()}); "
+                                  "its log is above") from None
         if kind == "failed":
             self._proc.wait(timeout=30)
             raise payload[0]

@@ -101,6 +101,8 @@ class LLMReplica:
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],
+                "padded_rows": {str(b): n for b, n in sorted(s.padded_rows.items())},
+                "generated_tokens": s.generated_tokens, "prompt_tokens": s.prompt_tokens,
                 "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,
                 "aborted_requests": s.aborted_requests}
 

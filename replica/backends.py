@@ -130,7 +130,10 @@ class ProcessBackend:
         self._send(("submit", spec))
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        try:
+            self._send(("abort", request_id))
+        except EngineDeadError:
+            pass  # nothing runs any more, so nothing is left to abort
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -150,7 +153,7 @@ class ProcessBackend:
         self._stopping = True
         try:
             self._send(("stop",))
-        except OSError:
+        except EngineDeadError:
             pass
         self._reader.join(timeout=30)
         try:
@@ -159,8 +162,11 @@ class ProcessBackend:
             self._proc.kill()
 
     def _send(self, msg) -> None:
-        with self._send_lock:
-            self._conn.send(msg)
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as e:  # the child is gone (killed, crashed): say so in the engine's terms
+            raise EngineDeadError(f"the engine process is gone (code {self._proc.poll()})") from e
 
     def _read(self) -> None:
         try:
@@ -172,7 +178,11 @@ class ProcessBackend:
                     return
         except (EOFError, OSError):
             if not self._stopping:
-                self.error = EngineDeadError(f"the engine process exited (code {self._proc.poll()})")
+                try:
+                    code = self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.error = EngineDeadError(f"the engine process exited (code {code})")
                 log.error("%s", self.error)
                 self._on_failure(self.error)
         except BaseException as e:  # noqa: BLE001

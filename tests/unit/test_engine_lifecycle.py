@@ -169,3 +169,26 @@ def test_engine_in_its_own_process_matches_the_thread_engine():
     in_process, stats = tokens("process")
     assert in_process == in_thread
     assert stats.generated_tokens == 18 and stats.free_slots == stats.max_num_seqs
+
+
+def test_a_dead_engine_process_fails_its_requests_and_its_health_check():
+    from replica.backends import EngineDeadError
+
+    eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2), max_seq_len=64,
+                              engine_process="process"))
+    try:
+        async def go():
+            agen = eng.generate(GenerationRequest(prompt_token_ids=[1],
+                                                  params=SamplingParams(max_tokens=60, ignore_eos=True)))
+            await agen.__anext__()
+            eng._backend._proc.kill()                 # the GPU process dies (OOM killer, driver reset)
+            with pytest.raises(EngineDeadError):
+                async for _ in agen:
+                    pass
+        run(go())
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+        with pytest.raises(EngineDeadError):
+            run(collect(eng, ids=[1], max_tokens=2))
+    finally:
+        eng.shutdown()

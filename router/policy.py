@@ -101,22 +101,24 @@ def rank_replicas(hint: Optional[RoutingHint],
 
     Algorithm (with a hint):
       1. Split candidates into *usable* (fresh, well-formed stats; `is_usable`) and *unknown*.
-      2. Usable replicas where the batch `fits` form the first ranks, one rank per distinct
-         padding waste of the resulting batch (`bucket_for(occ + n) - (occ + n)`, occ = `occupancy`), least
-         waste first. Inside a rank, replicas are ordered by `load`, ties in random order.
+      2. Usable replicas where the batch `fits` form the first ranks, ordered by padding waste of
+         the resulting batch (`bucket_for(occ + n) - (occ + n)`, occ = `occupancy`), least waste
+         first, then by `load` (sequences, not requests), least first.
       3. Then one rank holding every unknown replica, in random order: it may be idle or brand
          new (`{}` stats before the first poll), so it beats replicas known not to fit.
-      4. Then usable non-fits: one rank of those whose largest bucket (and slots) could hold the
-         batch once they drain (a capacity wait, then graph replay), then those that could only
-         run it eagerly, then one rank of those where `max_total_tokens > max_seq_len` (the
+      4. Then usable non-fits, by load inside each class: those whose largest bucket (and slots)
+         could hold the batch once they drain (a capacity wait, then graph replay), then those
+         that could only run it eagerly, then those where `max_total_tokens > max_seq_len` (the
          replica will reject the request; still listed so a request that fits nowhere fails
          fast with the replica's error instead of hanging in Ray's routing backoff).
-      Without a hint: one rank, usable replicas by load (ties random), then unknown ones.
+      Without a hint: usable replicas by load, then unknown ones.
 
-    Why ranks of equals, not one replica per rank: Ray Serve picks the replica with the shortest
-    live queue inside a rank (and only one below `max_ongoing_requests`), which is fresher than
-    our stats; on equal queue lengths it takes the first listed, so the order inside a rank is
-    the stats-load order with randomized ties, never "always the first candidate".
+    One rank per distinct (class, load), replicas of equal load sharing a rank in random order:
+    inside a rank Ray Serve picks the shortest live queue, counted in *requests*, so a replica
+    holding 16 single-prompt requests would lose to one holding three 60-prompt batches if both
+    shared a rank (measured: a 284:124 sequence split in a burst on 2x H200). Separate ranks keep
+    our sequence-load order; Ray's queue length then only gates on `max_ongoing_requests` and
+    breaks exact ties (and on equal queue lengths it takes the first listed, hence the shuffle).
 
     `outstanding` maps keys to the sequences this router has sent there and not yet seen complete;
     it bounds occupancy from below, so a burst between two stats publishes does not pile onto the
@@ -135,33 +137,28 @@ def rank_replicas(hint: Optional[RoutingHint],
     rng.shuffle(unknown_keys)
     occ = {key: occupancy(s, local.get(key, 0)) for key, s in usable}
 
-    def by_load(items):
-        return _by(items, lambda key, s: occ[key], rng)
+    def shuffled(items):  # one rank of equals: random order (Ray takes the first on a tie)
+        keys = [k for k, _ in items]
+        rng.shuffle(keys)
+        return keys
 
     if hint is None:
-        ordered = by_load(usable) + unknown_keys
-        return Ranking([ordered] if ordered else [], NO_HINT)
+        tiers = _grouped(usable, lambda k, s: occ[k], shuffled) + [unknown_keys]
+        return Ranking([t for t in tiers if t], NO_HINT)
 
     n = hint.num_sequences
     fit = [(k, s) for k, s in usable if fits(hint, s, local.get(k, 0))]
     rest = [(k, s) for k, s in usable if not fits(hint, s, local.get(k, 0))]
-    tiers = _grouped(fit, lambda k, s: padding_waste(occ[k] + n, s.captured_buckets), by_load)
+    tiers = _grouped(fit, lambda k, s: (padding_waste(occ[k] + n, s.captured_buckets), occ[k]), shuffled)
     tiers.append(unknown_keys)
     # Non-fits: first those that will hold the batch inside a graph once they drain (stale stats
     # often make a free large-bucket replica look busy), then eager-only ones, then too-short ones.
     tiers += _grouped(rest, lambda k, s: (hint.max_total_tokens > s.max_seq_len,
-                                          n > min(max(s.captured_buckets, default=0), s.max_num_seqs)),
-                      by_load)
+                                          n > min(max(s.captured_buckets, default=0), s.max_num_seqs),
+                                          occ[k]),
+                      shuffled)
     outcome = GRAPH_FIT if fit else (NO_FIT if usable else NO_STATS)
     return Ranking([t for t in tiers if t], outcome)
-
-
-def _by(items: list[tuple[K, ReplicaStats]], key: Callable[[K, ReplicaStats], Any],
-        rng: random.Random) -> list[K]:
-    """Keys ordered by `key(key, stats)`, ties in random order (keys themselves are never compared)."""
-    decorated = [(key(k, s), rng.random(), i) for i, (k, s) in enumerate(items)]
-    decorated.sort()
-    return [items[i][0] for _, _, i in decorated]
 
 
 def _grouped(items: list[tuple[K, ReplicaStats]], rank_key: Callable[[K, ReplicaStats], Any],

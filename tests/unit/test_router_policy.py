@@ -99,7 +99,28 @@ def test_load_breaks_padding_ties():
     ladder = (1, 2, 4, 8, 16)
     cands = [("B", stats(ladder, running=8, queued=4)), ("A", stats(ladder, running=4))]
     r = rank(hint(4), cands)
-    assert r.tiers == [["A", "B"]]  # one rank (Ray picks the shortest live queue), least load first
+    assert r.tiers == [["A"], ["B"]]  # a rank each: Ray must not re-order them by request count
+
+
+def test_sequence_load_beats_request_count():
+    """Ray picks the shortest live queue (in requests) inside a rank. "chatty" holds 16 one-prompt
+    requests, "batchy" three 60-prompt batches; with both in one rank Ray would send the next
+    batch to "batchy" (3 requests < 16): the 284:124 burst split measured on 2x H200. The
+    sequence load must put "chatty" in a rank of its own, ahead."""
+    ladder = (1, 2, 4, 8, 16, 32, 64)
+    cands = [("batchy", stats(ladder, running=64, queued=116, max_num_seqs=64, free_slots=0)),
+             ("chatty", stats(ladder, running=16, max_num_seqs=64, free_slots=48))]
+    r = rank(hint(50), cands)           # 16 + 50 > 64: fits nowhere now, still the lighter first
+    assert r.tiers == [["chatty"], ["batchy"]] and r.outcome == NO_FIT
+    r = rank(hint(8), cands)
+    assert r.tiers == [["chatty"], ["batchy"]] and r.outcome == GRAPH_FIT
+
+
+def test_equal_load_shares_a_rank():
+    ladder = (1, 2, 4, 8, 16)
+    cands = [("A", stats(ladder, running=4)), ("B", stats(ladder, running=4)), ("C", stats(ladder, running=5))]
+    r = rank(hint(4), cands)
+    assert sorted(r.tiers[0]) == ["A", "B"] and r.tiers[1:] == [["C"]]
 
 
 def test_queued_sequences_count_toward_the_fit():
@@ -176,7 +197,7 @@ def test_without_hint_rank_by_load_only():
     cands = [("busy", stats(running=6, queued=2)), ("unknown", None), ("idle", stats()),
              ("mid", stats((16, 32), running=3))]
     r = rank(None, cands)
-    assert r.outcome == NO_HINT and r.tiers == [["idle", "mid", "busy", "unknown"]]
+    assert r.outcome == NO_HINT and r.tiers == [["idle"], ["mid"], ["busy"], ["unknown"]]
 
 
 # --- tie-breaks and robustness -------------------------------------------------------------------

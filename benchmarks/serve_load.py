@@ -11,7 +11,9 @@ decodes outside a graph; only `router.request_router_class` differs) and runs:
          HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];
          batch jobs of U[8,64] prompts through the ingress handle's `stream`, prompt U[128,512],
          output U[64,128] per job; greedy, ignore_eos, random byte-token prompts;
-  burst  the same distributions, 8 batch jobs + 16 interactive requests all at t=0 (capacity).
+  burst  the same distributions, 8 batch jobs + 16 interactive requests all at t=0 (capacity);
+         --burst-repeats K runs K bursts (phases burst, burst_2, ...; burst i drawn with seed+i-1),
+         and the burst bar is judged on their total tokens over total wall time.
 Per phase and router: tokens/s (output tokens / first arrival .. last token), TTFT and TPOT p50/p99
 per sequence (TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode steps replayed /
 all, from the replicas' `counters()` around the phase) and padding waste (padded rows / rows run).
@@ -66,6 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--probe-repeats", type=int, default=3)
     ap.add_argument("--job-timeout-s", type=float, default=180.0, help="a job still running then is an error")
     ap.add_argument("--engine-probe", choices=("first", "off"), default="first")
+    ap.add_argument("--burst-repeats", type=int, default=1, help="bursts per router, each freshly drawn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--budget-s", type=float, default=540.0)
@@ -96,8 +99,9 @@ class Job:
     max_tokens: int
 
 
-def make_workload(a) -> tuple[list[Job], list[Job]]:
-    """(mix, burst), fixed by --seed. mix: two independent Poisson streams over [0, duration).
+def make_workload(a) -> dict[str, list[Job]]:
+    """{"load": mix, "burst": burst, "burst_2": ...}, fixed by --seed.
+    mix: two independent Poisson streams over [0, duration).
     burst: --burst 'J,I' = J batch jobs and I interactive requests, all arriving at t=0 (capacity)."""
     rng = random.Random(a.seed)
     ip, io, bp, bo, bs = (_range(x) for x in (a.interactive_prompt, a.interactive_output, a.batch_prompt,
@@ -115,9 +119,13 @@ def make_workload(a) -> tuple[list[Job], list[Job]]:
         while t < a.duration_s:
             mix.append(job(kind, t))
             t += rng.expovariate(rate)
+    phases = {"load": sorted(mix, key=lambda j: j.at)}
     n_batch, n_inter = _range(a.burst)
-    burst = [job("batch", 0.0) for _ in range(n_batch)] + [job("interactive", 0.0) for _ in range(n_inter)]
-    return sorted(mix, key=lambda j: j.at), burst
+    for i in range(a.burst_repeats):
+        rng = random.Random(a.seed + i) if i else rng
+        phases["burst" if i == 0 else f"burst_{i + 1}"] = \
+            [job("batch", 0.0) for _ in range(n_batch)] + [job("interactive", 0.0) for _ in range(n_inter)]
+    return phases
 
 
 def describe(jobs: list[Job]) -> dict:
@@ -265,8 +273,8 @@ def engine_probe(a) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-async def router_phase(a, mix: list[Job], burst: list[Job]) -> dict:
-    """probe (batch 1, idle), then the open-loop mix, then the burst; replica counters around each."""
+async def router_phase(a, phases: dict[str, list[Job]]) -> dict:
+    """probe (batch 1, idle), then the open-loop mix, then the bursts; replica counters around each."""
     from ray import serve
     http, close = C.make_http(f"http://127.0.0.1:{a.port}/v1/completions", a.model)
     stream_handle = serve.get_app_handle(APP).options(method_name="stream", stream=True)
@@ -277,7 +285,7 @@ async def router_phase(a, mix: list[Job], burst: list[Job]) -> dict:
         c1 = await counters()
         out["probe"]["decode_steps"] = replica_delta(c0, c1)["decode_steps"]  # which bucket and path served it
         C.log("probe", {k: C.rnd(v) for k, v in out["probe"].items() if k != "runs"})
-        for phase, jobs in (("load", mix), ("burst", burst)):
+        for phase, jobs in phases.items():
             seqs, t0, t1 = await run_load(jobs, a, stream_handle, http)
             c2 = await counters()
             delta = replica_delta(c1, c2)
@@ -302,20 +310,33 @@ def start_ray(a) -> int:
 
 
 def graph_hit_all(r: dict) -> float | None:
-    """Graph-hit rate over the mix and the burst together (decode steps summed per key)."""
+    """Graph-hit rate over the mix and the bursts together (decode steps summed per key)."""
     steps: dict = {}
-    for phase in ("load", "burst"):
+    for phase in _phases(r):
         for k, n in ((r.get(phase) or {}).get("replicas") or {}).get("decode_steps", {}).items():
             steps[k] = steps.get(k, 0) + n
     return C.graph_hit_rate(steps)
+
+
+def _phases(r: dict) -> list[str]:
+    return [k for k in r if k == "load" or k.startswith("burst")]
+
+
+def bursts_tokens_per_s(r: dict) -> float | None:
+    """All bursts together: output tokens / summed wall time (each burst starts from idle)."""
+    runs = [r[k] for k in _phases(r) if k.startswith("burst") and r[k].get("wall_s")]
+    wall = sum(m["wall_s"] for m in runs)
+    return sum(m["all"]["tokens"] for m in runs) / wall if wall else None
 
 
 def bars(res) -> dict:
     ours, dflt, out = res["routers"].get("ours", {}), res["routers"].get("default", {}), {}
     if ours.get("load"):
         out["graph_hit_ours>=0.99"] = C.ge(graph_hit_all(ours), 0.99)
-    for phase in ("burst", "load"):  # burst: capacity; load: open loop, so mostly the offered rate
-        x, y = (ours.get(phase) or {}).get("tokens_per_s"), (dflt.get(phase) or {}).get("tokens_per_s")
+    rates = {"burst": (bursts_tokens_per_s(ours), bursts_tokens_per_s(dflt)),  # capacity
+             "load": ((ours.get("load") or {}).get("tokens_per_s"),           # open loop: mostly the
+                      (dflt.get("load") or {}).get("tokens_per_s"))}          # offered rate
+    for phase, (x, y) in rates.items():
         if x and y:
             res[f"{phase}_tokens_per_s_ours_over_default"] = x / y
             out[f"tokens_per_s_ours>=default({phase})"] = x >= y
@@ -331,7 +352,7 @@ def print_summary(res):
     eng = (res.get("engine_probe") or {}).get("ms_per_step")
     print(f"\ncard {res['env']['card']} x{res.get('gpus')}, model {res['args']['model']}, torch {res['env']['torch']}")
     keys, lines = ("tok_s", "ttft50", "ttft99", "tpot50", "tpot99", "hit", "pad"), []
-    for phase in ("load", "burst"):
+    for phase in _phases(next(iter(res["routers"].values()), {})):
         by = {}
         for name, r in res["routers"].items():
             m = r.get(phase) or {}
@@ -343,7 +364,7 @@ def print_summary(res):
         if "ours" in by and "default" in by:
             o, d = by["ours"], by["default"]
             lines.append({"row": f"{phase}:ours/dflt", **{k: o[k] / d[k] for k in keys if o[k] and d[k]}})
-    C.print_table(lines, [("row", "phase:router", 15)] + [(k, k, 8) for k in keys])
+    C.print_table(lines, [("row", "phase:router", 17)] + [(k, k, 8) for k in keys])
     for name, r in res["routers"].items():
         pr = r.get("probe") or {}
         http = pr.get("per_token_ms")
@@ -356,9 +377,9 @@ def print_summary(res):
 def main(argv=None):
     a = parse_args(argv)
     budget, path = C.Budget(a.budget_s), C.out_path(a.out, "serve_load.json")
-    mix, burst = make_workload(a)
+    phases = make_workload(a)
     res = {"env": C.env_info(a.device), "args": vars(a), "routers": {}, "skipped": [],
-           "workload": {"mix": describe(mix), "burst": describe(burst)}}
+           "workload": {name: describe(jobs) for name, jobs in phases.items()}}
     save = lambda: C.write_json(path, res)  # noqa: E731
     C.log("workload", res["workload"])
     if a.engine_probe == "first":
@@ -376,8 +397,8 @@ def main(argv=None):
         try:
             res["routers"][name] = {"deploy_s": deploy(a, name)}
             C.log(name, "deployed in", C.rnd(res["routers"][name]["deploy_s"]), "s")
-            res["routers"][name].update(asyncio.run(router_phase(a, mix, burst)))
-            for phase in ("load", "burst"):
+            res["routers"][name].update(asyncio.run(router_phase(a, phases)))
+            for phase in phases:
                 C.log(name, phase, {k: C.rnd(v) for k, v in res["routers"][name][phase].items()
                                     if not isinstance(v, (dict, list))})
         except Exception as e:  # noqa: BLE001 - keep the other router's numbers

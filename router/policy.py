@@ -3,7 +3,7 @@
 Contract: `rank_replicas(hint, candidates, now=..., stale_after_s=..., rng=...)` takes opaque,
 hashable replica keys paired with their parsed `ReplicaStats` (None when missing or malformed) and
 returns a `Ranking`: `tiers`, ranks of keys in the shape Ray Serve's `choose_replicas` returns
-(most preferred rank first; every key appears exactly once; empty ranks are never emitted), and
+(most preferred first; one key per rank; every key appears exactly once), and
 `outcome`, the label for the `ROUTER_DECISIONS` metric (`OUTCOMES`).
 
 No Ray, no torch, no clock, no global randomness: time and the tie-break rng are arguments, so the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import random
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 from router.buckets import padding_waste, validate_buckets
 from router.stats import ReplicaStats, RoutingHint
@@ -99,26 +99,25 @@ def rank_replicas(hint: Optional[RoutingHint],
                   outstanding: Optional[Mapping[K, int]] = None) -> Ranking:
     """Rank replicas for a batch of `hint.num_sequences` sequences.
 
-    Algorithm (with a hint):
-      1. Split candidates into *usable* (fresh, well-formed stats; `is_usable`) and *unknown*.
-      2. Usable replicas where the batch `fits` form the first ranks, ordered by padding waste of
-         the resulting batch (`bucket_for(occ + n) - (occ + n)`, occ = `occupancy`), least waste
-         first, then by `load` (sequences, not requests), least first.
-      3. Then one rank holding every unknown replica, in random order: it may be idle or brand
-         new (`{}` stats before the first poll), so it beats replicas known not to fit.
-      4. Then usable non-fits, by load inside each class: those whose largest bucket (and slots)
+    Algorithm (with a hint), as a sort key per replica (`_preference`):
+      1. Replicas where the batch `fits` (usable stats: fresh and well-formed, `is_usable`) come
+         first, by padding waste of the resulting batch (`bucket_for(occ + n) - (occ + n)`,
+         occ = `occupancy`), least first, then by `load` (sequences, not requests), least first.
+      2. Then unknown replicas (no, stale or malformed stats): they may be idle or brand new
+         (`{}` stats before the first poll), so they beat replicas known not to fit.
+      3. Then usable non-fits, by load inside each class: those whose largest bucket (and slots)
          could hold the batch once they drain (a capacity wait, then graph replay), then those
          that could only run it eagerly, then those where `max_total_tokens > max_seq_len` (the
          replica will reject the request; still listed so a request that fits nowhere fails
          fast with the replica's error instead of hanging in Ray's routing backoff).
       Without a hint: usable replicas by load, then unknown ones.
 
-    One rank per distinct (class, load), replicas of equal load sharing a rank in random order:
-    inside a rank Ray Serve picks the shortest live queue, counted in *requests*, so a replica
-    holding 16 single-prompt requests would lose to one holding three 60-prompt batches if both
-    shared a rank (measured: a 284:124 sequence split in a burst on 2x H200). Separate ranks keep
-    our sequence-load order; Ray's queue length then only gates on `max_ongoing_requests` and
-    breaks exact ties (and on equal queue lengths it takes the first listed, hence the shuffle).
+    One replica per rank, exact ties broken at random: inside a rank Ray Serve picks the shortest
+    live queue counted in *requests* (first listed on a tie), so a replica holding 16 one-prompt
+    requests would lose to one holding three 60-prompt batches if both shared a rank (measured: a
+    284:124 sequence split in a burst on 2x H200). With one per rank our sequence order stands;
+    Ray's queue length only gates on `max_ongoing_requests`, and the router can count a request
+    at the replica it ranked first before Ray confirms it (router/inflight.py).
 
     `outstanding` maps keys to the sequences this router has sent there and not yet seen complete;
     it bounds occupancy from below, so a burst between two stats publishes does not pile onto the
@@ -130,41 +129,37 @@ def rank_replicas(hint: Optional[RoutingHint],
         `Ranking(tiers, outcome)`; `tiers` is empty only when `candidates` is.
     """
     local = outstanding or {}
-    usable, unknown = [], []
-    for key, stats in candidates:
-        (usable if is_usable(stats, now, stale_after_s) else unknown).append((key, stats))
-    unknown_keys = [key for key, _ in unknown]
-    rng.shuffle(unknown_keys)
-    occ = {key: occupancy(s, local.get(key, 0)) for key, s in usable}
-
-    def shuffled(items):  # one rank of equals: random order (Ray takes the first on a tie)
-        keys = [k for k, _ in items]
-        rng.shuffle(keys)
-        return keys
-
+    keyed = []  # (sort key, tie-break, candidate index)
+    for i, (key, stats) in enumerate(candidates):
+        keyed.append((_preference(hint, stats, local.get(key, 0), now, stale_after_s), rng.random(), i))
+    keyed.sort()
+    tiers = [[candidates[i][0]] for _, _, i in keyed]
+    classes = {pref[0] for pref, _, _ in keyed}
     if hint is None:
-        tiers = _grouped(usable, lambda k, s: occ[k], shuffled) + [unknown_keys]
-        return Ranking([t for t in tiers if t], NO_HINT)
+        outcome = NO_HINT
+    else:
+        outcome = GRAPH_FIT if _FIT in classes else (NO_FIT if classes - {_UNKNOWN} else NO_STATS)
+    return Ranking(tiers, outcome)
 
+
+# Preference classes, best first. Unknown replicas (no or stale stats) may be idle or brand new
+# (`{}` before the first poll), so they beat replicas known not to fit.
+_FIT, _UNKNOWN, _DRAIN, _EAGER, _TOO_SHORT = range(5)
+
+
+def _preference(hint: Optional[RoutingHint], stats: Optional[ReplicaStats], local: int,
+                now: float, stale_after_s: float) -> tuple:
+    """Sort key of one replica for this batch: (class, padding waste, load); smaller is better."""
+    if not is_usable(stats, now, stale_after_s):
+        return (_UNKNOWN, 0, 0)
+    occ = occupancy(stats, local)
+    if hint is None:
+        return (_FIT, 0, occ)
     n = hint.num_sequences
-    fit = [(k, s) for k, s in usable if fits(hint, s, local.get(k, 0))]
-    rest = [(k, s) for k, s in usable if not fits(hint, s, local.get(k, 0))]
-    tiers = _grouped(fit, lambda k, s: (padding_waste(occ[k] + n, s.captured_buckets), occ[k]), shuffled)
-    tiers.append(unknown_keys)
-    # Non-fits: first those that will hold the batch inside a graph once they drain (stale stats
-    # often make a free large-bucket replica look busy), then eager-only ones, then too-short ones.
-    tiers += _grouped(rest, lambda k, s: (hint.max_total_tokens > s.max_seq_len,
-                                          n > min(max(s.captured_buckets, default=0), s.max_num_seqs),
-                                          occ[k]),
-                      shuffled)
-    outcome = GRAPH_FIT if fit else (NO_FIT if usable else NO_STATS)
-    return Ranking([t for t in tiers if t], outcome)
-
-
-def _grouped(items: list[tuple[K, ReplicaStats]], rank_key: Callable[[K, ReplicaStats], Any],
-             order: Callable[[list], list[K]]) -> list[list[K]]:
-    """One rank per distinct `rank_key(key, stats)`, ascending; each rank ordered by `order`."""
-    groups: dict[Any, list[tuple[K, ReplicaStats]]] = {}
-    for k, s in items:
-        groups.setdefault(rank_key(k, s), []).append((k, s))
-    return [order(groups[rk]) for rk in sorted(groups)]
+    if fits(hint, stats, local):
+        return (_FIT, padding_waste(occ + n, stats.captured_buckets), occ)
+    if hint.max_total_tokens > stats.max_seq_len:
+        return (_TOO_SHORT, 0, occ)
+    if n > min(stats.captured_buckets[-1], stats.max_num_seqs):
+        return (_EAGER, 0, occ)
+    return (_DRAIN, 0, occ)

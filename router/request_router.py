@@ -43,6 +43,7 @@ from typing import Any, Callable, List, Optional
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from router import metrics as gs_metrics
+from router.inflight import InFlight
 from router.policy import coerce_hint, rank_replicas
 from router.stats import ReplicaStats
 
@@ -50,6 +51,7 @@ logger = logging.getLogger("ray.serve")
 
 HINT_KWARG = "routing_hint"
 DEFAULT_STALE_AFTER_S = 10.0
+DEFAULT_RESERVATION_TTL_S = 5.0
 _ERROR_LOG_PERIOD_S = 60.0
 _COUNTED_IDS_MAX = 4096
 
@@ -114,9 +116,9 @@ class BucketAwareRequestRouter(RequestRouter):
         self._record_outcome = record_outcome or _record_outcome
         self._counted_ids: OrderedDict[str, None] = OrderedDict()
         self._last_error_log_s = float("-inf")
-        # replica id -> {internal request id: sequences}: what this router sent and has not seen
-        # complete. Fresher than published stats; see router.policy.occupancy.
-        self._outstanding: dict[Any, dict[str, int]] = {}
+        # What this router sent (or is about to send) and has not seen complete, in sequences per
+        # replica id: fresher than published stats; see router.policy.occupancy, router.inflight.
+        self._inflight = InFlight(DEFAULT_RESERVATION_TTL_S)
 
     async def choose_replicas(
         self,
@@ -135,35 +137,42 @@ class BucketAwareRequestRouter(RequestRouter):
         """The synchronous body of `choose_replicas` (may raise; the caller guards it)."""
         replicas = list(candidate_replicas)
         hint = coerce_hint(_hint_arg(pending_request))
+        now = self._clock()
+        rid = _request_id(pending_request)
+        if rid:
+            self._inflight.unreserve(rid)  # a re-rank (backoff, rejection) must not count itself
         keyed = [(i, _read_stats(r)) for i, r in enumerate(replicas)]
-        local = {i: sum(self._outstanding.get(r.replica_id, {}).values()) for i, r in enumerate(replicas)}
-        ranking = rank_replicas(hint, keyed, now=self._clock(), stale_after_s=self._stale_after_s,
+        sent = self._inflight.counts(now)
+        local = {i: sent.get(r.replica_id, 0) for i, r in enumerate(replicas)}
+        ranking = rank_replicas(hint, keyed, now=now, stale_after_s=self._stale_after_s,
                                 rng=self._rng, outstanding=local)
         self._count_once(pending_request, ranking.outcome)
-        return [[replicas[i] for i in tier] for tier in ranking.tiers]
+        tiers = [[replicas[i] for i in tier] for tier in ranking.tiers]
+        if rid and tiers:  # Ray takes the first rank's replica unless it is full: count it there now
+            self._inflight.reserve(rid, tiers[0][0].replica_id, _sequences(hint), now)
+        return tiers
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        """Remember the batch's sequences on the chosen replica until it completes. Never raises."""
+        """Count the batch's sequences on the replica that accepted it until it completes."""
         try:
-            hint = coerce_hint(_hint_arg(pending_request))
-            rid = pending_request.metadata.internal_request_id
+            rid = _request_id(pending_request)
             if rid:
-                self._outstanding.setdefault(replica_id, {})[rid] = hint.num_sequences if hint else 1
+                hint = coerce_hint(_hint_arg(pending_request))
+                self._inflight.confirm(rid, replica_id, _sequences(hint))
         except Exception:
-            pass
+            pass  # bookkeeping must never break routing
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         try:
-            requests = self._outstanding.get(replica_id)
-            if requests is not None:
-                requests.pop(internal_request_id, None)
-                if not requests:
-                    del self._outstanding[replica_id]
+            self._inflight.complete(internal_request_id)
         except Exception:
             pass
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
-        self._outstanding.pop(replica_id, None)
+        try:
+            self._inflight.drop_replica(replica_id)
+        except Exception:
+            pass
         super().on_replica_actor_died(replica_id)
 
     def _count_once(self, pending_request: Optional[PendingRequest], outcome: str) -> None:
@@ -205,6 +214,15 @@ def _hint_arg(pending_request: Optional[PendingRequest]) -> Any:
         return None
     kwargs = getattr(pending_request, "kwargs", None)
     return kwargs.get(HINT_KWARG) if isinstance(kwargs, dict) else None
+
+
+def _request_id(pending_request: Optional[PendingRequest]) -> Optional[str]:
+    metadata = getattr(pending_request, "metadata", None)
+    return getattr(metadata, "internal_request_id", None) or None
+
+
+def _sequences(hint: Any) -> int:
+    return hint.num_sequences if hint else 1
 
 
 def _read_stats(replica: RunningReplica) -> Optional[ReplicaStats]:

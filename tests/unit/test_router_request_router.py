@@ -68,7 +68,7 @@ def test_request_without_hint():
     outcomes = []
     router = make_router(outcomes=outcomes)
     tiers = choose(router, ab_replicas(), pending(None, max_tokens=4))
-    assert sorted(names(tiers)[0]) == ["A", "B"] and outcomes == [NO_HINT]
+    assert sorted(names(tiers)) == [["A"], ["B"]] and outcomes == [NO_HINT]
 
 
 def test_stale_stats_become_unknown_but_stay_routable():
@@ -78,7 +78,7 @@ def test_stale_stats_become_unknown_but_stay_routable():
     assert names(choose(router, cands, pending(hint(5))))[0] == ["A"]
     clock.advance(6.0)  # nothing published since: both replicas' stats are now stale
     tiers = choose(router, cands, pending(hint(5)))
-    assert len(tiers) == 1 and sorted(names(tiers)[0]) == ["A", "B"]
+    assert sorted(names(tiers)) == [["A"], ["B"]]
     assert outcomes == [GRAPH_FIT, NO_STATS]
 
 
@@ -260,3 +260,28 @@ def test_burst_between_stats_publishes_spreads_by_what_the_router_sent():
     for i in range(8):
         router.on_request_completed(chosen[i].replica_id, f"r{i}")
     assert choose(router, replicas, pending(hint(1), request_id="late"))[0][0].replica_id.unique_id == "A"
+
+
+def test_burst_ranked_before_any_acceptance_still_spreads():
+    """Ray calls on_request_routed only after the replica accepted (one RPC later), so a burst is
+    ranked with nothing confirmed; reservations made at ranking time must still spread it. Eight
+    16-prompt batches over two idle [1..64] replicas through Ray's own routing loop: 64 and 64
+    sequences (without reservations every batch saw two idle replicas and picked by coin toss)."""
+    ladder = (1, 2, 4, 8, 16, 32, 64)
+
+    async def main():
+        router = make_router()
+        router.update_replicas([replica("A", stats(ladder)), replica("B", stats(ladder))])
+        got = await asyncio.wait_for(asyncio.gather(
+            *[router._choose_replica_for_request(pending(hint(16))) for _ in range(8)]), 5)
+        return Counter(r.replica_id.unique_id for r in got)
+
+    assert run(main()) == {"A": 4, "B": 4}
+
+
+def test_a_rerank_does_not_count_its_own_reservation():
+    router = make_router()
+    replicas = [replica("A", stats((1, 2, 4, 8, 16))), replica("B", stats((1, 2, 4, 8, 16)))]
+    pr = pending(hint(8), request_id="retry-me")
+    firsts = {names(choose(router, replicas, pr))[0][0] for _ in range(20)}
+    assert len(firsts) == 2, "re-ranking the same request must not see its own reservation as load"

@@ -153,7 +153,7 @@ def _preference(hint: Optional[RoutingHint], stats: Optional[ReplicaStats], loca
     if not is_usable(stats, now, stale_after_s):
         return (_UNKNOWN, 0, 0)
     occ = occupancy(stats, local)
-    if hint is None:
+    if hint is None:   # no shape to fit: every usable replica is a candidate, by load
         return (_FIT, 0, occ)
     n = hint.num_sequences
     if fits(hint, stats, local):

@@ -179,7 +179,7 @@ class BucketAwareRequestRouter(RequestRouter):
         """Emit the outcome metric once per request (its first routing attempt), not once per
         backoff retry; calls without a request are not counted. Never raises."""
         try:
-            rid = pending_request.metadata.internal_request_id if pending_request else None
+            rid = _request_id(pending_request)
             if not rid or rid in self._counted_ids:
                 return
             self._counted_ids[rid] = None

@@ -4,6 +4,12 @@
 reads it back from `RunningReplica.routing_stats` (a plain dict, `{}` before the first poll).
 `RoutingHint` is what a caller attaches to a request so the router can see its shape without
 tokenizing: the replica method takes it as the keyword argument `routing_hint`.
+
+Both carry what a batch's completion time depends on (docs/routing-estimate.md): the replica its
+backlog, free KV, measured rates and a summary of its prefix cache; the hint the batch's prompt
+tokens, output budget and prefix hashes. Prefix hashes are `replica.block_hash` values at the
+depths of `replica.block_hash.summary_depths` (the router compares them as opaque ints). Every
+field added after the first version has a default, so old and new peers interoperate.
 """
 from __future__ import annotations
 
@@ -11,30 +17,48 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
+MAX_PREFIX_HASHES = 4096   # bound on a replica's published prefix summary
+
 
 @dataclass(frozen=True)
 class RoutingHint:
     """Shape of one request batch: n sequences, the longest needing `max_total_tokens` KV positions
-    (prompt tokens + max new tokens)."""
+    (prompt tokens + max new tokens); optionally what its cost depends on."""
     num_sequences: int
     max_total_tokens: int
+    prompt_tokens: int = 0                    # prompt tokens over all sequences (len x n)
+    max_new_tokens: int = 0                   # max_tokens over all sequences
+    # Per prompt: ((depth in blocks, chained hash of that prefix), ...) at summary depths.
+    prefix_hashes: tuple[tuple[tuple[int, int], ...], ...] = ()
+    samples_per_prompt: int = 1               # n: each prompt's prefix serves n sequences
 
 
 @dataclass(frozen=True)
 class ReplicaStats:
     captured_buckets: tuple[int, ...]   # decode batch sizes with a CUDA graph (all buckets on CPU: eager)
-    max_seq_len: int                    # longest sequence a KV slot holds
-    max_num_seqs: int                   # KV slots in total
-    running: int                        # sequences holding a slot now
-    free_slots: int                     # slots free now
-    queued: int                         # requests waiting for a slot
+    max_seq_len: int                    # longest sequence one request may reach
+    max_num_seqs: int                   # sequences the engine runs at once
+    running: int                        # sequences admitted (holding KV blocks) now
+    free_slots: int                     # further sequences it would admit now
+    queued: int                         # requests waiting for admission
     graphs: bool                        # True when decode runs by graph replay (CUDA), False on CPU
     fallback: str = "eager"             # "eager" | "queue": what happens past the largest bucket
     timestamp: float = field(default_factory=time.time)  # wall clock when the replica produced it
+    # -- capacity and cost (version 2) --
+    block_size: int = 0                 # tokens per KV block (0: unknown)
+    total_blocks: int = 0               # KV blocks in the pool
+    free_blocks: int = 0                # blocks allocatable now (free + evictable cached)
+    prefill_backlog_tokens: int = 0     # prompt tokens admitted or queued, not yet prefilled
+    decode_rows: int = 0                # sequences past prefill, decoding
+    prefill_tokens_per_s: float = 0.0   # measured prefill rate (moving average; 0: not measured)
+    decode_step_s: Mapping[int, float] = field(default_factory=dict)  # bucket -> step seconds (avg)
+    prefix_hashes: tuple[int, ...] = () # cached prefix hashes at summary depths (bounded)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["captured_buckets"] = list(self.captured_buckets)
+        d["decode_step_s"] = {int(k): float(v) for k, v in self.decode_step_s.items()}
+        d["prefix_hashes"] = list(self.prefix_hashes[:MAX_PREFIX_HASHES])
         return d
 
     @classmethod
@@ -54,6 +78,14 @@ class ReplicaStats:
                 graphs=bool(d.get("graphs", False)),
                 fallback=str(d.get("fallback", "eager")),
                 timestamp=float(d.get("timestamp", 0.0)),
+                block_size=int(d.get("block_size", 0)),
+                total_blocks=int(d.get("total_blocks", 0)),
+                free_blocks=int(d.get("free_blocks", 0)),
+                prefill_backlog_tokens=int(d.get("prefill_backlog_tokens", 0)),
+                decode_rows=int(d.get("decode_rows", 0)),
+                prefill_tokens_per_s=float(d.get("prefill_tokens_per_s", 0.0)),
+                decode_step_s={int(k): float(v) for k, v in dict(d.get("decode_step_s") or {}).items()},
+                prefix_hashes=tuple(int(h) for h in list(d.get("prefix_hashes") or ())[:MAX_PREFIX_HASHES]),
             )
         except (KeyError, TypeError, ValueError):
             return None

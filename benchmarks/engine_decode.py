@@ -71,8 +71,9 @@ def plan_rows(a) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- Hugging Face baselines
 
 def build_hf(name: str, dev: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**C.PRESETS[name], max_position_embeddings=8192)
+    from transformers import LlamaForCausalLM
+    from replica.presets import hf_preset_config
+    cfg = hf_preset_config(f"random:{name}", 8192)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)

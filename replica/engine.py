@@ -1,8 +1,8 @@
 """`Engine`: the public, asyncio-facing API over the step loop (contract: docs/engine-api.md).
 
-The constructor builds the core - weights, KV pool, graphs - in a backend (replica/backends.py): a
-child process of its own on CUDA (so the GPU loop never waits for this process's GIL), a thread on
-CPU, or as `EngineConfig.engine_process` says. Each step's events come back on a background thread
+The constructor builds the core - weights, paged KV cache, graphs - in a worker (replica/worker.py):
+a child process of its own on CUDA (so the GPU loop never waits for this process's GIL), a thread
+on CPU, or as `EngineConfig.engine_process` says. Each step's events come back on a background thread
 and are handed to the asyncio loop of each request in one `call_soon_threadsafe` per loop, so the
 event loop (a Serve replica's) never blocks on the GPU. `generate()` turns events into
 `GenerationChunk`s, does detokenisation and stop strings, and aborts its request when the consumer
@@ -18,25 +18,27 @@ import uuid
 from collections import defaultdict
 from typing import AsyncIterator
 
-from replica.backends import EngineDeadError, ProcessBackend, ThreadBackend
 from replica.config import EngineConfig
 from replica.detokenizer import IncrementalDetokenizer
-from replica.sampling_params import GenerationChunk, GenerationRequest, InvalidRequestError
+from replica.sampling_params import GenerationChunk, GenerationRequest, InvalidRequestError, TokenLogprob
+from replica.sequence import Event, Sequence
 from replica.stats import EngineStats
-from replica.step_loop import EventRecord, SeqSpec
 from replica.tokenizer import load_tokenizer
+from replica.worker import OVERLOADED, EngineDeadError, EngineOverloadedError, ProcessWorker, ThreadWorker
 
 log = logging.getLogger("replica")
-__all__ = ["Engine", "EngineDeadError"]
+__all__ = ["Engine", "EngineDeadError", "EngineOverloadedError"]
 
 
 class _Request:
     """Front-end state of one request: where its events go, and its text."""
-    __slots__ = ("loop", "queue", "prompt_tokens", "detok", "emitted_tokens")
+    __slots__ = ("loop", "queue", "prompt_tokens", "detok", "emitted_tokens", "logprobs_k", "cached_tokens")
 
-    def __init__(self, loop, queue, prompt_tokens: int, detok: IncrementalDetokenizer):
+    def __init__(self, loop, queue, prompt_tokens: int, detok: IncrementalDetokenizer, logprobs_k=None):
         self.loop, self.queue, self.prompt_tokens, self.detok = loop, queue, prompt_tokens, detok
         self.emitted_tokens = 0
+        self.logprobs_k = logprobs_k
+        self.cached_tokens = 0
 
 
 class Engine:
@@ -48,42 +50,47 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
         self._stopped = False
-        backend = ProcessBackend if _use_process(config) else ThreadBackend
-        self._backend = backend(config, self._on_events, self._on_failure)
+        worker = ProcessWorker if _use_process(config) else ThreadWorker
+        self._backend = worker(config, self._on_events, self._on_failure)
         self.info = self._backend.info
 
     @property
-    def runtime(self):
-        """The in-process ModelRuntime (thread backend only; tests and debugging)."""
-        return self._backend.loop.runtime
-
-    @property
-    def scheduler(self):
-        return self._backend.loop.scheduler
+    def core(self):
+        """The in-process EngineCore (thread worker only; tests and debugging)."""
+        return self._backend.core
 
     # -- public API -----------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.chat_ids(messages)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        spec = self._make_spec(request)
-        state = _Request(asyncio.get_running_loop(), asyncio.Queue(), len(spec.prompt_ids),
-                         IncrementalDetokenizer(self.tokenizer, spec.params.stop))
-        self._requests[spec.request_id] = state
-        self._backend.submit(spec)
+        """Chunks of one request as steps produce them. Raises InvalidRequestError (bad input,
+        before anything runs), EngineOverloadedError (the queue bound is reached) or
+        EngineDeadError."""
+        seq = self._make_sequence(request)
+        state = _Request(asyncio.get_running_loop(), asyncio.Queue(), len(seq.prompt_ids),
+                         IncrementalDetokenizer(self.tokenizer, seq.params.stop), seq.params.logprobs)
+        self._requests[seq.request_id] = state
         done = False
         try:
+            self._backend.submit(seq)
             while not done:
                 event = await state.queue.get()
                 if isinstance(event, BaseException):
                     raise EngineDeadError("the engine stopped while the request ran") from event
-                chunk, done = self._to_chunk(spec.request_id, state, event)
+                if event.finish_reason == OVERLOADED:
+                    done = True
+                    raise EngineOverloadedError("the engine's queue is full; retry later")
+                chunk, done = self._to_chunk(seq.request_id, state, event)
                 if chunk is not None:
                     yield chunk
+        except EngineOverloadedError:
+            done = True
+            raise
         finally:
-            self._requests.pop(spec.request_id, None)
+            self._requests.pop(seq.request_id, None)
             if not done:
-                self._backend.abort(spec.request_id)
+                self._backend.abort(seq.request_id)
 
     def stats(self) -> EngineStats:
         return self._backend.stats()
@@ -98,25 +105,29 @@ class Engine:
         self._backend.shutdown()
 
     # -- request plumbing -----------------------------------------------------------------------
-    def _make_spec(self, request: GenerationRequest) -> SeqSpec:
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
         if self._stopped or getattr(self._backend, "error", None) is not None:
             raise EngineDeadError("the engine is not running")
         ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None \
             else self.tokenizer.encode(request.prompt)
         if not ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", "prompt")
         limit = self.info.max_seq_len - 1
         if len(ids) > limit:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's maximum is {limit} "
-                                      f"(max_seq_len {self.info.max_seq_len} minus one new token)")
+                                      f"(max_seq_len {self.info.max_seq_len} minus one new token)",
+                                      "prompt", "context_length_exceeded")
         vocab = self.info.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        seed = request.params.seed if request.params.seed is not None else self._seed_rng.getrandbits(62)
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        p = request.params
+        if any(k >= vocab for k, _ in p.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        seed = p.seed if p.seed is not None else self._seed_rng.getrandbits(62)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        return SeqSpec(rid, tuple(ids), request.params, seed)
+        return Sequence(rid, ids, p, seed)
 
-    def _to_chunk(self, rid: str, state: _Request, event: EventRecord):
+    def _to_chunk(self, rid: str, state: _Request, event: Event):
         """Returns (chunk, finished)."""
         detok = state.detok
         detok.add(event.token_ids[:-1] if event.stopped_on_token else event.token_ids)
@@ -128,11 +139,14 @@ class Engine:
             self._backend.abort(rid)
         state.emitted_tokens += len(event.token_ids)
         chunk = GenerationChunk(rid, event.token_ids, text, reason, prompt_tokens=state.prompt_tokens,
-                                completion_tokens=state.emitted_tokens)
+                                completion_tokens=state.emitted_tokens,
+                                logprobs=_top_k(event.logprobs, state.logprobs_k),
+                                cached_tokens=event.cached_tokens or state.cached_tokens)
+        state.cached_tokens = chunk.cached_tokens
         return chunk, reason is not None
 
     # -- backend callbacks (a background thread) -------------------------------------------------
-    def _on_events(self, records: list[EventRecord]) -> None:
+    def _on_events(self, records: list[Event]) -> None:
         by_loop: dict = defaultdict(list)
         for r in records:
             state = self._requests.get(r.request_id)
@@ -149,8 +163,15 @@ class Engine:
 def _use_process(config: EngineConfig) -> bool:
     if config.engine_process != "auto":
         return config.engine_process == "process"
-    from replica.runtime import resolve_device
+    from replica.model_runner import resolve_device
     return resolve_device(config.device).type == "cuda"
+
+
+def _top_k(logprobs, k):
+    """Each token's logprob with its top-k alternatives (the engine computes the top 20)."""
+    if logprobs is None or k is None:
+        return None
+    return tuple(TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for lp in logprobs)
 
 
 def _call_soon(loop, fn, *args) -> None:

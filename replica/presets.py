@@ -3,10 +3,14 @@
 `tiny` runs the CPU tests and the default app; `llama-1b` and `llama-8b` have the shapes of
 Llama-3.2-1B and Llama-3.1-8B for benchmarks. Their tokenizer is byte-level (replica/tokenizer.py),
 so the tiny model's vocabulary is just the bytes plus three specials, and its output is visible text.
+
+`preset_config` returns a plain namespace with the attribute names of a transformers LlamaConfig
+(default RoPE, no scaling), so an engine on a random preset never imports transformers (about 2 s
+of an engine process's start-up); `hf_preset_config` builds the real LlamaConfig for HF twins.
 """
 from __future__ import annotations
 
-from transformers import LlamaConfig
+from types import SimpleNamespace
 
 from replica.config import ConfigError
 
@@ -27,11 +31,25 @@ def is_random(model: str) -> bool:
     return model.startswith(PREFIX)
 
 
-def preset_config(model: str, max_seq_len: int) -> LlamaConfig:
-    """The HF LlamaConfig of a random preset; raises ConfigError naming the presets."""
+def _preset_fields(model: str, max_seq_len: int) -> dict:
     name = model[len(PREFIX):]
     if name not in PRESETS:
         raise ConfigError(f"unknown random preset {name!r}; choose one of "
                           f"{', '.join(PREFIX + p for p in PRESETS)}")
-    return LlamaConfig(**PRESETS[name], max_position_embeddings=max(max_seq_len, 2048),
-                       bos_token_id=256, eos_token_id=257, pad_token_id=258, rms_norm_eps=1e-5)
+    return dict(PRESETS[name], max_position_embeddings=max(max_seq_len, 2048), bos_token_id=256,
+                eos_token_id=257, pad_token_id=258, rms_norm_eps=1e-5)
+
+
+def preset_config(model: str, max_seq_len: int) -> SimpleNamespace:
+    """The config of a random preset (LlamaConfig's attribute names); raises ConfigError naming
+    the presets."""
+    fields = _preset_fields(model, max_seq_len)
+    fields.setdefault("rope_theta", 10000.0)
+    return SimpleNamespace(model_type="llama", head_dim=None, rope_scaling=None, **fields)
+
+
+def hf_preset_config(model: str, max_seq_len: int):
+    """The transformers LlamaConfig of a random preset (for HF twins in tests and benchmarks)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_preset_fields(model, max_seq_len))

@@ -1,17 +1,33 @@
-"""Token selection inside the CUDA graph: greedy, temperature, top-k, top-p, per-row seeds.
+"""Token selection inside the CUDA graph, with per-sequence parameters held in device tables.
 
-No host sync and no data-dependent Python: every row goes through the same tensor ops, and the
-per-row parameters are tensors. Randomness is a counter-based hash of (seed, step, token id), so a
-request's tokens depend only on its own seed and its own output index - not on which batch row or
-bucket it ran in, nor on what else was running. Sampling is an exponential race: argmax(p_i / E_i)
-with E_i ~ Exp(1) picks i with probability p_i (the trick gpt-fast uses to avoid torch.multinomial's
-sync), here with hashed instead of generator noise.
+`SamplingTables` holds one row per admitted sequence (the scheduler's block-table row; the last
+row is scratch for padding): temperature, top-k/top-p/min-p, seed, penalties, logit bias, and the
+token counts penalties need (output counts; prompt presence). `write` fills rows at admission in
+one packed copy; a step then passes only `rows` and `steps` ([B] int64 each), so the sampling graph
+of a bucket never changes and never syncs.
+
+Two paths:
+- `greedy(logits)`: argmax of the raw logits (every row plain greedy: no bias, penalty or logprobs);
+- `full(logits, rows, steps)`: bias -> penalties -> temperature -> top-k / top-p / min-p -> draw,
+  with greedy rows (temperature 0) taking the argmax of the processed logits; also the raw
+  distribution's log-probabilities (log_softmax before any processing: vLLM's default) of the chosen
+  token and the top `MAX_LOGPROBS`, and the output counts updated with the chosen tokens.
+Randomness is a counter-based hash of (seed, step, token id): a request's tokens depend only on its
+own seed and output index, not on its batch row or bucket, so recompute after preemption redraws
+the same tokens. The draw is an exponential race, argmax(p_i / E_i), E_i ~ Exp(1) (gpt-fast's
+trick to avoid torch.multinomial's sync), with hashed instead of generator noise.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from replica.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+
 _M32 = 0xFFFFFFFF
+# float columns of the table; int columns are top_k, seed
+F_TEMP, F_TOP_P, F_MIN_P, F_PRESENCE, F_FREQUENCY, F_REPETITION = range(6)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +51,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; per-row temperature [B] f32 (0 = greedy), top_k [B] i64 (0 = off), top_p [B] f32
-    (1 = off), seeds [B] i64, steps [B] i64 (the row's output index). Returns tokens [B] i64."""
-    x = logits.float()
+def draw(x: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Tensor:
+    """x [B, V] fp32 processed logits; per-row temperature [B] (0 = greedy), top_k [B] i64 (0 = off),
+    top_p [B] (1 = off), min_p [B] (0 = off), seeds [B] i64, steps [B] i64. Returns tokens [B]."""
     V = x.shape[-1]
     scaled = x / temperature.clamp_min(1e-5)[:, None]
     sorted_logits, sorted_ids = torch.sort(scaled, dim=-1, descending=True)       # [B, V]
@@ -48,6 +62,103 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     k = torch.where(top_k > 0, top_k, V)[:, None]
     # Nucleus: keep a token while the mass before it is < top_p, so the top token always stays.
     keep = (ranks < k) & ((probs.cumsum(-1) - probs) < top_p[:, None])
+    keep &= probs >= min_p[:, None] * probs[:, :1]
     race = probs * keep / -torch.log(uniform_noise(seeds, steps, sorted_ids))      # p_i / Exp(1)
     sampled = sorted_ids.gather(1, race.argmax(-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, sampled, x.argmax(-1))
+
+
+@dataclass
+class SampleOutput:
+    """Device tensors of one sampling pass (views into the caller's buffers where given)."""
+    tokens: torch.Tensor          # [B] int64
+    logprob: torch.Tensor         # [B] fp32, chosen token under the raw distribution
+    top_ids: torch.Tensor         # [B, MAX_LOGPROBS] int64
+    top_logprobs: torch.Tensor    # [B, MAX_LOGPROBS] fp32
+
+
+class SamplingTables:
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device):
+        R, V = num_rows + 1, vocab_size           # + the scratch row padding rows use
+        self.scratch_row = num_rows
+        self.floats = torch.zeros(R, 6, dtype=torch.float32, device=device)
+        self.floats[:, F_TOP_P] = 1.0
+        self.floats[:, F_REPETITION] = 1.0
+        self.ints = torch.zeros(R, 2, dtype=torch.long, device=device)          # top_k, seed
+        self.bias_ids = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
+        self.bias_vals = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(R, V, dtype=torch.int32, device=device)       # output tokens
+        self.prompt_seen = torch.zeros(R, V, dtype=torch.bool, device=device)
+        self.device = device
+
+    @staticmethod
+    def bytes_for(num_rows: int, vocab_size: int) -> int:
+        return (num_rows + 1) * (vocab_size * 5 + MAX_LOGIT_BIAS * 12 + 40)
+
+    def write(self, rows: list[int], params: list[SamplingParams], seeds: list[int],
+              prompts: list[list[int]], outputs: list[list[int]]) -> None:
+        """Fill the rows of newly admitted sequences (eager, before the step that first samples
+        them). Penalty counts are rebuilt only for sequences that use penalties (a recompute after
+        preemption counts its earlier output again)."""
+        n = len(rows)
+        f = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                           p.repetition_penalty] for p in params], dtype=torch.float32)
+        i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds)], dtype=torch.long)
+        bias_ids = torch.zeros(n, MAX_LOGIT_BIAS, dtype=torch.long)
+        bias_vals = torch.zeros(n, MAX_LOGIT_BIAS, dtype=torch.float32)
+        for r, p in enumerate(params):
+            if p.logit_bias:
+                bias_ids[r, :len(p.logit_bias)] = torch.tensor([k for k, _ in p.logit_bias])
+                bias_vals[r, :len(p.logit_bias)] = torch.tensor([v for _, v in p.logit_bias])
+        idx = _to(torch.tensor(rows, dtype=torch.long), self.device)
+        self.floats.index_copy_(0, idx, _to(f, self.device))
+        self.ints.index_copy_(0, idx, _to(i, self.device))
+        self.bias_ids.index_copy_(0, idx, _to(bias_ids, self.device))
+        self.bias_vals.index_copy_(0, idx, _to(bias_vals, self.device))
+        pen = [k for k, p in enumerate(params) if _uses_penalties(p)]
+        if pen:
+            self._write_counts([rows[k] for k in pen], [prompts[k] for k in pen], [outputs[k] for k in pen])
+
+    def _write_counts(self, rows: list[int], prompts: list[list[int]], outputs: list[list[int]]) -> None:
+        idx = _to(torch.tensor(rows, dtype=torch.long), self.device)
+        self.counts.index_fill_(0, idx, 0)
+        self.prompt_seen.index_fill_(0, idx, False)
+        p_rows = [r for r, p in zip(rows, prompts) for _ in p]
+        p_toks = [t for p in prompts for t in p]
+        self.prompt_seen[_to(torch.tensor(p_rows), self.device), _to(torch.tensor(p_toks), self.device)] = True
+        o_rows = [r for r, o in zip(rows, outputs) for _ in o]
+        if o_rows:
+            o_toks = [t for o in outputs for t in o]
+            self.counts.index_put_((_to(torch.tensor(o_rows), self.device), _to(torch.tensor(o_toks), self.device)),
+                                   torch.ones(len(o_rows), dtype=torch.int32, device=self.device), accumulate=True)
+
+    # -- inside the graph -----------------------------------------------------------------------
+    def full(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
+        """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`."""
+        raw = logits.float()
+        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 2]
+        x = raw.scatter_add(1, self.bias_ids[rows], self.bias_vals[rows])
+        counts = self.counts[rows]                                                   # [B, V]
+        seen = (counts > 0) | self.prompt_seen[rows]
+        rep = f[:, F_REPETITION, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = x - f[:, F_PRESENCE, None] * (counts > 0) - f[:, F_FREQUENCY, None] * counts
+        tok = draw(x, f[:, F_TEMP], ints[:, 0], f[:, F_TOP_P], f[:, F_MIN_P], ints[:, 1], steps)
+        out.tokens.copy_(tok)
+        lp = torch.log_softmax(raw, dim=-1)
+        out.logprob.copy_(lp.gather(1, tok[:, None])[:, 0])
+        top = lp.topk(MAX_LOGPROBS, dim=-1)
+        out.top_logprobs.copy_(top.values)
+        out.top_ids.copy_(top.indices)
+        self.counts.index_put_((rows, tok), torch.ones_like(tok, dtype=torch.int32), accumulate=True)
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the stream: pinned staging + non-blocking copy."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

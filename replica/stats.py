@@ -1,7 +1,14 @@
-"""`EngineStats`: a cheap, thread-safe snapshot of what the engine holds and has done."""
+"""`EngineStats`: a cheap, picklable snapshot of what the engine holds and has done.
+
+Counters are totals since start (consumers take deltas). Step kinds: a "decode" step runs only
+decode rows, by graph replay ("graph") or eagerly ("eager": no captured bucket holds it, or CPU);
+a "mixed" step runs prefill chunks (with any decode rows) in one eager forward. Graph-hit is
+reported over decode steps only; the share of mixed steps separately.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -9,10 +16,13 @@ class StartupReport:
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     graph_bytes: int = 0
-    graph_bytes_estimate: int = 0   # reserved before sizing the KV pool (eager peak at the largest bucket)
-    load_seconds: float = 0.0
+    graph_bytes_estimate: int = 0   # reserved before sizing the KV pool (measured activation peak)
+    process_seconds: float = 0.0    # process start until the engine core begins building (process backend)
+    load_seconds: float = 0.0       # weights
+    sizing_seconds: float = 0.0     # activation probe + KV allocation
     warmup_seconds: float = 0.0     # Triton JIT + first runs, before capture
     capture_seconds: float = 0.0
+    ready_seconds: float = 0.0      # Engine() call until it accepts requests
 
 
 @dataclass(frozen=True)
@@ -22,15 +32,31 @@ class EngineStats:
     max_seq_len: int
     max_num_seqs: int
     running: int
-    free_slots: int
+    free_slots: int                 # further sequences admissible now (free rows)
     queued: int
     fallback: str
-    decode_steps: dict = field(default_factory=dict)   # (bucket, path) -> steps
+    max_queued: Optional[int] = None  # EngineConfig.max_queued_requests
+    block_size: int = 0
+    total_blocks: int = 0
+    free_blocks: int = 0            # free + evictable cached
+    cached_blocks: int = 0          # blocks indexed by the prefix cache
+    prefill_backlog_tokens: int = 0
+    decode_rows: int = 0
+    decode_steps: dict = field(default_factory=dict)   # (bucket, "graph"|"eager") -> steps
     padded_rows: dict = field(default_factory=dict)    # bucket -> padding rows run
+    mixed_steps: int = 0
+    prefill_tokens: int = 0         # tokens run in prefill chunks (prompts and recomputes)
+    mixed_decode_rows: int = 0      # decode rows that ran inside mixed steps
     generated_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0          # prompt tokens of admitted requests (cached ones included)
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    preemptions: int = 0
     finished_requests: int = 0
     aborted_requests: int = 0
+    prefill_tokens_per_s: float = 0.0               # moving average over mixed steps
+    decode_step_s: dict = field(default_factory=dict)  # bucket -> moving-average step seconds
+    prefix_hashes: tuple[int, ...] = ()             # cached prefix summary (router)
     startup: StartupReport = field(default_factory=StartupReport)
 
     @property
@@ -54,6 +80,19 @@ class EngineStats:
         return self.startup.capture_seconds
 
     def graph_hit_rate(self) -> float:
+        """Graph replays over decode steps (mixed steps excluded: they are eager by design)."""
         total = sum(self.decode_steps.values())
         graph = sum(v for (_, path), v in self.decode_steps.items() if path == "graph")
         return graph / total if total else 0.0
+
+    def mixed_share(self) -> float:
+        total = sum(self.decode_steps.values()) + self.mixed_steps
+        return self.mixed_steps / total if total else 0.0
+
+    def prefix_hit_rate(self) -> float:
+        q = self.prefix_queried_tokens
+        return self.prefix_hit_tokens / q if q else 0.0
+
+    def kv_usage(self) -> float:
+        usable = max(self.total_blocks - 1, 1)
+        return 1.0 - self.free_blocks / usable

@@ -77,3 +77,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if use_triton(q) and _attention.supported(q, k_cache, v_cache):
         return _attention.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
     return reference.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
+
+
+# Paged ops (TEMPORARY: torch references until the Triton kernels land).
+from replica.kernels.paged_tmp import (PrefillMeta, paged_decode_attention,  # noqa: E402,F401
+                                       paged_prefill_attention, rope_store_kv_paged)

@@ -2,13 +2,14 @@
 
 Weights are plain tensors with the projections fused: `wqkv` = [q; k; v] and `w13` = [gate; up],
 so a layer runs 4 GEMMs and 5 fused kernels (replica/kernels). The model owns no cache: it reads and
-writes the engine's KV pool (replica/kv_pool.py) through slot ids, so one set of static buffers serves
-every batch bucket.
+writes the engine's paged KV cache (replica/kv_cache.py) through KV slots and block tables, so one
+set of static buffers serves every batch bucket.
 
-Two entry points:
-- `decode(...)`: one token for each of B rows. Pure tensor code with no host sync and no
-  data-dependent Python, so it can be captured in a CUDA graph.
-- `prefill(...)`: a chunk of one sequence's prompt, eager; returns the last position's logits.
+Two entry points over the same layers, differing only in attention:
+- `decode(...)`: one token for each of B rows (split-K paged decode attention). Pure tensor code
+  with no host sync and no data-dependent Python, so it is captured in a CUDA graph per bucket.
+- `forward_mixed(...)`: an eager forward over packed chunks of several sequences (prompt chunks and
+  decode rows in one weight read; varlen causal paged attention).
 HF's modeling code is the reference the tests compare against (same weights, same tokens).
 """
 from __future__ import annotations
@@ -45,11 +46,6 @@ class ModelShape:
                    rms_eps=cfg.rms_norm_eps, tie_embeddings=bool(cfg.tie_word_embeddings),
                    qkv_bias=cfg.model_type == "qwen2")
 
-    @property
-    def qkv_sizes(self) -> tuple[int, int, int]:
-        return (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                self.num_kv_heads * self.head_dim)
-
 
 @dataclass
 class LayerWeights:
@@ -63,14 +59,21 @@ class LayerWeights:
 
 
 def rope_tables(hf_config, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_seq_len, hd/2] in fp32, from HF's own rotary embedding (so every rope_type HF
-    supports, llama3 scaling included, matches), times its attention scaling."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    """cos/sin [max_seq_len, hd/2] in fp32. Plain RoPE (a random preset's namespace config) is
+    computed here; every other config goes through HF's own rotary embedding, so every rope_type
+    HF supports (llama3 scaling included) matches, times its attention scaling."""
+    if not hasattr(hf_config, "to_dict"):           # replica.presets namespace: default RoPE
+        hd = hf_config.head_dim or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq = 1.0 / (hf_config.rope_theta ** (torch.arange(0, hd, 2, device=device,
+                                                                dtype=torch.float32) / hd))
+        scale = 1.0
+    else:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    rot = LlamaRotaryEmbedding(config=hf_config)
-    inv_freq = rot.inv_freq.to(device=device, dtype=torch.float32)
+        rot = LlamaRotaryEmbedding(config=hf_config)
+        inv_freq = rot.inv_freq.to(device=device, dtype=torch.float32)
+        scale = float(rot.attention_scaling)
     freqs = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    scale = float(rot.attention_scaling)
     return (freqs.cos() * scale).contiguous(), (freqs.sin() * scale).contiguous()
 
 
@@ -96,8 +99,9 @@ class LlamaModel:
             tensors += [t for t in (L.ln1, L.wqkv, L.bqkv, L.wo, L.ln2, L.w13, L.w2) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _layers(self, x, positions, slot_ids, kv, attend):
-        """The decoder stack over N token rows. x [N, D]; returns the final normed hidden [N, D]."""
+    def _layers(self, x, positions, slots, kv, attend):
+        """The decoder stack over N token rows. x [N, D]; token n is at `positions[n]` and writes its
+        K/V to KV slot `slots[n]` (block * block_size + offset). Returns the final normed hidden [N, D]."""
         s = self.shape
         residual = x
         h = K.rms_norm(x, self.layers[0].ln1, s.rms_eps)
@@ -105,8 +109,8 @@ class LlamaModel:
             if i > 0:
                 h, residual = K.add_rms_norm(x, residual, L.ln1, s.rms_eps)
             qkv = F.linear(h, L.wqkv, L.bqkv)                                    # [N, (H+2KVH) hd]
-            q = K.rope_store_kv(qkv, self.cos, self.sin, positions, slot_ids, kv.k[i], kv.v[i],
-                                s.num_heads, s.num_kv_heads)                     # [N, H, hd]
+            q = K.rope_store_kv_paged(qkv, self.cos, self.sin, positions, slots, kv.k[i], kv.v[i],
+                                      s.num_heads, s.num_kv_heads)               # [N, H, hd]
             a = attend(q, kv.k[i], kv.v[i])                                      # [N, H, hd]
             x = F.linear(a.reshape(a.shape[0], -1), L.wo)                        # [N, D]
             h, residual = K.add_rms_norm(x, residual, L.ln2, s.rms_eps)
@@ -114,42 +118,26 @@ class LlamaModel:
         h, _ = K.add_rms_norm(x, residual, self.norm, s.rms_eps)
         return h
 
-    def decode(self, tokens, positions, slot_ids, seq_lens, kv, logits_out) -> None:
+    def decode(self, tokens, positions, slots, table_rows, kv, logits_out) -> None:
         """One decode step for B rows; writes logits_out [B, V]. All inputs are [B] int64 device
-        tensors; row b reads and writes KV slot slot_ids[b] at position positions[b] and attends to
-        its first seq_lens[b] positions."""
-        def attend(q, k_cache, v_cache):
-            return K.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, self.scale)
+        tensors: row b feeds tokens[b] at positions[b] (KV slot slots[b]) and attends to positions
+        0..positions[b] of the sequence in block-table row table_rows[b]. Graph-capturable."""
+        seq_lens = positions + 1
 
-        h = self._layers(self.embed[tokens], positions, slot_ids, kv, attend)
+        def attend(q, k_cache, v_cache):
+            return K.paged_decode_attention(q, k_cache, v_cache, kv.block_tables, table_rows, seq_lens,
+                                            self.scale)
+
+        h = self._layers(self.embed[tokens], positions, slots, kv, attend)
         torch.matmul(h, self.lm_head.t(), out=logits_out)
 
-    def prefill(self, chunks: list[tuple[torch.Tensor, int, int]], kv) -> torch.Tensor:
-        """Prefill prompt chunks of several sequences in ONE forward pass (eager: a forward costs
-        ~15 ms of launches for an 8B model however few tokens it has, so chunks are packed).
-        chunks: (tokens [n_i], start_i, slot_i); chunk i's tokens go to positions
-        start_i..start_i+n_i-1 of KV slot slot_i. Returns the logits [len(chunks), V] of each
-        chunk's last token."""
-        dev = kv.k[0].device
-        tokens = torch.cat([t for t, _, _ in chunks])
-        positions = torch.cat([torch.arange(s, s + len(t), device=dev) for t, s, _ in chunks])
-        slot_ids = torch.cat([torch.full((len(t),), slot, dtype=torch.long, device=dev) for t, _, slot in chunks])
-        # Keys: each chunk's cache rows 0..end_i-1, packed. A token sees keys of its own chunk at
-        # positions <= its own (block-diagonal causal mask with offsets).
-        ends = [s + len(t) for t, s, _ in chunks]
-        tok_chunk = torch.cat([torch.full((len(t),), i, device=dev) for i, (t, _, _) in enumerate(chunks)])
-        key_chunk = torch.cat([torch.full((e,), i, device=dev) for i, e in enumerate(ends)])
-        key_pos = torch.cat([torch.arange(e, device=dev) for e in ends])
-        mask = (tok_chunk[:, None] == key_chunk[None, :]) & (key_pos[None, :] <= positions[:, None])
-
+    def forward_mixed(self, tokens, positions, slots, meta, kv, logit_rows) -> torch.Tensor:
+        """One eager forward over packed chunks (prefill chunks and 1-token decode rows alike):
+        `meta` (kernels.PrefillMeta) says where each chunk starts and how much KV it sees; token n
+        attends causally within its chunk and to its sequence's earlier KV. One weight read serves
+        every chunk. Returns the logits [len(logit_rows), V] of the rows `logit_rows` (int64)."""
         def attend(q, k_cache, v_cache):
-            k = torch.cat([k_cache[slot, :, :e] for (_, _, slot), e in zip(chunks, ends)], dim=1)  # [KVH, S, hd]
-            v = torch.cat([v_cache[slot, :, :e] for (_, _, slot), e in zip(chunks, ends)], dim=1)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=True)   # [1, H, T, hd]
-            return out[0].transpose(0, 1)                                              # [T, H, hd]
+            return K.paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, meta, self.scale)
 
-        h = self._layers(self.embed[tokens], positions, slot_ids, kv, attend)
-        last = torch.tensor(ends, device=dev) - torch.tensor([s for _, s, _ in chunks], device=dev)
-        last = last.cumsum(0) - 1                                                      # [C] rows
-        return F.linear(h[last], self.lm_head)
+        h = self._layers(self.embed[tokens], positions, slots, kv, attend)
+        return F.linear(h[logit_rows], self.lm_head)

@@ -13,7 +13,9 @@ from replica import ConfigError, EngineConfig
     (dict(max_seq_len=1), "max_seq_len=1"),
     (dict(memory_utilization=1.5), "memory_utilization"),
     (dict(fallback="drop"), "fallback='drop'"),
-    (dict(fallback="queue", max_num_seqs=80), "add a bucket >= 80"),
+    (dict(fallback="queue", max_num_seqs=80, batch_buckets=(1, 2, 4, 8)), "add a bucket >= 80"),
+        (dict(block_size=12), "block_size=12"),
+        (dict(expected_seq_len=4096), "expected_seq_len=4096"),
 ])
 def test_invalid_configs_say_what_to_change(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
@@ -22,7 +24,7 @@ def test_invalid_configs_say_what_to_change(kwargs, fragment):
 
 def test_lists_from_yaml_are_frozen_to_tuples():
     c = EngineConfig(batch_buckets=[1, 2, 8])
-    assert c.batch_buckets == (1, 2, 8) and c.max_bucket == 8
+    assert c.batch_buckets == (1, 2, 8)
 
 
 def test_unknown_model_sources_are_clear_errors():

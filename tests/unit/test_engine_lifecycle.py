@@ -14,7 +14,7 @@ from replica import Engine, EngineConfig, GenerationRequest, InvalidRequestError
 @pytest.fixture(scope="module")
 def engine():
     eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2, 4, 8),
-                              max_num_seqs=8, max_seq_len=64, prefill_chunk_tokens=16))
+                              max_num_seqs=8, max_seq_len=64, step_token_budget=16))
     yield eng
     eng.shutdown()
 
@@ -41,7 +41,7 @@ def test_cancellation_frees_the_slot_at_once(engine):
         await agen.aclose()                      # the consumer walks away
         return await _wait_idle(engine, timeout=2.0)
     assert run(go())
-    assert engine.runtime.slots.leaked() == 0
+    assert engine.core.pool.leaked() == 0
 
 
 def test_thousand_mixed_requests_leak_nothing(engine):
@@ -81,8 +81,8 @@ def test_thousand_mixed_requests_leak_nothing(engine):
     after = engine.stats()
     done = (after.finished_requests + after.aborted_requests) - (before.finished_requests + before.aborted_requests)
     assert done == 1000
-    assert engine.runtime.slots.leaked() == 0
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.core.pool.leaked() == 0
+    assert not engine.core.scheduler.running and not engine.core.scheduler.waiting
 
 
 def test_stop_string_ends_the_text_before_the_match(engine):
@@ -172,7 +172,7 @@ def test_engine_in_its_own_process_matches_the_thread_engine():
 
 
 def test_a_dead_engine_process_fails_its_requests_and_its_health_check():
-    from replica.backends import EngineDeadError
+    from replica.worker import EngineDeadError
 
     eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2), max_seq_len=64,
                               engine_process="process"))

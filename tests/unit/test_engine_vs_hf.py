@@ -26,7 +26,7 @@ PROMPTS = [[5, 17, 99], list(range(40, 80)), [7], list(range(100, 113)), [250, 3
 def engine(tiny_llama_dir):
     path, _ = tiny_llama_dir
     eng = Engine(EngineConfig(model=path, device="cpu", dtype="float32", batch_buckets=(1, 2, 4, 8),
-                              max_seq_len=128, prefill_chunk_tokens=7))
+                              max_seq_len=128, step_token_budget=7))
     yield eng
     eng.shutdown()
 

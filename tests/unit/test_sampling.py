@@ -8,15 +8,20 @@ import torch
 
 from engine_helpers import collect, run
 from replica import Engine, EngineConfig
-from replica.sampling import sample, uniform_noise
+from replica.sampling import draw, uniform_noise
 
 
-def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=1234):
+def sample(x, temperature, top_k, top_p, seeds, steps, min_p=None):
+    return draw(x, temperature, top_k, top_p, torch.zeros_like(top_p) if min_p is None else min_p, seeds, steps)
+
+
+def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=1234, min_p=0.0):
     """n independent draws from one row of logits: n rows with distinct (seed, step) keys."""
     B = n
     rows = logits.expand(B, -1)
     return sample(rows, torch.full((B,), temperature), torch.full((B,), top_k, dtype=torch.long),
-                  torch.full((B,), top_p), torch.full((B,), seed, dtype=torch.long), torch.arange(B))
+                  torch.full((B,), top_p), torch.full((B,), seed, dtype=torch.long), torch.arange(B),
+                  min_p=torch.full((B,), min_p))
 
 
 def test_noise_is_uniform_and_keyed():
@@ -74,6 +79,17 @@ def test_top_p_never_leaves_the_nucleus():
         nucleus = set(order[before < p].tolist())
         assert set(toks.tolist()) <= nucleus
         assert len(set(toks.tolist())) == len(nucleus)
+
+
+def test_min_p_keeps_exactly_the_tokens_above_the_threshold():
+    torch.manual_seed(3)
+    logits = torch.randn(1, 64) * 2
+    for m in (0.05, 0.3):
+        toks = _draw(logits, 5000, temperature=1.0, min_p=m)
+        probs = torch.softmax(logits[0].double(), 0)
+        support = set(torch.nonzero(probs >= m * probs.max()).flatten().tolist())
+        assert set(toks.tolist()) <= support
+        assert len(set(toks.tolist())) == len(support)
 
 
 def test_greedy_rows_ignore_noise():

@@ -1,0 +1,258 @@
+"""ModelRunner: owns the tensors of one engine - weights, paged KV cache, sampling tables, decode
+graphs - builds them at startup, and runs the scheduler's `StepBatch`es.
+
+Startup (each phase timed in `StartupReport`): load weights -> size memory (replica/sizing.py:
+probe activation at the planned rows, then KV blocks) -> allocate the KV cache -> capture every
+bucket's decode graphs (replica/graphs.py) -> close capture.
+
+A step: `launch(batch)` queues it on the GPU and returns an `InFlight` at once - a pure-decode
+batch replays its bucket's graph, a batch with prefill chunks runs one eager mixed forward - with
+the copy of its sampled tokens (and logprobs when asked) to pinned host memory behind it;
+`collect(inflight)` waits for that copy: the step's one host wait. Every host -> device input
+goes through pinned memory without blocking, so launching step k+1 never waits for step k.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from replica import kernels as K
+from replica import sizing
+from replica.batch import StepBatch
+from replica.config import ConfigError, EngineConfig
+from replica.graphs import COLUMNS, DecodeGraphs, DecodeStep, StepOutputs
+from replica.kv_cache import PagedKVCache
+from replica.loader import load_model, resolve_dtype
+from replica.sampling import SamplingTables, greedy
+from replica.sampling_params import MAX_LOGPROBS, TokenLogprob
+from replica.stats import StartupReport
+
+log = logging.getLogger("replica")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+@dataclass
+class InFlight:
+    """A launched step: `n` sampled rows whose outputs arrive in pinned host buffers at `event`."""
+    n: int
+    kind: str                      # "graph" | "eager" (pure decode) | "mixed"
+    bucket: int                    # decode bucket run (0 for mixed steps)
+    host: "HostBuffers"
+    logprobs: bool
+    event: Optional[torch.cuda.Event]
+    launched_at: float = 0.0
+
+
+class HostBuffers:
+    """Pinned host memory for one step's decode inputs and sampled outputs (two sets, alternated:
+    step k+1 fills one while step k's copies may still use the other)."""
+
+    def __init__(self, rows: int, pin: bool):
+        self.inputs = torch.zeros(len(COLUMNS), rows, dtype=torch.long, pin_memory=pin)
+        self.tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        self.logprob = torch.zeros(rows, dtype=torch.float32, pin_memory=pin)
+        self.top_ids = torch.zeros(rows, MAX_LOGPROBS, dtype=torch.long, pin_memory=pin)
+        self.top_logprobs = torch.zeros(rows, MAX_LOGPROBS, dtype=torch.float32, pin_memory=pin)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = c = config
+        self.device = resolve_device(c.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_dtype(c.dtype, self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model, self.hf_config = load_model(c.model, c.max_seq_len, self.device, self.dtype, c.seed)
+        self._sync()
+        load_s = time.perf_counter() - t0
+        s = self.model.shape
+        self.vocab_size = s.vocab_size
+        log.info("loaded %s: %.2f GiB of weights in %.2f s on %s", c.model,
+                 self.model.weight_bytes() / 2**30, load_s, self.device)
+        t0 = time.perf_counter()
+        bpb = PagedKVCache.bytes_per_block(s.num_layers, s.num_kv_heads, c.block_size, s.head_dim, self.dtype)
+        with torch.inference_mode():
+            plan, table_rows = self._plan(bpb)
+        self.plan, self.rows = plan, plan.rows
+        self.kv = PagedKVCache(plan.num_blocks, c.block_size, s.num_layers, s.num_kv_heads, s.head_dim,
+                               table_rows, c.max_seq_len, self.dtype, self.device)
+        self.decode = DecodeStep(self.model, self.kv, self.tables, self.out, self.out.tokens.shape[0])
+        self.graphs = DecodeGraphs(self.decode, plan.buckets, c.use_cuda_graphs)
+        size_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            self.graphs.capture_all(self._fill_padding, log=log.info)
+        pin = self.device.type == "cuda"
+        self._host = [HostBuffers(self.decode.rows, pin) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
+        self._flip = itertools.cycle((0, 1))
+        # fallback="queue" never decodes more rows than the largest bucket
+        self.max_decode_rows = plan.buckets[-1] if c.fallback == "queue" else plan.rows
+        self.startup = StartupReport(
+            weights_bytes=self.model.weight_bytes(), kv_cache_bytes=self.kv.nbytes,
+            graph_bytes=self.graphs.graph_bytes, graph_bytes_estimate=plan.activation_bytes,
+            load_seconds=load_s, sizing_seconds=size_s, warmup_seconds=self.graphs.warmup_seconds,
+            capture_seconds=self.graphs.capture_seconds)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- startup --------------------------------------------------------------------------------
+    def _plan(self, bytes_per_block: int) -> tuple[sizing.MemoryPlan, int]:
+        """The memory plan; also allocates the sampling tables and output buffers (sized at the
+        probed rows). Returns (plan, table rows)."""
+        c, s = self.config, self.model.shape
+        if self.device.type != "cuda":
+            plan = sizing.plan_cpu(c, bytes_per_block)
+            self._alloc_row_state(max(plan.rows, plan.buckets[-1]))
+            return plan, plan.rows
+        free, total = torch.cuda.mem_get_info(self.device)
+        per_token = bytes_per_block // c.block_size
+        budget0 = int(total * c.memory_utilization) - (total - free)
+        rows = sizing.rows_guess(c, budget0, per_token)
+        width = max(rows, c.batch_buckets[-1] if c.batch_buckets else 0)
+        self._alloc_row_state(width)
+        activation = self._probe_activation(width)
+        free, total = torch.cuda.mem_get_info(self.device)
+        plan = sizing.plan_cuda(c, total, total - free, activation, bytes_per_block, rows)
+        return plan, rows
+
+    def _alloc_row_state(self, width: int) -> None:
+        self.tables = SamplingTables(width, self.vocab_size, self.device)
+        self.out = StepOutputs(width, self.device)
+
+    def _probe_activation(self, width: int) -> int:
+        """Peak memory of a full-mode decode step at `width` rows and a mixed forward of the token
+        budget, against a two-block cache (every row padding)."""
+        c, s = self.config, self.model.shape
+        probe_kv = PagedKVCache(2, c.block_size, s.num_layers, s.num_kv_heads, s.head_dim, width,
+                                c.max_seq_len, self.dtype, self.device)
+        step = DecodeStep(self.model, probe_kv, self.tables, self.out, width)
+        self.decode, self.kv = step, probe_kv
+        self._fill_padding(width)
+
+        def run():
+            step.run(width, "full")
+            n = min(c.step_token_budget, c.max_seq_len)
+            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+            meta = K.PrefillMeta.build([n], [n], [probe_kv.scratch_row], self.device)
+            self.model.forward_mixed(zeros, torch.arange(n, device=self.device), zeros, meta, probe_kv,
+                                     torch.tensor([n - 1], device=self.device))
+        peak = sizing.measure_peak(run, self.device)
+        del self.decode, self.kv
+        return peak
+
+    def _fill_padding(self, width: int) -> None:
+        pad = torch.tensor(self.decode.padding(), dtype=torch.long, device=self.device)
+        self.decode.inputs[:, :width] = pad[:, None]
+
+    # -- a step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, batch: StepBatch) -> InFlight:
+        if batch.admitted:
+            a = batch.admitted
+            self.tables.write([s.row for s in a], [s.params for s in a], [s.seed for s in a],
+                              [s.prompt_ids for s in a], [s.output_ids for s in a])
+        if batch.table_writes:
+            r, col, blk = (self._to_device(list(x)) for x in zip(*batch.table_writes))
+            self.kv.block_tables[r, col] = blk.to(torch.int32)
+        sampled = batch.sampled
+        plain = all(s.params.plain_greedy for s in sampled)
+        want_lp = any(s.params.logprobs is not None for s in sampled)
+        host = self._host[next(self._flip)]
+        if batch.mixed:
+            kind, bucket = "mixed", 0
+            self._run_mixed(batch, plain)
+        else:
+            kind, bucket = self._run_decode(batch, host, "greedy" if plain else "full")
+        return self._copy_out(len(sampled), kind, bucket, host, want_lp)
+
+    def _run_decode(self, batch: StepBatch, host: HostBuffers, mode: str) -> tuple[str, int]:
+        d = batch.decode
+        n = len(d)
+        b = self.graphs.bucket_for(n) or n           # past the largest bucket: eager at n rows
+        cols = (d.tokens, d.src, d.positions, d.table_rows, d.slots, d.steps)
+        host.inputs[:, :n] = torch.tensor(cols, dtype=torch.long)
+        if b > n:
+            host.inputs[:, n:b] = torch.tensor(self.decode.padding(), dtype=torch.long)[:, None]
+        self.decode.inputs[:, :b].copy_(host.inputs[:, :b], non_blocking=True)
+        hit = self.graphs.replay(b, mode)
+        return ("graph" if hit else "eager"), b
+
+    def _run_mixed(self, batch: StepBatch, plain: bool) -> None:
+        """One eager forward: decode rows as 1-token chunks first, then the prefill chunks."""
+        d, c = batch.decode, batch.chunks
+        nd = len(d)
+        q_lens = [1] * nd + c.q_lens
+        ends = list(itertools.accumulate(q_lens))
+        picked = [i for i, smp in enumerate(c.sample) if smp]
+        logit_rows = list(range(nd)) + [ends[nd + i] - 1 for i in picked]
+        tok_rows = d.table_rows + [r for r, q in zip(c.table_rows, c.q_lens) for _ in range(q)]
+        cols = [d.tokens + c.tokens, d.positions + c.positions, d.slots + c.slots, tok_rows, d.src,
+                logit_rows, d.table_rows + [c.table_rows[i] for i in picked],
+                d.steps + [c.steps[i] for i in picked]]
+        flat = self._to_device(list(itertools.chain.from_iterable(cols)))
+        tokens, positions, slots, rows, src, logit_rows_t, samp_rows, steps = flat.split([len(x) for x in cols])
+        if nd:   # decode rows whose input is still on the device
+            tokens = tokens.clone()
+            tokens[:nd] = torch.where(src >= 0, self.out.tokens[src.clamp(min=0)], tokens[:nd])
+        self.kv.write_table(rows, positions, slots)
+        meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d.positions] + c.kv_lens,
+                                   d.table_rows + c.table_rows, self.device)
+        logits = self.model.forward_mixed(tokens, positions, slots, meta, self.kv, logit_rows_t)
+        ns = len(logit_rows)
+        if plain:
+            self.out.tokens[:ns].copy_(greedy(logits))
+        else:
+            self.tables.full(logits, samp_rows, steps, self.out.view(ns))
+
+    def _copy_out(self, n: int, kind: str, bucket: int, host: HostBuffers, want_lp: bool) -> InFlight:
+        nb = self.device.type == "cuda"
+        host.tokens[:n].copy_(self.out.tokens[:n], non_blocking=nb)
+        if want_lp:
+            host.logprob[:n].copy_(self.out.logprob[:n], non_blocking=nb)
+            host.top_ids[:n].copy_(self.out.top_ids[:n], non_blocking=nb)
+            host.top_logprobs[:n].copy_(self.out.top_logprobs[:n], non_blocking=nb)
+        event = self._events[self._host.index(host)]
+        if event is not None:
+            event.record()
+        return InFlight(n, kind, bucket, host, want_lp, event, time.perf_counter())
+
+    def collect(self, step: InFlight) -> tuple[list[int], Optional[list[TokenLogprob]]]:
+        """The step's sampled tokens (and logprobs); the one host wait of a step."""
+        if step.event is not None:
+            step.event.synchronize()
+        h, n = step.host, step.n
+        tokens = h.tokens[:n].tolist()
+        if not step.logprobs:
+            return tokens, None
+        lps = [TokenLogprob(t, lp, tuple(zip(ids, vals))) for t, lp, ids, vals in
+               zip(tokens, h.logprob[:n].tolist(), h.top_ids[:n].tolist(), h.top_logprobs[:n].tolist())]
+        return tokens, lps
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    # -- introspection (tests, stats) -----------------------------------------------------------
+    def input_addresses(self) -> list[int]:
+        return [self.decode.inputs.data_ptr(), self.decode.logits.data_ptr(), self.out.tokens.data_ptr()]

@@ -1,0 +1,101 @@
+"""How many KV blocks, decode rows and buckets an engine gets: decided once, at startup.
+
+CUDA (`plan_cuda`), after the weights are loaded:
+1. rows: `max_num_seqs`, else the largest given bucket, else what the free memory would hold at
+   `expected_seq_len` tokens per sequence, capped at MAX_ROWS_CUDA and rounded down to a ladder step;
+2. activation: the peak extra memory of one full-mode decode step at those rows plus one mixed
+   forward of `step_token_budget` tokens, measured eagerly against a two-block probe cache (it
+   bounds the graph pool and the mixed step's transient tensors); reserved x1.2 + 64 MiB;
+3. blocks: `kv_cache_bytes`, else memory_utilization x total - memory in use - the reserve;
+4. rows again: never more than the pool holds at `expected_seq_len` (unless max_num_seqs was given);
+5. buckets: `batch_buckets`, else the ladder up to rows.
+CPU (`plan_cpu`): rows from the config (default 64), blocks for that many full-length sequences
+unless `kv_cache_bytes` says otherwise. Every plan is logged with its inputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, ConfigError, EngineConfig, ladder_up_to,
+                            round_rows)
+
+log = logging.getLogger("replica")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_blocks: int               # incl. the scratch block
+    rows: int                     # max_num_seqs: sequences admitted at once
+    buckets: tuple[int, ...]
+    activation_bytes: int = 0     # reserved for graphs and mixed steps (CUDA)
+
+
+def _explicit_rows(c: EngineConfig) -> int:
+    return c.max_num_seqs or (c.batch_buckets[-1] if c.batch_buckets else 0)
+
+
+def _buckets(c: EngineConfig, rows: int) -> tuple[int, ...]:
+    return c.batch_buckets if c.batch_buckets is not None else ladder_up_to(rows)
+
+
+def plan_cpu(c: EngineConfig, bytes_per_block: int) -> MemoryPlan:
+    rows = _explicit_rows(c) or DEFAULT_CPU_ROWS
+    per_seq = -(-c.max_seq_len // c.block_size)
+    blocks = c.kv_cache_bytes // bytes_per_block if c.kv_cache_bytes else rows * per_seq + 1
+    _check_blocks(c, blocks, bytes_per_block)
+    return MemoryPlan(blocks, rows, _buckets(c, rows))
+
+
+def rows_guess(c: EngineConfig, budget_bytes: int, bytes_per_token: int) -> int:
+    """Step 1: the rows to probe activation memory at."""
+    explicit = _explicit_rows(c)
+    if explicit:
+        return explicit
+    fit = budget_bytes // max(1, bytes_per_token * c.expected_len)
+    return max(1, min(MAX_ROWS_CUDA, round_rows(fit)))
+
+
+def plan_cuda(c: EngineConfig, total: int, in_use: int, activation_bytes: int,
+              bytes_per_block: int, probed_rows: int) -> MemoryPlan:
+    """Steps 3-5, given the measured activation peak at `probed_rows`."""
+    reserve = int(activation_bytes * 1.2) + (64 << 20)
+    if c.kv_cache_bytes is not None:
+        budget = c.kv_cache_bytes
+    else:
+        budget = int(total * c.memory_utilization) - in_use - reserve
+    blocks = budget // bytes_per_block + 1
+    _check_blocks(c, blocks, bytes_per_block)
+    rows = probed_rows
+    if not _explicit_rows(c):
+        held = (blocks - 1) * c.block_size // c.expected_len
+        rows = max(1, min(rows, round_rows(held)))
+    log.info("KV plan: %d blocks x %d tokens (%.2f GiB), %d rows, activation reserve %.0f MiB "
+             "(expected_seq_len %d)", blocks, c.block_size, blocks * bytes_per_block / 2**30, rows,
+             reserve / 2**20, c.expected_len)
+    return MemoryPlan(blocks, rows, _buckets(c, rows), reserve)
+
+
+def _check_blocks(c: EngineConfig, blocks: int, bytes_per_block: int) -> None:
+    per_seq = -(-c.max_seq_len // c.block_size)
+    if blocks - 1 < per_seq:
+        raise ConfigError(
+            f"the KV budget holds {max(blocks - 1, 0)} blocks of {c.block_size} tokens "
+            f"({bytes_per_block / 2**20:.2f} MiB each), less than one sequence of max_seq_len="
+            f"{c.max_seq_len} ({per_seq} blocks): lower max_seq_len, raise memory_utilization or "
+            f"kv_cache_bytes, or use a smaller model")
+
+
+def measure_peak(run: Callable[[], None], device) -> int:
+    """Peak bytes allocated by `run()` above what was allocated before it (CUDA)."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return int(peak)

@@ -1,0 +1,358 @@
+"""The worker: `EngineCore`, the one step loop body, and the two places it runs.
+
+`EngineCore.step()` = schedule step k+1 -> launch it -> collect step k (the one host wait, while
+k+1 runs on the GPU) -> postprocess k -> events. One step stays in flight, so the host's
+bookkeeping hides behind the GPU; a sequence's next input is taken on the device from the step in
+flight (replica/batch.py `src`).
+
+Launchers (same contract: `submit(Sequence)`, `abort(id)`, `stats()`, `check_health()`,
+`shutdown()`; events go to `on_events(list[Event])` on a background thread of this process):
+- `ThreadWorker`: a thread of this process (CPU tests, in-process benchmarks; no start-up cost);
+- `ProcessWorker`: a child process of its own (servers on CUDA). The step thread calls hundreds of
+  torch ops per step, each releasing and re-taking the GIL; next to a Serve replica's busy asyncio
+  loop every re-take can wait a GIL switch interval (measured: 20 torch ops 0.07 ms alone, 72 ms next
+  to one busy thread). In its own process the loop never waits for the caller's GIL.
+
+Process protocol (pickled tuples over a socketpair, `multiprocessing.connection.Connection`):
+parent -> child: ("config", EngineConfig), then ("submit", Sequence), ("abort", id), ("stop",)
+child -> parent: ("ready", EngineInfo, EngineStats) | ("failed", exception),
+                 then ("events", [Event], EngineStats) per step, ("stopped", [Event], EngineStats).
+The child starts importing torch before the config arrives, while the parent goes on.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from replica.batch import StepBatch
+from replica.blocks import BlockPool
+from replica.config import EngineConfig
+from replica.model_runner import InFlight, ModelRunner   # torch: a child process imports it at once
+from replica.scheduler import EngineOverloadedError, Scheduler
+from replica.sequence import Event, Sequence
+from replica.stats import EngineStats
+from replica.tokenizer import load_tokenizer
+
+MAX_SUMMARY = 4096
+
+log = logging.getLogger("replica")
+STALL_SECONDS = 60.0
+OnEvents = Callable[[list[Event]], None]
+OnFailure = Callable[[BaseException], None]
+OVERLOADED = "overloaded"      # finish_reason of an Event for a submit the child's queue refused
+SUMMARY_PERIOD_S = 0.5         # how often the prefix-cache summary in stats is rebuilt
+EMA = 0.2                      # weight of the newest step in the measured rates
+__all__ = ["EngineDeadError", "EngineOverloadedError", "ThreadWorker", "ProcessWorker"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine was shut down or its step loop failed; the request cannot run."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end needs to validate requests, known once the core is built."""
+    vocab_size: int
+    max_seq_len: int
+    block_size: int
+
+
+class EngineCore:
+    """Scheduler + model runner + the step in flight. Single-threaded but for `submit`/`abort`."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = c = config
+        self.runner = r = ModelRunner(config)
+        eos = set(load_tokenizer(c.model).eos_token_ids)
+        gen_eos = getattr(r.hf_config, "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.pool = BlockPool(r.plan.num_blocks, c.block_size, c.enable_prefix_cache)
+        self.scheduler = Scheduler(self.pool, r.rows, r.max_decode_rows, c.max_seq_len, c.step_token_budget,
+                                   eos, c.max_queued_requests)
+        self.info = EngineInfo(r.vocab_size, c.max_seq_len, c.block_size)
+        self._inflight: Optional[tuple[StepBatch, InFlight]] = None
+        self._last_done = time.perf_counter()
+        self.steps = collections.Counter()          # (bucket, path) -> decode steps
+        self.padded = collections.Counter()         # bucket -> padding rows
+        self.tokens = collections.Counter()         # mixed_steps, prefill_tokens, mixed_decode_rows
+        self.decode_step_s: dict[int, float] = {}
+        self.prefill_tokens_per_s = 0.0
+        self._summary: tuple[int, ...] = ()
+        self._summary_at = 0.0
+        self.startup = r.startup
+
+    def mark_ready(self, process_s: float, ready_s: float) -> None:
+        self.startup = dataclasses.replace(self.runner.startup, process_seconds=process_s,
+                                           ready_seconds=ready_s)
+        log.info("engine ready in %.2f s (process %.2f, load %.2f, sizing %.2f, JIT %.2f, capture %.2f)",
+                 ready_s, process_s, self.startup.load_seconds, self.startup.sizing_seconds,
+                 self.startup.warmup_seconds, self.startup.capture_seconds)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._inflight is not None
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        batch = self.scheduler.schedule(events)
+        launched = (batch, self.runner.launch(batch)) if batch else None
+        if self._inflight is not None:
+            prev_batch, prev = self._inflight
+            tokens, logprobs = self.runner.collect(prev)
+            self._account(prev_batch, prev)
+            events += self.scheduler.postprocess(prev_batch, tokens, logprobs)
+        self._inflight = launched
+        return events
+
+    def _account(self, batch: StepBatch, step: InFlight) -> None:
+        """Counters and measured rates of a step that just finished."""
+        now = time.perf_counter()
+        seconds, self._last_done = max(now - max(self._last_done, step.launched_at), 1e-6), now
+        if step.kind == "mixed":
+            self.tokens["mixed_steps"] += 1
+            self.tokens["prefill_tokens"] += batch.prefill_tokens
+            self.tokens["mixed_decode_rows"] += len(batch.decode)
+            rate = batch.prefill_tokens / seconds
+            self.prefill_tokens_per_s = _ema(self.prefill_tokens_per_s, rate)
+        else:
+            self.steps[(step.bucket, step.kind)] += 1
+            self.padded[step.bucket] += step.bucket - len(batch.decode)
+            self.decode_step_s[step.bucket] = _ema(self.decode_step_s.get(step.bucket, 0.0), seconds)
+
+    def abort_all(self) -> list[Event]:
+        self._inflight = None
+        return self.scheduler.abort_all()
+
+    def stats(self) -> EngineStats:
+        sch, r, pool, c = self.scheduler, self.runner, self.pool, self.config
+        now = time.monotonic()
+        if now - self._summary_at > SUMMARY_PERIOD_S:
+            self._summary, self._summary_at = pool.summary(MAX_SUMMARY), now
+        return EngineStats(
+            captured_buckets=r.graphs.captured_buckets if r.graphs.use_graphs else r.plan.buckets,
+            graphs=r.graphs.use_graphs, max_seq_len=c.max_seq_len, max_num_seqs=r.rows,
+            running=len(sch.running), free_slots=sch.free_rows, queued=sch.queued, fallback=c.fallback,
+            max_queued=c.max_queued_requests, block_size=c.block_size, total_blocks=pool.num_blocks,
+            free_blocks=pool.num_free, cached_blocks=pool.num_cached,
+            prefill_backlog_tokens=sch.backlog_tokens(), decode_rows=sch.decode_rows(),
+            decode_steps=dict(self.steps), padded_rows=dict(self.padded),
+            mixed_steps=self.tokens["mixed_steps"], prefill_tokens=self.tokens["prefill_tokens"],
+            mixed_decode_rows=self.tokens["mixed_decode_rows"],
+            generated_tokens=sch.counters["generated_tokens"], prompt_tokens=sch.counters["prompt_tokens"],
+            prefix_queried_tokens=pool.counters.queried_tokens, prefix_hit_tokens=pool.counters.hit_tokens,
+            preemptions=sch.counters["preemptions"], finished_requests=sch.counters["finished_requests"],
+            aborted_requests=sch.counters["aborted_requests"],
+            prefill_tokens_per_s=self.prefill_tokens_per_s, decode_step_s=dict(self.decode_step_s),
+            prefix_hashes=self._summary, startup=self.startup)
+
+
+def _ema(old: float, new: float) -> float:
+    return new if old == 0.0 else (1 - EMA) * old + EMA * new
+
+
+class ThreadWorker:
+    def __init__(self, config: EngineConfig, on_events: OnEvents, on_failure: OnFailure):
+        t0 = time.perf_counter()
+        self.core = EngineCore(config)
+        self.core.mark_ready(process_s=0.0, ready_s=time.perf_counter() - t0)
+        self.info = self.core.info
+        self._on_events, self._on_failure = on_events, on_failure
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.error: Optional[BaseException] = None
+        self._in_step_since: Optional[float] = None
+        self._thread = threading.Thread(target=self._run, name="graphserve-step", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self.core.scheduler.submit(seq)     # raises EngineOverloadedError past the queue bound
+        self._notify()
+
+    def abort(self, request_id: str) -> None:
+        self.core.scheduler.abort(request_id)
+        self._notify()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"step loop failed: {self.error!r}") from self.error
+        if self._stopping or not self._thread.is_alive():
+            raise EngineDeadError("step loop is not running")
+        since = self._in_step_since
+        if since is not None and time.monotonic() - since > STALL_SECONDS:
+            raise EngineDeadError(f"one engine step has run for over {STALL_SECONDS:.0f} s")
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self.core.has_work():
+                        self._wake.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                self._in_step_since = time.monotonic()
+                events = self.core.step()
+                self._in_step_since = None
+                if events:
+                    self._on_events(events)
+            self._on_events(self.core.abort_all())
+        except BaseException as e:  # noqa: BLE001 - the loop must report any failure to its waiters
+            log.exception("engine step loop failed")
+            self.error = e
+            self._on_failure(e)
+
+
+class ProcessWorker:
+    def __init__(self, config: EngineConfig, on_events: OnEvents, on_failure: OnFailure):
+        t0 = time.perf_counter()
+        self._on_events, self._on_failure = on_events, on_failure
+        parent, child = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "replica.worker", str(child.fileno()),
+                                       repr(time.time())], pass_fds=(child.fileno(),), env=env)
+        child.close()
+        self._conn = Connection(parent.detach())
+        self._send_lock = threading.Lock()
+        self.error: Optional[BaseException] = None
+        self._stopping = False
+        self._send(("config", config))
+        try:
+            kind, *payload = self._conn.recv()  # blocks through imports, weight load and graph capture
+        except EOFError:
+            raise EngineDeadError(f"the engine process exited during startup (code {self._proc.wait()}); "
+                                  "its log is above") from None
+        if kind == "failed":
+            self._proc.wait(timeout=30)
+            raise payload[0]
+        self.info, self._stats = payload
+        self._ready_s = time.perf_counter() - t0
+        self._last_message = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="graphserve-engine-reader", daemon=True)
+        self._reader.start()
+
+    def submit(self, seq: Sequence) -> None:
+        s = self._stats
+        if s.max_queued is not None and s.queued >= s.max_queued:   # the child enforces it exactly
+            raise EngineOverloadedError(f"the engine's queue is full ({s.max_queued} requests wait)")
+        self._send(("submit", seq))
+
+    def abort(self, request_id: str) -> None:
+        try:
+            self._send(("abort", request_id))
+        except EngineDeadError:
+            pass  # nothing runs any more, so nothing is left to abort
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine process failed: {self.error!r}") from self.error
+        if self._stopping or self._proc.poll() is not None or not self._reader.is_alive():
+            raise EngineDeadError("engine process is not running")
+        busy = self._stats.running or self._stats.queued
+        if busy and time.monotonic() - self._last_message > STALL_SECONDS:
+            raise EngineDeadError(f"the engine process has sent nothing for over {STALL_SECONDS:.0f} s")
+
+    def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self._send(("stop",))
+        except EngineDeadError:
+            pass
+        self._reader.join(timeout=30)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+    def _send(self, msg) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as e:  # the child is gone (killed, crashed): say so in the engine's terms
+            raise EngineDeadError(f"the engine process is gone (code {self._proc.poll()})") from e
+
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, events, stats = self._conn.recv()
+                self._stats, self._last_message = stats, time.monotonic()
+                if events:
+                    self._on_events(events)
+                if kind == "stopped":
+                    return
+        except (EOFError, OSError):
+            if not self._stopping:
+                try:
+                    code = self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.error = EngineDeadError(f"the engine process exited (code {code})")
+                log.error("%s", self.error)
+                self._on_failure(self.error)
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+            self._on_failure(e)
+
+
+def _child_main(fd: int, spawned_at: float) -> None:
+    """The engine process: build the EngineCore, then step whenever there is work."""
+    conn = Connection(fd)
+    _, config = conn.recv()
+    t0 = time.perf_counter()
+    process_s = time.time() - spawned_at
+    try:
+        core = EngineCore(config)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", e))
+        return
+    core.mark_ready(process_s=process_s, ready_s=process_s + time.perf_counter() - t0)
+    conn.send(("ready", core.info, core.stats()))
+    while True:
+        # Drain every command that is waiting; block only when there is nothing to step.
+        while conn.poll(0 if core.has_work() else 1.0):
+            msg = conn.recv()
+            if msg[0] == "submit":
+                try:
+                    core.scheduler.submit(msg[1])
+                except EngineOverloadedError:
+                    conn.send(("events", [Event(msg[1].request_id, (), OVERLOADED)], core.stats()))
+            elif msg[0] == "abort":
+                core.scheduler.abort(msg[1])
+            else:  # "stop"
+                conn.send(("stopped", core.abort_all(), core.stats()))
+                return
+        if core.has_work():
+            events = core.step()
+            conn.send(("events", events, core.stats()))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Run the importable module's copy, so pickles name `replica.worker.EngineInfo`, not `__main__.`
+    from replica.worker import _child_main as child_main
+    child_main(int(sys.argv[1]), float(sys.argv[2]))

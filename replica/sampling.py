@@ -133,16 +133,21 @@ class SamplingTables:
                                    torch.ones(len(o_rows), dtype=torch.int32, device=self.device), accumulate=True)
 
     # -- inside the graph -----------------------------------------------------------------------
-    def full(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
-        """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`."""
-        raw = logits.float()
-        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 2]
+    def processed(self, raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """raw fp32 logits [B, V] -> after logit bias and penalties (before temperature)."""
+        f = self.floats[rows]                                                        # [B, 6]
         x = raw.scatter_add(1, self.bias_ids[rows], self.bias_vals[rows])
         counts = self.counts[rows]                                                   # [B, V]
         seen = (counts > 0) | self.prompt_seen[rows]
         rep = f[:, F_REPETITION, None]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        x = x - f[:, F_PRESENCE, None] * (counts > 0) - f[:, F_FREQUENCY, None] * counts
+        return x - f[:, F_PRESENCE, None] * (counts > 0) - f[:, F_FREQUENCY, None] * counts
+
+    def full(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
+        """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`."""
+        raw = logits.float()
+        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 2]
+        x = self.processed(raw, rows)
         tok = draw(x, f[:, F_TEMP], ints[:, 0], f[:, F_TOP_P], f[:, F_MIN_P], ints[:, 1], steps)
         out.tokens.copy_(tok)
         lp = torch.log_softmax(raw, dim=-1)

@@ -175,6 +175,58 @@ def floor_ms(name: str, batch: int, context: float, copy_Bps: float, dtype_bytes
     return step_bytes(name, batch, context, dtype_bytes)["total"] / copy_Bps * 1e3
 
 
+# ---------------------------------------------------------------- the roofline of a loaded replica
+
+def gemm_rate(device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n bf16 matmul on random data (median of reps, after warm-up)."""
+    import torch
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    del a, b
+    free_device_memory(device)
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def prefill_flops(name: str, prompt_tokens: int, prompts: int) -> float:
+    """Matmul FLOPs of prefilling: every layer's weight matrices for every prompt token, the lm_head
+    once per prompt (only the last position's logits are needed). Attention FLOPs are left out, as
+    in the roofline's definition, which makes the bound conservative for long prompts."""
+    p = PRESETS[name]
+    layers = weight_bytes(name, 0, 1) - p["vocab_size"] * p["hidden_size"] - p["hidden_size"]
+    layers -= p["num_hidden_layers"] * 2 * p["hidden_size"]            # norms are not matmuls
+    return 2.0 * layers * prompt_tokens + 2.0 * p["vocab_size"] * p["hidden_size"] * prompts
+
+
+def roofline(name: str, requests: Sequence[tuple[int, int]], kv_tokens: int, gemm_Fps: float,
+             copy_Bps: float) -> dict:
+    """T_roof of a set of requests (prompt, output) on one GPU:
+
+        prefill FLOPs / F + (sum(output) / R) x (weight bytes + R x mean context x KV bytes/token) / BW
+
+    R = rows the KV budget (`kv_tokens`) holds at the mean sequence length, capped by the number of
+    requests; mean context = mean prompt + half the mean output (the average decode position)."""
+    n = len(requests)
+    P = sum(p for p, _ in requests)
+    O = sum(o for _, o in requests)
+    mean_seq = (P + O) / n
+    R = max(1, min(n, int(kv_tokens // mean_seq)))
+    ctx = P / n + O / n / 2
+    prefill_s = prefill_flops(name, P, n) / gemm_Fps
+    step_s = (weight_bytes(name, R) + R * ctx * kv_bytes_per_token(name)) / copy_Bps
+    decode_s = O / R * step_s
+    return {"t_roof_s": prefill_s + decode_s, "prefill_s": prefill_s, "decode_s": decode_s, "rows": R,
+            "mean_context": ctx, "prompt_tokens": P, "output_tokens": O}
+
+
 # ---------------------------------------------------------------- statistics and tables
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

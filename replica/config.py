@@ -44,7 +44,7 @@ class EngineConfig:
     # Longest sequence (prompt + generated) one request may reach.
     max_seq_len: int = 2048
     # Sequence length the pool is sized for when max_num_seqs is None: rows = KV tokens / this.
-    # None: min(max_seq_len, 2048).
+    # None: min(max_seq_len, 1024). Admitting more than fits is safe (preemption), so err high.
     expected_seq_len: Optional[int] = None
     # Sequences admitted at once (decode rows). None: what the KV pool holds at expected_seq_len,
     # capped at 512 on CUDA (64 on CPU) and rounded down to a LADDER value; with batch_buckets
@@ -83,7 +83,7 @@ class EngineConfig:
 
     @property
     def expected_len(self) -> int:
-        return self.expected_seq_len or min(self.max_seq_len, 2048)
+        return self.expected_seq_len or min(self.max_seq_len, 1024)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -155,7 +155,8 @@ class SamplingTables:
         top = lp.topk(MAX_LOGPROBS, dim=-1)
         out.top_logprobs.copy_(top.values)
         out.top_ids.copy_(top.indices)
-        self.counts.index_put_((rows, tok), torch.ones_like(tok, dtype=torch.int32), accumulate=True)
+        V = self.counts.shape[1]   # atomics on a flat view: capture-safe, duplicates (padding) add up
+        self.counts.view(-1).scatter_add_(0, rows * V + tok, torch.ones_like(tok, dtype=torch.int32))
 
 
 def _uses_penalties(p: SamplingParams) -> bool:

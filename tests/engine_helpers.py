@@ -19,3 +19,44 @@ async def collect(engine, ids=None, prompt=None, **params):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def prefill_then_decode_batch(core, prompts, params):
+    """Drive an EngineCore (no worker thread) until every prompt has its first token, drain the step
+    in flight, and return the pure-decode StepBatch of the next step (not launched)."""
+    from replica.sequence import Sequence
+
+    seqs = [Sequence(f"h{i}", list(p), params, 1000 + i) for i, p in enumerate(prompts)]
+    for s in seqs:
+        core.scheduler.submit(s)
+    while not all(s.output_ids for s in seqs):
+        core.step()
+    if core._inflight is not None:                      # drain the lookahead step
+        batch, inflight = core._inflight
+        core.scheduler.postprocess(batch, *core.runner.collect(inflight))
+        core._inflight = None
+    batch = core.scheduler.schedule([])
+    assert not batch.mixed and len(batch.decode) == len(prompts), "expected a pure decode step"
+    return batch
+
+
+def replay_vs_eager(core, prompts, params):
+    """Run one decode step of `prompts` as the engine would (graph replay on CUDA), then the same
+    static inputs eagerly. Returns (InFlight, (tokens, logits) replayed, (tokens, logits) eager)."""
+    import torch
+
+    r = core.runner
+    batch = prefill_then_decode_batch(core, prompts, params)
+    b = len(batch.decode)
+    with torch.inference_mode():
+        step = r.launch(batch)
+        r.collect(step)
+        width = step.bucket
+        replay = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
+        mode = "greedy" if params.plain_greedy else "full"
+        r.decode.run(width, mode)   # same static inputs, no graph; rewrites the same KV entries
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+        eager = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
+    core.abort_all()
+    return step, replay, eager

@@ -1,8 +1,11 @@
 """CUDA-graph behaviour on a real GPU (skipped without CUDA).
 
-For every captured bucket: graph replay gives the same tokens as the same step run eagerly (float32),
-and logits within bf16 tolerance (bfloat16); greedy tokens equal HF generate on the GPU; buffer
-addresses are unchanged after capture and after serving; no capture happens after startup.
+For every captured bucket, with real block tables (prompts prefilled through the engine's own
+mixed steps, blocks scattered by the pool): graph replay gives the same tokens as the same step
+run eagerly (float32), and logits within bf16 tolerance (bfloat16); greedy tokens equal HF generate
+on the GPU (process worker, prefix cache and preemption on); KV, block-table and input addresses
+are unchanged after capture and after serving; no capture happens after startup; the Triton paged
+kernels match their torch references on the device.
 """
 from __future__ import annotations
 
@@ -12,85 +15,58 @@ from unittest import mock
 import pytest
 import torch
 
-from engine_helpers import collect, run
-from replica import Engine, EngineConfig
+from engine_helpers import collect, replay_vs_eager, run
+from replica import Engine, EngineConfig, SamplingParams
 from replica.graphs import CaptureClosedError
+from replica.worker import EngineCore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 BUCKETS = (1, 2, 4, 8, 16)
 
 
-def _engine(path, dtype, mode="thread"):
-    """mode "thread" keeps the runtime in this process so tests can reach its buffers."""
-    return Engine(EngineConfig(model=path, device="cuda", dtype=dtype, batch_buckets=BUCKETS,
-                               max_seq_len=256, max_num_seqs=16, kv_cache_bytes=64 << 20,
-                               engine_process=mode))
+def _config(path, dtype, **kw):
+    return EngineConfig(model=path, device="cuda", dtype=dtype, batch_buckets=BUCKETS, max_seq_len=256,
+                        max_num_seqs=16, block_size=16, kv_cache_bytes=64 << 20, **kw)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def engine(request, tiny_llama_dir):
-    eng = _engine(tiny_llama_dir[0], request.param)
-    yield eng
-    eng.shutdown()
+def core(request, tiny_llama_dir):
+    return EngineCore(_config(tiny_llama_dir[0], request.param))
 
 
-def _prefilled_rows(rt, b, gen):
-    """Prefill b random prompts into fresh slots; rows as DecodeGraphs.run expects them."""
-    rows, slots = [], []
-    for i in range(b):
-        prompt = torch.randint(0, 256, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
-        slot = rt.slots.allocate()
-        slots.append(slot)
-        logits = rt.prefill([(prompt, 0, slot)])[0]
-        rows.append((int(logits.argmax()), len(prompt), slot, 0, 1000 + i, 1, 0.0, 1.0, -1))
-    return rows, slots
-
-
-def _replay_vs_eager(rt, b, mode, gen):
-    rows, slots = _prefilled_rows(rt, b, gen)
-    if mode == "sample":
-        rows = [r[:3] + (20, r[4], r[5], 0.9, 0.95, -1) for r in rows]
-    g = rt.graphs
-    with torch.inference_mode():
-        step = g.launch(rows, sampling=(mode == "sample"))
-        g.collect(step)
-        res = step.result
-        replay = (g.out_tokens[:b].clone(), g.logits[:b].float().clone())
-        g._step(b, mode)  # same static inputs, no graph; rewrites the same KV entries
-        torch.cuda.synchronize()
-        eager = (g.out_tokens[:b].clone(), g.logits[:b].float().clone())
-    for s in slots:
-        rt.slots.release(s)
-    return res, replay, eager
+def _prompts(b, gen):
+    return [torch.randint(0, 256, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(b)]
 
 
 @pytest.mark.parametrize("bucket", BUCKETS)
-@pytest.mark.parametrize("mode", ["greedy", "sample"])
-def test_replay_matches_eager_for_every_bucket(engine, bucket, mode):
-    rt = engine.runtime
-    assert rt.graphs.captured_buckets == BUCKETS
+@pytest.mark.parametrize("mode", ["greedy", "full"])
+def test_replay_matches_eager_for_every_bucket(core, bucket, mode):
+    assert core.runner.graphs.captured_buckets == BUCKETS
     gen = torch.Generator().manual_seed(bucket)
-    res, (tok_g, log_g), (tok_e, log_e) = _replay_vs_eager(rt, bucket, mode, gen)
-    assert res.path == "graph" and res.bucket == bucket
-    if engine.runtime.dtype == torch.float32:
+    params = SamplingParams(max_tokens=50, temperature=0.0) if mode == "greedy" else \
+        SamplingParams(max_tokens=50, temperature=0.9, top_p=0.95, top_k=20, seed=1, logprobs=3,
+                       repetition_penalty=1.1)
+    step, (tok_g, log_g), (tok_e, log_e) = replay_vs_eager(core, _prompts(bucket, gen), params)
+    assert step.kind == "graph" and step.bucket == bucket
+    if core.runner.dtype == torch.float32:
         assert torch.equal(tok_g, tok_e)
         torch.testing.assert_close(log_g, log_e, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(log_g, log_e, rtol=1.6e-2, atol=1e-2)  # bf16 tolerance
         assert (tok_g == tok_e).float().mean() >= 0.9
+    assert core.pool.leaked() == 0
 
 
 def test_bf16_logits_track_float32_reference(tiny_llama_dir):
     """The bf16 graph's logits stay within bf16 tolerance of the float32 eager computation."""
     outs = {}
+    prompts = _prompts(8, torch.Generator().manual_seed(7))
     for dtype in ("float32", "bfloat16"):
-        eng = _engine(tiny_llama_dir[0], dtype)
-        try:
-            _, (tok, logits), _ = _replay_vs_eager(eng.runtime, 8, "greedy", torch.Generator().manual_seed(7))
-            outs[dtype] = logits
-        finally:
-            eng.shutdown()
+        c = EngineCore(_config(tiny_llama_dir[0], dtype))
+        _, (_, logits), _ = replay_vs_eager(c, prompts, SamplingParams(max_tokens=20, temperature=0.0))
+        outs[dtype] = logits
     ref, got = outs["float32"], outs["bfloat16"]
     rel = (got - ref).norm() / ref.norm()
     assert rel < 2e-2, f"relative error {rel:.3e}"
@@ -99,36 +75,72 @@ def test_bf16_logits_track_float32_reference(tiny_llama_dir):
 def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
     path, hf_cpu = tiny_llama_dir
     hf = hf_cpu.to("cuda")
-    eng = _engine(path, "float32", mode="process")   # the server's configuration
-    prompts = [[5, 17, 99], list(range(40, 80)), [7], list(range(100, 113))]
+    # the server's configuration (process worker); a small pool forces preemption, shared prefixes hit
+    eng = Engine(EngineConfig(model=path, device="cuda", dtype="float32", batch_buckets=BUCKETS, max_seq_len=256,
+                              block_size=16, max_num_seqs=8, kv_cache_bytes=24 * 2 * 2 * 2 * 16 * 16 * 4,
+                              engine_process="process"))
+    shared = list(range(40, 80))
+    prompts = [[5, 17, 99], shared + [1, 2], [7], shared + list(range(100, 113)), shared, list(range(3, 40))]
     try:
         async def all_at_once():
-            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=10, temperature=0.0, ignore_eos=True)
+            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=40, temperature=0.0, ignore_eos=True)
                                           for p in prompts])
         results = run(all_at_once())
         for p, (toks, _, _) in zip(prompts, results):
-            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=10, min_new_tokens=10,
+            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, min_new_tokens=40,
                               do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
             assert toks == ref
-        steps = eng.stats().decode_steps
-        assert steps and all(path == "graph" for _, path in steps), steps
+        s = eng.stats()
+        assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+        assert s.prefix_hit_tokens > 0 and s.preemptions > 0
     finally:
         eng.shutdown()
         hf.to("cpu")
 
 
-def test_addresses_stable_and_no_capture_after_startup(engine):
-    rt = engine.runtime
-    before = rt.kv.addresses() + rt.graphs.input_addresses()
-    with mock.patch.object(torch.cuda.CUDAGraph, "capture_begin", autospec=True,
-                           side_effect=AssertionError("capture after startup")) as begin:
-        async def traffic():
-            return await asyncio.gather(*[collect(engine, ids=[i + 1] * (i + 2), max_tokens=12,
-                                                  temperature=0.8 * (i % 2), seed=i) for i in range(12)])
-        results = run(traffic())
-        assert all(len(t) == 12 for t, _, _ in results)
-        assert begin.call_count == 0
-    assert rt.kv.addresses() + rt.graphs.input_addresses() == before
-    with pytest.raises(CaptureClosedError):
-        rt.graphs.capture_all()
-    assert rt.startup.capture_seconds > 0 and rt.startup.graph_bytes >= 0
+def test_addresses_stable_and_no_capture_after_startup(tiny_llama_dir):
+    eng = Engine(_config(tiny_llama_dir[0], "bfloat16", engine_process="thread"))
+    r = eng.core.runner
+    before = r.kv.addresses() + r.input_addresses()
+    try:
+        with mock.patch.object(torch.cuda.CUDAGraph, "capture_begin", autospec=True,
+                               side_effect=AssertionError("capture after startup")) as begin:
+            async def traffic():
+                return await asyncio.gather(*[collect(eng, ids=[i + 1] * (i + 2), max_tokens=12,
+                                                      temperature=0.8 * (i % 2), seed=i) for i in range(24)])
+            results = run(traffic())
+            assert all(len(t) == 12 for t, _, _ in results)
+            assert begin.call_count == 0
+        assert r.kv.addresses() + r.input_addresses() == before
+        with pytest.raises(CaptureClosedError):
+            r.graphs.capture_all(lambda n: None)
+        assert r.startup.capture_seconds > 0 and r.startup.graph_bytes >= 0
+    finally:
+        eng.shutdown()
+
+
+def test_paged_kernels_match_references_on_the_device():
+    """The Triton paged ops against their torch references, random block tables, bf16."""
+    from replica import kernels as K
+    from replica.kernels import reference as R
+
+    if not hasattr(R, "paged_decode_attention"):
+        pytest.skip("paged references not in replica.kernels.reference")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    nb, kvh, bs, hd, h = 64, 8, 16, 128, 32
+    k = torch.randn(nb, kvh, bs, hd, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.randperm(nb - 1, device=dev)[:40].add(1).to(torch.int32).view(4, 10)
+    lens = torch.tensor([1, 17, 100, 160], device=dev)
+    q = torch.randn(4, h, hd, device=dev, dtype=torch.bfloat16)
+    rows = torch.arange(4, device=dev)
+    got = K.paged_decode_attention(q, k, v, tables, rows, lens, hd ** -0.5)
+    ref = R.paged_decode_attention(q, k, v, tables, rows, lens, hd ** -0.5)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    q_lens, kv_lens = [1, 30, 7, 1], [1, 60, 100, 160]
+    qp = torch.randn(sum(q_lens), h, hd, device=dev, dtype=torch.bfloat16)
+    meta = K.PrefillMeta.build(q_lens, kv_lens, [0, 1, 2, 3], dev)
+    got = K.paged_prefill_attention(qp, k, v, tables, meta, hd ** -0.5)
+    ref = R.paged_prefill_attention(qp, k, v, tables, meta, hd ** -0.5)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

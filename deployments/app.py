@@ -52,7 +52,7 @@ def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
                     "some replicas will stay pending", replicas, gpus, gpus_in_cluster)
     return {
         "num_replicas": replicas,
-        "max_ongoing_requests": args.max_ongoing_requests or args.replica_capacity(),
+        "max_ongoing_requests": args.max_ongoing_requests or args.replica_capacity(gpus > 0),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
         "request_router_config": args.router.to_serve(),
         "health_check_period_s": args.health_check_period_s,
@@ -65,7 +65,7 @@ def build_app(args: AppArgs) -> Application:
     opts = replica_options(args, cluster_gpus())
     log.info("graphserve: %s, %d x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s",
              args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
-             opts["max_ongoing_requests"], [list(t) for t in args.tiers])
+             opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers])
     replica = LLMReplica.options(**opts).bind(args)
     ingress = OpenAIIngress.options(
         num_replicas=args.ingress_replicas,

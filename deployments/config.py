@@ -9,7 +9,8 @@ Bucket assignment:
 - `batch_buckets: [1, 2, 4, 8, 16, 32, 64]`: every replica captures the same ladder;
 - `bucket_sets: [[1, 2, 4, 8], [16, 32, 64]]`: tiers inside ONE deployment, so one router chooses
   among all replicas; the replica of rank r captures `bucket_sets[r % len(bucket_sets)]`.
-Give at most one of the two; neither means `replica.config.DEFAULT_BUCKETS` for every replica.
+Give at most one of the two; neither lets every engine size its own ladder from memory (paged KV:
+up to the rows its KV pool holds at `expected_seq_len`, at most 512 on a GPU, 64 on a CPU).
 
 Every bucket set is checked by building the `EngineConfig` it will produce, so a bad value fails
 at `serve run` time with the engine's own message, not later inside a replica.
@@ -20,7 +21,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replica.config import DEFAULT_BUCKETS, ConfigError, EngineConfig
+from replica.config import DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, ConfigError, EngineConfig
 
 DEFAULT_ROUTER = "router.request_router:BucketAwareRequestRouter"
 
@@ -57,8 +58,16 @@ class AppArgs(BaseModel):
     bucket_sets: Optional[list[list[int]]] = None
     # Longest sequence (prompt + completion); also the ingress's context-length limit.
     max_seq_len: int = 2048
-    # KV slots per replica; null lets each engine use its largest bucket (or what memory allows).
+    # Sequences each engine admits at once (decode rows); null: what its KV pool holds at
+    # expected_seq_len (or its largest bucket when buckets are given).
     max_num_seqs: Optional[int] = Field(None, ge=1)
+    # Sequence length the KV pool is sized for; null: min(max_seq_len, 1024).
+    expected_seq_len: Optional[int] = Field(None, ge=1)
+    # Tokens per KV block (prefix-cache granularity) and whether identical prompt prefixes share blocks.
+    block_size: int = Field(16, ge=1)
+    enable_prefix_cache: bool = True
+    # Tokens one engine step carries (decode rows + prefill chunks).
+    step_token_budget: int = Field(2048, ge=1)
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
     seed: int = 0
@@ -107,22 +116,30 @@ class AppArgs(BaseModel):
         return self.served_model_name or self.model
 
     @property
-    def tiers(self) -> list[tuple[int, ...]]:
-        """The bucket sets, one per tier (a single ladder is one tier)."""
+    def tiers(self) -> list[Optional[tuple[int, ...]]]:
+        """The bucket sets, one per tier (a single ladder is one tier; None: the engine's own)."""
         if self.bucket_sets is not None:
             return [tuple(s) for s in self.bucket_sets]
-        return [tuple(self.batch_buckets) if self.batch_buckets is not None else DEFAULT_BUCKETS]
+        return [tuple(self.batch_buckets) if self.batch_buckets is not None else None]
 
-    def buckets_for_rank(self, rank: int) -> tuple[int, ...]:
+    def buckets_for_rank(self, rank: int) -> Optional[tuple[int, ...]]:
         return self.tiers[rank % len(self.tiers)]
 
     def engine_config(self, rank: int, device: str = "auto") -> EngineConfig:
         """The EngineConfig of the replica with this rank (raises ConfigError)."""
         return EngineConfig(model=self.model, dtype=self.dtype, device=device,
                             batch_buckets=self.buckets_for_rank(rank), max_seq_len=self.max_seq_len,
-                            max_num_seqs=self.max_num_seqs, fallback=self.fallback, seed=self.seed,
-                            engine_process=self.engine_process)
+                            max_num_seqs=self.max_num_seqs, expected_seq_len=self.expected_seq_len,
+                            block_size=self.block_size, enable_prefix_cache=self.enable_prefix_cache,
+                            step_token_budget=self.step_token_budget, fallback=self.fallback,
+                            seed=self.seed, engine_process=self.engine_process)
 
-    def replica_capacity(self) -> int:
-        """Sequences the largest tier holds at once: its max_num_seqs, by default its top bucket."""
-        return self.max_num_seqs or max(s[-1] for s in self.tiers)
+    def replica_capacity(self, gpus: bool = True) -> int:
+        """Sequences one replica holds at once, as far as the config says: max_num_seqs, else the
+        largest bucket of any tier, else the engine's cap (the KV pool may hold fewer)."""
+        if self.max_num_seqs:
+            return self.max_num_seqs
+        explicit = [t[-1] for t in self.tiers if t]
+        if explicit:
+            return max(explicit)
+        return MAX_ROWS_CUDA if gpus else DEFAULT_CPU_ROWS

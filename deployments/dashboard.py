@@ -28,6 +28,7 @@ UID = "graphserve"
 TITLE = "graphserve: decode, CUDA graphs, routing"
 FILTER = 'ray_io_cluster=~"$cluster",application=~"$application"'
 CLUSTER_FILTER = 'ray_io_cluster=~"$cluster"'
+GRAPH_PATH_FILTER = 'path="graph",' + FILTER
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -109,17 +110,42 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
               _t(gauge(SERVE_REPLICA_HEALTHY, "deployment"), "{{deployment}}"), width=6),
     )),
     ("Decode", (
-        Panel("Decode steps/s by bucket and path", "path=graph: CUDA graph replay; eager: fallback "
-              "(bucket 0 = a batch larger than every bucket).",
+        Panel("Decode steps/s by bucket and path", "Pure-decode steps. path=graph: CUDA graph replay; "
+              "eager: a batch larger than every captured bucket (bucket = its row count).",
               _t(rate(m.DECODE_STEPS.exported_name, "bucket, path"), "bucket {{bucket}} {{path}}")),
-        Panel("Share of steps: graph replay vs eager", "Fraction of decode steps per path.",
-              _t(share(m.DECODE_STEPS.exported_name, "path"), "{{path}}"), "percentunit"),
+        Panel("Graph-hit (pure decode) and mixed-step share", "graph: replays over pure-decode steps; "
+              "mixed: steps that ran prefill chunks eagerly, over all steps.",
+              (Target(rate(m.DECODE_STEPS.exported_name, flt=GRAPH_PATH_FILTER) + " / "
+                      + rate(m.DECODE_STEPS.exported_name), "graph-hit"),
+               Target(f"{rate(m.MIXED_STEPS.exported_name)} / ({rate(m.MIXED_STEPS.exported_name)} + "
+                      f"{rate(m.DECODE_STEPS.exported_name)})", "mixed share")), "percentunit"),
         Panel("Padded rows per step, by bucket", "Rows replayed without a sequence, per decode step.",
               _t(f"{rate(m.PADDED_ROWS.exported_name, 'bucket')} / "
                  f"{rate(m.DECODE_STEPS.exported_name, 'bucket')}", "bucket {{bucket}}")),
-        Panel("Tokens/s", "Generated (decode) and prompt (prefill) tokens.",
+        Panel("Tokens/s", "Generated (decode), prompt (admitted) and prefilled tokens.",
               (Target(rate(m.GENERATED_TOKENS.exported_name, "model"), "generated {{model}}"),
-               Target(rate(m.PROMPT_TOKENS.exported_name, "model"), "prompt {{model}}"))),
+               Target(rate(m.PROMPT_TOKENS.exported_name, "model"), "prompt {{model}}"),
+               Target(rate(m.PREFILL_TOKENS.exported_name, "model"), "prefilled {{model}}"))),
+        Panel("Tokens per step", "Prefill tokens per mixed step, and decode rows per step (pure "
+              "decode and mixed steps together).",
+              (Target(f"{rate(m.PREFILL_TOKENS.exported_name)} / {rate(m.MIXED_STEPS.exported_name)}",
+                      "prefill / mixed step"),
+               Target(f"{rate(m.GENERATED_TOKENS.exported_name)} / ({rate(m.DECODE_STEPS.exported_name)} + "
+                      f"{rate(m.MIXED_STEPS.exported_name)})", "decode rows / step"),
+               Target(f"{rate(m.MIXED_DECODE_ROWS.exported_name)} / {rate(m.MIXED_STEPS.exported_name)}",
+                      "decode rows / mixed step"))),
+    )),
+    ("KV cache and prefix cache", (
+        Panel("KV blocks in use", "Fraction of each replica's KV blocks held by sequences.",
+              _t(gauge(m.KV_BLOCKS_USED.exported_name, "replica", "max"), "{{replica}}"), "percentunit",
+              width=6),
+        Panel("Prefix cache hit rate", "Prompt tokens served from cached blocks over prompt tokens "
+              "looked up.", _t(f"{rate(m.PREFIX_HITS.exported_name)} / {rate(m.PREFIX_QUERIED.exported_name)}",
+                               "hit rate"), "percentunit", width=6),
+        Panel("Preemptions/s", "Sequences whose blocks were freed for recompute when the pool ran out.",
+              _t(rate(m.PREEMPTIONS.exported_name, "replica"), "{{replica}}"), "ops", width=6),
+        Panel("Prefill backlog", "Prompt tokens waiting to be prefilled, per replica.",
+              _t(gauge(m.PREFILL_BACKLOG.exported_name, "replica"), "{{replica}}"), width=6),
     )),
     ("Latency per token", (
         Panel("Time to first token", "From a request's arrival at the engine to its first token.",
@@ -129,11 +155,11 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Replica processing latency", "Serve's histogram of a call's time inside the replica.",
               quantiles(SERVE_REPLICA_LATENCY, "deployment", " {{deployment}}"), "ms", width=8),
     )),
-    ("KV slots and CUDA graphs", (
-        Panel("Running sequences and free KV slots", "Per replica.",
+    ("Admission and CUDA graphs", (
+        Panel("Running sequences and free rows", "Per replica.",
               (Target(gauge(m.RUNNING_SEQS.exported_name, "replica"), "running {{replica}}"),
                Target(gauge(m.FREE_KV_SLOTS.exported_name, "replica"), "free {{replica}}")), width=6),
-        Panel("Waiting for a KV slot", "Requests queued inside each engine.",
+        Panel("Waiting for admission", "Requests queued inside each engine.",
               _t(gauge(m.QUEUED_REQUESTS.exported_name, "replica"), "{{replica}}"), width=6),
         Panel("Graph capture time per replica", "Seconds spent capturing CUDA graphs at startup.",
               _t(gauge(m.CAPTURE_SECONDS.exported_name, "replica", "max"), "{{replica}}"), "s",

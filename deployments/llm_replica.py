@@ -11,7 +11,8 @@ Contract:
   cancels or stops reading aborts every sequence in the engine). `routing_hint` is for the
   router, which reads it from the call's kwargs; the replica ignores it.
 - `record_routing_stats()` publishes `router.stats.ReplicaStats(...).to_dict()` from
-  `engine.stats()`: captured buckets, max_seq_len, running, free slots, queued.
+  `engine.stats()`: captured buckets, rows, running, free rows, queued, KV blocks, prefill
+  backlog, measured rates and the prefix-cache summary (`routing_stats`).
 - `check_health()` raises when the engine's step loop is dead or stuck.
 - `counters()` reports what this replica did (batch sizes received, decode steps by bucket and
   path); tests read it with `handle.broadcast("counters")`.
@@ -44,6 +45,20 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def routing_stats(s: Any) -> ReplicaStats:
+    """What the router reads (router/stats.py) from an engine's EngineStats."""
+    return ReplicaStats(captured_buckets=tuple(s.captured_buckets), max_seq_len=s.max_seq_len,
+                        max_num_seqs=s.max_num_seqs, running=s.running, free_slots=s.free_slots,
+                        queued=s.queued, graphs=s.graphs, fallback=s.fallback,
+                        block_size=getattr(s, "block_size", 0), total_blocks=getattr(s, "total_blocks", 0),
+                        free_blocks=getattr(s, "free_blocks", 0),
+                        prefill_backlog_tokens=getattr(s, "prefill_backlog_tokens", 0),
+                        decode_rows=getattr(s, "decode_rows", 0),
+                        prefill_tokens_per_s=getattr(s, "prefill_tokens_per_s", 0.0),
+                        decode_step_s=dict(getattr(s, "decode_step_s", {}) or {}),
+                        prefix_hashes=tuple(getattr(s, "prefix_hashes", ()) or ()))
+
+
 def _gpu_ids() -> list[str]:
     return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
@@ -68,10 +83,7 @@ class LLMReplica:
 
     # -- Serve hooks ----------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:
-        s = self._engine.stats()
-        return ReplicaStats(captured_buckets=tuple(s.captured_buckets), max_seq_len=s.max_seq_len,
-                            max_num_seqs=s.max_num_seqs, running=s.running, free_slots=s.free_slots,
-                            queued=s.queued, graphs=s.graphs, fallback=s.fallback).to_dict()
+        return routing_stats(self._engine.stats()).to_dict()
 
     def check_health(self) -> None:
         self._engine.check_health()
@@ -101,6 +113,9 @@ class LLMReplica:
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],
+                "mixed_steps": s.mixed_steps, "preemptions": s.preemptions,
+                "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_queried_tokens": s.prefix_queried_tokens,
+                "free_blocks": s.free_blocks, "total_blocks": s.total_blocks,
                 "padded_rows": {str(b): n for b, n in sorted(s.padded_rows.items())},
                 "generated_tokens": s.generated_tokens, "prompt_tokens": s.prompt_tokens,
                 "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,

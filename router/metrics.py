@@ -32,8 +32,15 @@ class MetricSpec:
 
 
 DECODE_STEPS = MetricSpec("graphserve_decode_steps", "counter",
-                          "Decode steps run, by batch bucket and path (graph replay or eager).",
+                          "Pure-decode steps run, by batch bucket and path (graph replay or eager).",
                           ("model", "bucket", "path"))
+MIXED_STEPS = MetricSpec("graphserve_mixed_steps", "counter",
+                         "Steps that ran prefill chunks (with any decode rows) in one eager forward.")
+PREFILL_TOKENS = MetricSpec("graphserve_prefill_tokens", "counter",
+                            "Tokens run in prefill chunks (prompts not served by the prefix cache, "
+                            "and recomputes after preemption).")
+MIXED_DECODE_ROWS = MetricSpec("graphserve_mixed_decode_rows", "counter",
+                               "Decode rows that rode along inside mixed steps.")
 PADDED_ROWS = MetricSpec("graphserve_padded_rows", "counter",
                          "Padding rows replayed to fill a bucket (rows that carry no sequence).",
                          ("model", "bucket"))
@@ -44,10 +51,21 @@ TPOT = MetricSpec("graphserve_time_per_output_token_seconds", "histogram",
                   "Time between consecutive output tokens of one request.",
                   ("model",), LATENCY_BUCKETS_S)
 GENERATED_TOKENS = MetricSpec("graphserve_generated_tokens", "counter", "Output tokens generated.")
-PROMPT_TOKENS = MetricSpec("graphserve_prompt_tokens", "counter", "Prompt tokens prefilled.")
-RUNNING_SEQS = MetricSpec("graphserve_running_sequences", "gauge", "Sequences holding a KV slot.")
-FREE_KV_SLOTS = MetricSpec("graphserve_free_kv_slots", "gauge", "KV slots free for new sequences.")
-QUEUED_REQUESTS = MetricSpec("graphserve_queued_requests", "gauge", "Requests waiting for a KV slot.")
+PROMPT_TOKENS = MetricSpec("graphserve_prompt_tokens", "counter", "Prompt tokens of admitted requests.")
+RUNNING_SEQS = MetricSpec("graphserve_running_sequences", "gauge", "Sequences admitted (holding KV blocks).")
+FREE_KV_SLOTS = MetricSpec("graphserve_free_kv_slots", "gauge",
+                           "Further sequences the engine would admit now (free decode rows).")
+QUEUED_REQUESTS = MetricSpec("graphserve_queued_requests", "gauge", "Requests waiting for admission.")
+KV_BLOCKS_USED = MetricSpec("graphserve_kv_blocks_used_ratio", "gauge",
+                            "Fraction of KV blocks held by sequences (cached idle blocks count as free).")
+PREFILL_BACKLOG = MetricSpec("graphserve_prefill_backlog_tokens", "gauge",
+                             "Prompt tokens admitted or queued that are not prefilled yet.")
+PREEMPTIONS = MetricSpec("graphserve_preemptions", "counter",
+                         "Sequences preempted (KV blocks freed, recomputed later) when blocks ran out.")
+PREFIX_QUERIED = MetricSpec("graphserve_prefix_cache_queried_tokens", "counter",
+                            "Prompt tokens looked up in the prefix cache at admission.")
+PREFIX_HITS = MetricSpec("graphserve_prefix_cache_hit_tokens", "counter",
+                         "Prompt tokens served from cached KV blocks (their prefill skipped).")
 CAPTURE_SECONDS = MetricSpec("graphserve_graph_capture_seconds", "gauge",
                              "Seconds this replica spent capturing its CUDA graphs at startup.")
 GRAPH_BYTES = MetricSpec("graphserve_graph_bytes", "gauge",
@@ -58,9 +76,11 @@ ROUTER_DECISIONS = MetricSpec("graphserve_router_decisions", "counter",
                               "(the caller sent no request shape).",
                               ("outcome",))
 
-CATALOG: tuple[MetricSpec, ...] = (DECODE_STEPS, PADDED_ROWS, TTFT, TPOT, GENERATED_TOKENS, PROMPT_TOKENS,
-                                   RUNNING_SEQS, FREE_KV_SLOTS, QUEUED_REQUESTS, CAPTURE_SECONDS,
-                                   GRAPH_BYTES, ROUTER_DECISIONS)
+CATALOG: tuple[MetricSpec, ...] = (DECODE_STEPS, MIXED_STEPS, PADDED_ROWS, TTFT, TPOT, GENERATED_TOKENS,
+                                   PROMPT_TOKENS, PREFILL_TOKENS, MIXED_DECODE_ROWS, RUNNING_SEQS,
+                                   FREE_KV_SLOTS, QUEUED_REQUESTS, KV_BLOCKS_USED, PREFILL_BACKLOG,
+                                   PREEMPTIONS, PREFIX_QUERIED, PREFIX_HITS, CAPTURE_SECONDS, GRAPH_BYTES,
+                                   ROUTER_DECISIONS)
 
 
 def make_ray_metric(spec: MetricSpec) -> Any:

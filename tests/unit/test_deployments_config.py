@@ -29,7 +29,8 @@ APP_YAML = pathlib.Path(__file__).resolve().parents[2] / "deployments" / "app.ya
     # A tier no replica would serve.
     (dict(bucket_sets=[[1, 2], [4, 8]], num_replicas=1), "would never be served"),
     (dict(max_seq_len=1), "max_seq_len=1"),
-    (dict(fallback="queue", max_num_seqs=128), "exceeds the largest bucket"),
+    (dict(fallback="queue", max_num_seqs=128, batch_buckets=[1, 2, 64]), "exceeds the largest bucket"),
+    (dict(block_size=24), "block_size=24"),
     (dict(batch_bucket=[1, 2]), "Extra inputs are not permitted"),   # typo of batch_buckets
 ])
 def test_bad_args_fail_with_a_clear_message(kwargs, message):
@@ -52,7 +53,9 @@ def test_served_model_name_defaults_to_the_model():
 
 def test_one_ladder_and_the_default_ladder_serve_every_rank():
     assert AppArgs(batch_buckets=[1, 4]).buckets_for_rank(5) == (1, 4)
-    assert AppArgs().tiers == [DEFAULT_BUCKETS]
+    assert AppArgs().tiers == [None]            # each engine sizes its own ladder from memory
+    assert AppArgs().engine_config(3).batch_buckets is None
+    assert AppArgs(block_size=32, enable_prefix_cache=False).engine_config(0).block_size == 32
 
 
 def test_cpu_cluster_gets_one_cpu_replica_per_tier():

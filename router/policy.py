@@ -12,11 +12,11 @@ the "unknown" tier and to load-only ranking respectively.
 """
 from __future__ import annotations
 
-import operator
 import random
 from typing import Any, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 from router.buckets import padding_waste, validate_buckets
+from router.hint import coerce_hint  # noqa: F401 (part of this module's API)
 from router.stats import ReplicaStats, RoutingHint
 
 K = TypeVar("K", bound=Hashable)
@@ -31,24 +31,6 @@ OUTCOMES = (GRAPH_FIT, NO_FIT, NO_STATS, NO_HINT)
 class Ranking(NamedTuple):
     tiers: list[list[Any]]   # ranks of replica keys, most preferred first
     outcome: str             # one of OUTCOMES
-
-
-def coerce_hint(obj: Any) -> Optional[RoutingHint]:
-    """A `RoutingHint` from an instance or a mapping with the same fields; None when absent or
-    invalid (non-integer or non-positive fields). Never raises."""
-    if obj is None:
-        return None
-    try:
-        if isinstance(obj, RoutingHint):
-            n, t = obj.num_sequences, obj.max_total_tokens
-        else:
-            n, t = obj["num_sequences"], obj["max_total_tokens"]
-        if isinstance(n, bool) or isinstance(t, bool):
-            return None
-        n, t = operator.index(n), operator.index(t)  # ints (numpy ints too), never floats/strings
-    except Exception:  # untrusted caller input: any failure just means "no hint"
-        return None
-    return RoutingHint(n, t) if n >= 1 and t >= 1 else None
 
 
 def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from router_fakes import NOW, hint, no_ray_init, stats  # noqa: F401 (no_ray_init: autouse)
 
 from router.buckets import bucket_for, padding_waste, validate_buckets
-from router.policy import (GRAPH_FIT, NO_FIT, NO_HINT, NO_STATS, OUTCOMES, coerce_hint, fits,
+from router.policy import (GRAPH_FIT, NO_FIT, NO_HINT, NO_STATS, OUTCOMES, fits,
                            rank_replicas)
 from router.stats import ReplicaStats, RoutingHint
 
@@ -54,20 +54,6 @@ def test_validate_buckets_says_what_to_fix(bad, fix):
 
 def test_validate_buckets_returns_tuple():
     assert validate_buckets([1, 2, 4]) == (1, 2, 4)
-
-
-# --- hints ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("raw, expected", [
-    (RoutingHint(3, 100), RoutingHint(3, 100)),
-    ({"num_sequences": 3, "max_total_tokens": 100}, RoutingHint(3, 100)),
-    ({"num_sequences": 3}, None), ({"num_sequences": 0, "max_total_tokens": 5}, None),
-    ({"num_sequences": 2.5, "max_total_tokens": 5}, None),
-    ({"num_sequences": "2", "max_total_tokens": 5}, None),
-    ({"num_sequences": True, "max_total_tokens": 5}, None),
-    (RoutingHint(-1, 5), None), ("2x100", None), (42, None), (None, None)])
-def test_coerce_hint_accepts_instances_and_dicts_only_when_valid(raw, expected):
-    assert coerce_hint(raw) == expected
 
 
 # --- ranking with a hint -------------------------------------------------------------------------

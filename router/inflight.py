@@ -16,7 +16,18 @@ then the replica's own published stats count the request if it did arrive.
 """
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Hashable, NamedTuple
+
+
+class Work(NamedTuple):
+    sequences: int
+    prompt_tokens: int = 0   # prompt tokens this request adds to the replica's prefill backlog
+
+
+class Outstanding(NamedTuple):
+    sequences: int = 0             # all sequences this router has in flight there
+    recent_sequences: int = 0      # of those, sent at or after the replica's stats timestamp
+    recent_prompt_tokens: int = 0  # their prompt tokens (uncached there, as estimated when sent)
 
 
 class InFlight:

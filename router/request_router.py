@@ -43,7 +43,7 @@ from typing import Any, Callable, List, Optional
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from router import metrics as gs_metrics
-from router.inflight import InFlight
+from router.inflight import InFlight, Work
 from router.policy import coerce_hint, rank_replicas
 from router.stats import ReplicaStats
 
@@ -149,7 +149,7 @@ class BucketAwareRequestRouter(RequestRouter):
         self._count_once(pending_request, ranking.outcome)
         tiers = [[replicas[i] for i in tier] for tier in ranking.tiers]
         if rid and tiers:  # Ray takes the first rank's replica unless it is full: count it there now
-            self._inflight.reserve(rid, tiers[0][0].replica_id, _sequences(hint), now)
+            self._inflight.reserve(rid, tiers[0][0].replica_id, Work(_sequences(hint)), now)
         return tiers
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
@@ -158,13 +158,13 @@ class BucketAwareRequestRouter(RequestRouter):
             rid = _request_id(pending_request)
             if rid:
                 hint = coerce_hint(_hint_arg(pending_request))
-                self._inflight.confirm(rid, replica_id, _sequences(hint))
+                self._inflight.confirm(rid, replica_id, Work(_sequences(hint)), self._clock())
         except Exception:
             pass  # bookkeeping must never break routing
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         try:
-            self._inflight.complete(internal_request_id)
+            self._inflight.complete(internal_request_id, self._clock())
         except Exception:
             pass
 

@@ -7,7 +7,7 @@ those stats do not show yet (`Outstanding`, router/inflight.py), the fleet's mea
 an estimate into the number the policy ranks by, smaller first. docs/routing-estimate.md gives
 the formula with the source of every input.
 
-    rows   = max(running + queued + recent_sequences, sequences_in_flight) + n
+    rows   = max(running + queued - finished + recent, sequences_in_flight) + n
     t_first = max(backlog / rate, wait) + (prompt_tokens - cached) / rate
     t_last  = t_first + decode_steps * step(min(rows, row_limit))
     score   = t_last + FIRST_TOKEN_WEIGHT / n * t_first
@@ -82,8 +82,8 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     own = batch.prompt_tokens - cached_tokens(batch, stats, recent)
     rate = prefill_rate(stats, prior)
     backlog = _num(stats.prefill_backlog_tokens) + _num(ahead.recent_prompt_tokens)
-    held = max(_int(stats.running) + _int(stats.queued) + _int(ahead.recent_sequences),
-               _int(ahead.sequences))
+    published = _int(stats.running) + _int(stats.queued) - _int(ahead.finished_sequences)
+    held = max(max(published, 0) + _int(ahead.recent_sequences), _int(ahead.sequences))
     total = min(held + batch.sequences, MAX_COUNT)
     cap = row_limit(stats)
     rows = min(total, cap)
@@ -207,9 +207,10 @@ def _default_step(rows: int) -> float:
 
 def _admits_now(batch: Batch, stats: ReplicaStats, ahead: Outstanding, prefill_tokens: int) -> bool:
     """The replica has free slots, and KV blocks where it publishes them, for the whole batch on
-    top of what this router sent since its stats."""
+    top of what this router sent since its stats (slots that finished since count as free; their
+    blocks do not, their size is not recorded)."""
     recent_seqs, recent_tokens = _int(ahead.recent_sequences), _int(ahead.recent_prompt_tokens)
-    if batch.sequences > _int(stats.free_slots) - recent_seqs:
+    if batch.sequences > _int(stats.free_slots) + _int(ahead.finished_sequences) - recent_seqs:
         return False
     bs, total = _int(stats.block_size), _int(stats.total_blocks)
     if not bs or not total:

@@ -8,15 +8,17 @@ was first sent.
   `ttl_s` unless confirmed); `unreserve` drops that guess before the request is ranked again;
   `confirm` records it where Ray actually sent it (moving it if the guess was wrong) and keeps it
   until `complete`; `drop_replica` forgets a dead replica.
-- `complete(rid, now)` ends a request's work. An accepted (confirmed) request's prefix hashes stay
-  known at its replica until that replica publishes stats stamped at or after the completion (its
-  own prefix summary covers them from then on) or `keep_prefixes_s` passes. A request that
-  completes before it was confirmed (a rejection, or a reply that beat `on_request_routed`) is
-  dropped, and a late `confirm` of it is ignored unless it was reserved again (a retry).
+- `complete(rid, now)` ends a request's work. An accepted (confirmed) request stays on record at
+  its replica until that replica publishes stats stamped at or after the completion, or
+  `keep_prefixes_s` passes: until then its prefix hashes count as held there, and its sequences
+  as gone from stats taken while it ran. A request that completes before it was confirmed (a
+  rejection, or a reply that beat `on_request_routed`) is dropped, and a late `confirm` of it is
+  ignored unless it was reserved again (a retry).
 - Views: `counts(now)` gives sequences per replica; `outstanding(now, since)` gives per replica an
-  `Outstanding`: all sequences in flight there, and the sequences and prompt tokens sent at or
-  after `since[replica]` (the timestamp of the stats the ranking reads: what those stats cannot
-  yet include); `prefixes(now, since)` gives per replica the hashes of prompts sent there.
+  `Outstanding`: all sequences in flight there; the sequences and prompt tokens sent at or after
+  `since[replica]` (the timestamp of the stats the ranking reads: what those stats cannot include
+  yet); the sequences sent before it that completed after it (what those stats still show);
+  `prefixes(now, since)` gives per replica the hashes of prompts sent there.
 Pure Python, no clock of its own, never raises on unknown ids. Views cost O(live requests +
 replicas) plus, amortized, O(1) per completed request.
 
@@ -43,6 +45,14 @@ class Outstanding(NamedTuple):
     sequences: int = 0             # all sequences this router has in flight there
     recent_sequences: int = 0      # of those, sent at or after the replica's stats timestamp
     recent_prompt_tokens: int = 0  # their prompt tokens (uncached there, as estimated when sent)
+    finished_sequences: int = 0    # sent before the stats timestamp, completed after it
+
+
+class _Done(NamedTuple):
+    completed_at: float
+    sent_at: float
+    sequences: int
+    hashes: tuple[int, ...]
 
 
 class _Entry(NamedTuple):
@@ -58,7 +68,7 @@ class InFlight:
         self._ttl_s = ttl_s
         self._keep_s = keep_prefixes_s
         self._at: dict[str, _Entry] = {}                              # live requests
-        self._done: dict[Hashable, deque[tuple[float, tuple[int, ...]]]] = {}  # completed, oldest first
+        self._done: dict[Hashable, deque[_Done]] = {}                 # completed, oldest first
         self._hashes: dict[Hashable, Counter] = {}                    # replica -> hash -> holders
         self._ended: OrderedDict[str, None] = OrderedDict()           # completed before confirmed
 
@@ -101,12 +111,12 @@ class InFlight:
             self._ended[request_id] = None
             if len(self._ended) > MAX_COMPLETED:
                 self._ended.popitem(last=False)
-        elif e.hashes:
+        else:
             self._count(e.replica, e.hashes, +1)
             done = self._done.setdefault(e.replica, deque())
-            done.append((now, e.hashes))
+            done.append(_Done(now, e.sent_at, e.work.sequences, e.hashes))
             if len(done) > MAX_COMPLETED:
-                self._count(e.replica, done.popleft()[1], -1)
+                self._count(e.replica, done.popleft().hashes, -1)
 
     def drop_replica(self, replica: Hashable) -> None:
         for rid in [rid for rid, e in self._at.items() if e.replica == replica]:
@@ -119,37 +129,46 @@ class InFlight:
         return {r: o.sequences for r, o in self.outstanding(now, {}).items()}
 
     def outstanding(self, now: float, since: Mapping[Hashable, float]) -> dict[Hashable, Outstanding]:
-        """Per replica: all live sequences, and the sequences and prompt tokens sent at or after
-        `since[replica]` (every live request counts as recent for a replica not in `since`)."""
-        self._expire(now)
-        seqs: Counter = Counter()
-        recent: dict[Hashable, list[int]] = {}
+        """Per replica: all live sequences; the sequences and prompt tokens sent at or after
+        `since[replica]` (every live request counts as recent for a replica not in `since`); the
+        sequences sent before `since[replica]` and completed after it."""
+        self._prune(now, since)
+        out: dict[Hashable, list[int]] = {}
         for e in self._at.values():
-            seqs[e.replica] += e.work.sequences
+            o = out.setdefault(e.replica, [0, 0, 0, 0])
+            o[0] += e.work.sequences
             t = since.get(e.replica)
             if t is None or not e.sent_at < t:   # NaN timestamps count as "not covered"
-                r = recent.setdefault(e.replica, [0, 0])
-                r[0] += e.work.sequences
-                r[1] += e.work.prompt_tokens
-        return {rep: Outstanding(n, *recent.get(rep, (0, 0))) for rep, n in seqs.items()}
+                o[1] += e.work.sequences
+                o[2] += e.work.prompt_tokens
+        for replica, done in self._done.items():
+            t = since.get(replica)
+            if t is not None:   # what is left here completed after t (`_prune`)
+                gone = sum(d.sequences for d in done if d.sent_at < t)
+                if gone:
+                    out.setdefault(replica, [0, 0, 0, 0])[3] += gone
+        return {rep: Outstanding(*o) for rep, o in out.items()}
 
     def prefixes(self, now: float, since: Mapping[Hashable, float]) -> Mapping[Hashable, Counter]:
         """Per replica, the prefix hashes (with multiplicity) of prompts sent there that its stats
         may not show yet: live requests, and completed ones until `since[replica]` reaches their
         completion. A read-only view: callers must not modify it."""
-        self._expire(now)
-        for replica, done in list(self._done.items()):
-            t = since.get(replica)
-            while done and (now - done[0][0] > self._keep_s or (t is not None and t >= done[0][0])):
-                self._count(replica, done.popleft()[1], -1)
-            if not done:
-                del self._done[replica]
+        self._prune(now, since)
         return self._hashes
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _expire(self, now: float) -> None:
+    def _prune(self, now: float, since: Mapping[Hashable, float]) -> None:
+        """Drop expired reservations, and completed requests that a replica's stats stamped at or
+        after their completion cover (or older than `keep_prefixes_s`)."""
         for rid in [rid for rid, e in self._at.items() if e.expires is not None and e.expires < now]:
             self._remove(rid)
+        for replica, done in list(self._done.items()):
+            t = since.get(replica)
+            while done and (now - done[0].completed_at > self._keep_s
+                            or (t is not None and t >= done[0].completed_at)):
+                self._count(replica, done.popleft().hashes, -1)
+            if not done:
+                del self._done[replica]
 
     def _add(self, request_id: str, e: _Entry) -> None:
         self._at[request_id] = e

@@ -64,10 +64,11 @@ def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -
 
 
 def load(stats: ReplicaStats, out: Outstanding = _NOTHING) -> int:
-    """Sequences the replica holds: running + queued from its stats plus what this router sent
-    since them, or everything this router has in flight there when that is more (other routers'
-    requests show only in the stats)."""
-    return max(stats.running + stats.queued + out.recent_sequences, out.sequences)
+    """Sequences the replica holds: running + queued from its stats, less what this router saw
+    finish since them, plus what it sent since them; or everything this router has in flight
+    there when that is more (other routers' requests show only in the stats)."""
+    published = max(stats.running + stats.queued - out.finished_sequences, 0)
+    return max(published + out.recent_sequences, out.sequences)
 
 
 def rank_replicas(hint: Optional[RoutingHint],

@@ -112,6 +112,8 @@ def test_recent_work_adds_to_the_stats_and_all_in_flight_bounds_rows_from_below(
     e = estimate(b, s, Outstanding(sequences=4, recent_sequences=2, recent_prompt_tokens=500))
     assert e.rows == 3 + 2 + 1 and e.first_token_s == pytest.approx((1_000 + 500 + 100) / 10_000)
     assert estimate(b, s, Outstanding(sequences=9)).rows == 10   # stats lag what it sent
+    assert estimate(b, s, Outstanding(finished_sequences=2)).rows == 3 - 2 + 1   # done since
+    assert estimate(b, s, Outstanding(finished_sequences=7)).rows == 1
 
 
 def test_a_batch_past_the_row_limit_waits_a_wave():

@@ -70,6 +70,19 @@ def test_recent_work_is_what_was_sent_at_or_after_the_stats_timestamp():
     assert f.outstanding(4.0, {"A": float("nan")})["A"] == Outstanding(12, 12, 5300)
 
 
+def test_finished_work_is_what_the_stats_still_show_after_it_completed():
+    f = InFlight(ttl_s=5.0)
+    f.confirm("old", "A", Work(10, 5000), now=1.0)       # in the stats stamped at 2.0
+    f.confirm("quick", "A", Work(3, 10), now=2.5)        # sent and done between two stamps
+    f.complete("old", now=3.0)
+    f.complete("quick", now=3.0)
+    assert f.outstanding(4.0, {"A": 2.0}) == {"A": Outstanding(0, 0, 0, 10)}
+    assert f.outstanding(4.0, {"A": 3.5}) == {}          # a publish after the completion covers it
+    f.confirm("later", "A", Work(1), now=5.0)
+    f.complete("later", now=6.0)
+    assert f.outstanding(20.0, {"A": 4.0}) == {}         # keep_prefixes_s passed
+
+
 def test_prefixes_of_completed_requests_stay_until_the_replica_publishes_after_them():
     f = InFlight(ttl_s=5.0, keep_prefixes_s=10.0)
     f.confirm("r1", "A", Work(1, 100), now=0.0, hashes=(11, 12))

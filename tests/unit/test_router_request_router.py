@@ -392,10 +392,10 @@ def test_reservations_hold_the_estimated_work_and_a_move_takes_the_whole_prompt(
     pr = pending(job([SHARED + tokens(5, 64)], max_tokens=8), request_id="r")
     assert names(choose(router, replicas, pr))[0] == ["A"]
     since = {r.replica_id: 0.0 for r in replicas}
-    assert router._inflight.outstanding(router._clock(), since)[replicas[0].replica_id] == (1, 1, 64)
+    assert router._inflight.outstanding(router._clock(), since)[replicas[0].replica_id] == (1, 1, 64, 0)
     router.on_request_routed(pr, replicas[1].replica_id, None)    # A was full: Ray took B
     moved = router._inflight.outstanding(router._clock(), since)
-    assert moved == {replicas[1].replica_id: (1, 1, 1088)}
+    assert moved == {replicas[1].replica_id: (1, 1, 1088, 0)}
 
 
 def test_stats_are_parsed_once_per_published_dict(monkeypatch):
@@ -425,3 +425,25 @@ def test_absurd_hint_values_are_ranked_not_fallen_back(caplog, total):
             tiers = choose(router, replicas, pr)
             router.on_request_routed(pr, tiers[0][0].replica_id, None)
     assert len(tiers) == 2 and "ranking failed" not in caplog.text
+
+
+def test_a_batch_the_router_saw_finish_no_longer_weighs_on_a_stale_snapshot():
+    """Back to back, version-1 stats as the replicas publish them today: the large tier's snapshot
+    still shows the 64-sequence batch that completed after it. Counting those 64 rows, a batch of
+    9 would rather wait on the small tier; the router knows they are gone."""
+    clock = FakeClock()
+    router = make_router(clock=clock)
+    small = replica("small", stats((1, 2, 4, 8)))
+    large = replica("large", stats((16, 32, 64)))
+    first = pending(hint(64), request_id="big")
+    assert names(choose(router, [small, large], first))[0] == ["large"]
+    router.on_request_routed(first, large.replica_id, None)
+    clock.advance(0.2)
+    large.routing_stats = stats((16, 32, 64), running=64, timestamp=clock.t).to_dict()
+    clock.advance(0.3)
+    router.on_request_completed(large.replica_id, "big")
+    for size in range(9, 65):   # each runs to completion before the next, as in the tier test
+        pr = pending(hint(size), request_id=f"b{size}")
+        assert names(choose(router, [small, large], pr))[0] == ["large"], size
+        router.on_request_routed(pr, large.replica_id, None)
+        router.on_request_completed(large.replica_id, f"b{size}")

@@ -34,7 +34,8 @@ from router.stats import ReplicaStats
 # results/prefill_probe-h100-2026-11-27.json. Smaller buckets replay faster, so 1.6, not 1.5.
 EAGER_STEP_FACTOR = 1.6
 # Defaults for a fleet that has measured nothing yet: llama-8b graph steps on H100, 6.35 ms at one
-# row to 8.29 ms at 64 (docs/perf-notes.md), and its packed prefill rate in serving.
+# row to 8.29 ms at 64 (docs/perf-notes.md); prefill: one 512-token forward in 13.5 ms is 38k
+# tokens/s (prefill probe), 30k leaves room for the decode rows of mixed steps (a guess, not measured).
 DEFAULT_STEP_S = 0.0063
 DEFAULT_STEP_S_PER_ROW = 0.00003
 DEFAULT_PREFILL_TOKENS_PER_S = 30_000.0

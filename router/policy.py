@@ -1,54 +1,47 @@
-"""Bucket-aware ranking of replicas for one request batch: the pure half of the router.
+"""Ranking of replicas for one request batch by when it would finish there: the pure half of the router.
 
-Contract: `rank_replicas(hint, candidates, now=..., stale_after_s=..., rng=...)` takes opaque,
-hashable replica keys paired with their parsed `ReplicaStats` (None when missing or malformed) and
-returns a `Ranking`: `tiers`, ranks of keys in the shape Ray Serve's `choose_replicas` returns
-(most preferred first; one key per rank; every key appears exactly once), and
-`outcome`, the label for the `ROUTER_DECISIONS` metric (`OUTCOMES`).
+Contract: `rank_replicas(hint, candidates, now=..., stale_after_s=..., rng=..., outstanding=...,
+recent_prefixes=...)` takes opaque, hashable replica keys paired with their parsed `ReplicaStats`
+(None when missing or malformed) and returns a `Ranking`: `tiers`, ranks of keys in the shape Ray
+Serve's `choose_replicas` returns (most preferred first; one key per rank; every key appears
+exactly once); `outcome`, the label for the `ROUTER_DECISIONS` metric (`OUTCOMES`); and
+`estimates`, the `Estimate` of every key ranked by one.
 
 No Ray, no torch, no clock, no global randomness: time and the tie-break rng are arguments, so the
 policy is deterministic under test. It never raises for bad stats or a bad hint; those degrade to
-the "unknown" tier and to load-only ranking respectively.
+the "unknown" class and to load-only ranking respectively. Work is O(replicas x prompts x depths).
 """
 from __future__ import annotations
 
-import operator
 import random
-from typing import Any, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Container, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
-from router.buckets import padding_waste, validate_buckets
+from router.buckets import validate_buckets
+from router.estimate import Estimate, estimate, fleet_prior, score
+from router.hint import batch_of, coerce_hint  # noqa: F401 (coerce_hint: part of this API)
+from router.inflight import Outstanding
 from router.stats import ReplicaStats, RoutingHint
 
 K = TypeVar("K", bound=Hashable)
 
-GRAPH_FIT = "graph_fit"  # the first rank runs the batch inside a captured bucket
-NO_FIT = "no_fit"        # fresh stats exist, but no replica fits the batch in a bucket now
+GRAPH_FIT = "graph_fit"  # the first rank admits the batch now and decodes it inside a captured bucket
+NO_FIT = "no_fit"        # fresh stats exist, but the first rank would wait, decode eagerly or refuse
 NO_STATS = "no_stats"    # a hint was given but no replica has fresh, well-formed stats
 NO_HINT = "no_hint"      # the request carried no (valid) RoutingHint: ranked by load only
 OUTCOMES = (GRAPH_FIT, NO_FIT, NO_STATS, NO_HINT)
 
+# Two scores are a near tie when the larger is within this of the smaller (relative, plus an
+# absolute floor for near-zero estimates): inside a near tie graph fit, then padding decide.
+NEAR_TIE_REL = 0.05
+NEAR_TIE_ABS_S = 0.001
+
+_NOTHING = Outstanding()
+
 
 class Ranking(NamedTuple):
-    tiers: list[list[Any]]   # ranks of replica keys, most preferred first
-    outcome: str             # one of OUTCOMES
-
-
-def coerce_hint(obj: Any) -> Optional[RoutingHint]:
-    """A `RoutingHint` from an instance or a mapping with the same fields; None when absent or
-    invalid (non-integer or non-positive fields). Never raises."""
-    if obj is None:
-        return None
-    try:
-        if isinstance(obj, RoutingHint):
-            n, t = obj.num_sequences, obj.max_total_tokens
-        else:
-            n, t = obj["num_sequences"], obj["max_total_tokens"]
-        if isinstance(n, bool) or isinstance(t, bool):
-            return None
-        n, t = operator.index(n), operator.index(t)  # ints (numpy ints too), never floats/strings
-    except Exception:  # untrusted caller input: any failure just means "no hint"
-        return None
-    return RoutingHint(n, t) if n >= 1 and t >= 1 else None
+    tiers: list[list[Any]]                  # ranks of replica keys, most preferred first
+    outcome: str                            # one of OUTCOMES
+    estimates: Mapping[Any, Estimate] = {}  # key -> its estimate, for keys ranked by one
 
 
 def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -> bool:
@@ -70,96 +63,103 @@ def is_usable(stats: Optional[ReplicaStats], now: float, stale_after_s: float) -
         return False
 
 
-def occupancy(stats: ReplicaStats, local: int = 0) -> int:
-    """Sequences the replica holds or has waiting: running + queued from its stats, or `local`,
-    the sequences this router has in flight there, when that is more (the router's own count is
-    fresh; published stats lag by up to one period, so a burst would otherwise all see 'idle')."""
-    return max(stats.running + stats.queued, local)
-
-
-def fits(hint: RoutingHint, stats: ReplicaStats, local: int = 0) -> bool:
-    """True when the batch, once admitted, decodes inside a captured bucket on this replica: every
-    sequence fits a KV slot, there are free slots for all of them, and the resulting batch
-    (`occupancy + n`) is within both the largest captured bucket and `max_num_seqs`."""
-    total = occupancy(stats, local) + hint.num_sequences
-    return (hint.max_total_tokens <= stats.max_seq_len
-            and hint.num_sequences <= stats.free_slots
-            and total <= stats.max_num_seqs
-            and total <= stats.captured_buckets[-1])
-
-
-def load(stats: ReplicaStats, local: int = 0) -> int:
-    """Sequences the replica is decoding or holding in its admission queue (see `occupancy`)."""
-    return occupancy(stats, local)
+def load(stats: ReplicaStats, out: Outstanding = _NOTHING) -> int:
+    """Sequences the replica holds: running + queued from its stats, less what this router saw
+    finish since them, plus what it sent since them; or everything this router has in flight
+    there when that is more (other routers' requests show only in the stats)."""
+    published = max(stats.running + stats.queued - out.finished_sequences, 0)
+    return max(published + out.recent_sequences, out.sequences)
 
 
 def rank_replicas(hint: Optional[RoutingHint],
                   candidates: Sequence[tuple[K, Optional[ReplicaStats]]],
                   *, now: float, stale_after_s: float, rng: random.Random,
-                  outstanding: Optional[Mapping[K, int]] = None) -> Ranking:
-    """Rank replicas for a batch of `hint.num_sequences` sequences.
+                  outstanding: Optional[Mapping[K, Outstanding]] = None,
+                  recent_prefixes: Optional[Mapping[K, Container[int]]] = None) -> Ranking:
+    """Rank replicas for one batch, best first.
 
-    Algorithm (with a hint), as a sort key per replica (`_preference`):
-      1. Replicas where the batch `fits` (usable stats: fresh and well-formed, `is_usable`) come
-         first, by padding waste of the resulting batch (`bucket_for(occ + n) - (occ + n)`,
-         occ = `occupancy`), least first, then by `load` (sequences, not requests), least first.
-      2. Then unknown replicas (no, stale or malformed stats): they may be idle or brand new
-         (`{}` stats before the first poll), so they beat replicas known not to fit.
-      3. Then usable non-fits, by load inside each class: those whose largest bucket (and slots)
-         could hold the batch once they drain (a capacity wait, then graph replay), then those
-         that could only run it eagerly, then those where `max_total_tokens > max_seq_len` (the
-         replica will reject the request; still listed so a request that fits nowhere fails
-         fast with the replica's error instead of hanging in Ray's routing backoff).
-      Without a hint: usable replicas by load, then unknown ones.
+    With a hint: replicas with usable stats (`is_usable`) whose `max_seq_len` holds the batch,
+    by `score` of their `estimate` (router/estimate.py: the batch's last-token time plus its
+    first-token time weighted by 1/n), scores within `NEAR_TIE_REL` of the best remaining one
+    forming a near tie decided by graph fit, then padding, then score; then unknown replicas (no,
+    stale or malformed stats), by what this router has in flight there; then usable replicas too
+    short for the batch (they will refuse it: still listed, so a request that fits nowhere fails
+    fast with the replica's error instead of hanging in Ray's backoff), by load.
+    Without a hint: usable replicas by `load`, then unknown ones.
 
     One replica per rank, exact ties broken at random: inside a rank Ray Serve picks the shortest
-    live queue counted in *requests* (first listed on a tie), so a replica holding 16 one-prompt
-    requests would lose to one holding three 60-prompt batches if both shared a rank (measured: a
-    284:124 sequence split in a burst on 2x H200). With one per rank our sequence order stands;
-    Ray's queue length only gates on `max_ongoing_requests`, and the router can count a request
-    at the replica it ranked first before Ray confirms it (router/inflight.py).
+    live queue counted in *requests*, which would undo a ranking by work (measured: a 284:124
+    sequence split in a burst on 2x H200 when replicas shared ranks).
 
-    `outstanding` maps keys to the sequences this router has sent there and not yet seen complete;
-    it bounds occupancy from below, so a burst between two stats publishes does not pile onto the
-    replica that looked idle. Failure modes: other routers' (other callers') recent requests are
-    only seen once published (one period, 1 s typical). Keys must be hashable and distinct; they
-    are never compared with each other.
+    `outstanding` maps keys to what this router sent there and has not seen complete
+    (router/inflight.py); `recent_prefixes` to the prefix hashes it sent there that the stats may
+    not show yet. Failure modes: other routers' recent requests are only seen once published (one
+    period, 1 s typical). Keys must be hashable and distinct; they are never compared.
 
     Returns:
-        `Ranking(tiers, outcome)`; `tiers` is empty only when `candidates` is.
+        `Ranking(tiers, outcome, estimates)`; `tiers` is empty only when `candidates` is.
     """
-    local = outstanding or {}
-    keyed = []  # (sort key, tie-break, candidate index)
-    for i, (key, stats) in enumerate(candidates):
-        keyed.append((_preference(hint, stats, local.get(key, 0), now, stale_after_s), rng.random(), i))
-    keyed.sort()
-    tiers = [[candidates[i][0]] for _, _, i in keyed]
-    classes = {pref[0] for pref, _, _ in keyed}
+    out = outstanding or {}
+    draws = [rng.random() for _ in candidates]   # one tie-break draw per candidate, in order
+    usable, unknown = [], []
+    for i, (_, stats) in enumerate(candidates):
+        (usable if is_usable(stats, now, stale_after_s) else unknown).append(i)
+
+    def work(i: int) -> Outstanding:
+        return out.get(candidates[i][0]) or _NOTHING
+
+    def by_load(i: int) -> tuple:
+        return (load(candidates[i][1], work(i)), draws[i])
+
+    unknown.sort(key=lambda i: (work(i).sequences, work(i).recent_prompt_tokens, draws[i]))
     if hint is None:
-        outcome = NO_HINT
+        return Ranking(_ranks(candidates, sorted(usable, key=by_load) + unknown), NO_HINT)
+    ranked, too_short, ests = _by_estimate(hint, candidates, usable, work, draws, recent_prefixes or {})
+    order = ranked + unknown + sorted(too_short, key=by_load)
+    if ranked:
+        first = ests[ranked[0]]
+        outcome = GRAPH_FIT if first.graph and first.waves == 1 else NO_FIT
     else:
-        outcome = GRAPH_FIT if _FIT in classes else (NO_FIT if classes - {_UNKNOWN} else NO_STATS)
-    return Ranking(tiers, outcome)
+        outcome = NO_FIT if too_short else NO_STATS
+    return Ranking(_ranks(candidates, order), outcome,
+                   {candidates[i][0]: e for i, e in ests.items()})
 
 
-# Preference classes, best first. Unknown replicas (no or stale stats) may be idle or brand new
-# (`{}` before the first poll), so they beat replicas known not to fit.
-_FIT, _UNKNOWN, _DRAIN, _EAGER, _TOO_SHORT = range(5)
+def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], work, draws: list[float],
+                 recent: Mapping) -> tuple[list[int], list[int], dict[int, Estimate]]:
+    """Indices of usable candidates ordered by estimate (near ties resolved), the indices too
+    short for the batch, and the estimates."""
+    batch = batch_of(hint)
+    prior = fleet_prior(candidates[i][1] for i in usable)
+    ests: dict[int, Estimate] = {}
+    scored, too_short = [], []
+    for i in usable:
+        key, stats = candidates[i]
+        if hint.max_total_tokens > stats.max_seq_len:
+            too_short.append(i)
+            continue
+        ests[i] = estimate(batch, stats, work(i), prior, recent.get(key) or ())
+        scored.append((score(ests[i], batch), draws[i], i))
+    return _resolve_near_ties(scored, ests), too_short, ests
 
 
-def _preference(hint: Optional[RoutingHint], stats: Optional[ReplicaStats], local: int,
-                now: float, stale_after_s: float) -> tuple:
-    """Sort key of one replica for this batch: (class, padding waste, load); smaller is better."""
-    if not is_usable(stats, now, stale_after_s):
-        return (_UNKNOWN, 0, 0)
-    occ = occupancy(stats, local)
-    if hint is None:   # no shape to fit: every usable replica is a candidate, by load
-        return (_FIT, 0, occ)
-    n = hint.num_sequences
-    if fits(hint, stats, local):
-        return (_FIT, padding_waste(occ + n, stats.captured_buckets), occ)
-    if hint.max_total_tokens > stats.max_seq_len:
-        return (_TOO_SHORT, 0, occ)
-    if n > min(stats.captured_buckets[-1], stats.max_num_seqs):
-        return (_EAGER, 0, occ)
-    return (_DRAIN, 0, occ)
+def _resolve_near_ties(scored: list[tuple[float, float, int]],
+                       ests: Mapping[int, Estimate]) -> list[int]:
+    """Order by score, except that the scores within `NEAR_TIE_REL` (+ `NEAR_TIE_ABS_S`) of the
+    best one not yet placed form a group ordered by graph fit, padding rows, score, then draw."""
+    scored.sort()
+    order: list[int] = []
+    k = 0
+    while k < len(scored):
+        limit = scored[k][0] * (1.0 + NEAR_TIE_REL) + NEAR_TIE_ABS_S
+        j = k
+        while j < len(scored) and scored[j][0] <= limit:
+            j += 1
+        group = sorted(scored[k:j], key=lambda x: (not ests[x[2]].graph, ests[x[2]].padding, *x))
+        order.extend(i for _, _, i in group)
+        k = j
+    return order
+
+
+def _ranks(candidates: Sequence, order: list[int]) -> list[list[Any]]:
+    return [[candidates[i][0]] for i in order]

@@ -1,4 +1,4 @@
-"""Ray Serve request router that sends each request batch to a replica holding a fitting CUDA graph.
+"""Ray Serve request router that sends each request batch where it would finish first.
 
 Select it on the decode deployment (YAML or `RequestRouterConfig`):
 
@@ -12,10 +12,16 @@ Contract with the two other parties:
   reads it back from `RunningReplica.routing_stats` (`{}` before the first poll);
 - the caller (the ingress, which tokenizes) passes the batch shape as the keyword argument
   `routing_hint`: a `RoutingHint` or a dict with its fields, e.g.
-  `handle.generate.remote(batch, routing_hint=RoutingHint(n, max_total_tokens))`. The replica
-  method therefore takes `routing_hint=None` as a keyword argument (and may ignore it).
+  `handle.generate.remote(batch, routing_hint=RoutingHint(n, max_total_tokens, prompt_tokens=..,
+  max_new_tokens=.., prefix_hashes=.., samples_per_prompt=..))`. The replica method therefore
+  takes `routing_hint=None` as a keyword argument (and may ignore it).
+docs/routing-estimate.md says what each field means and who computes it.
 
-Ranking is `router.policy.rank_replicas`; this module only adapts Ray's objects to it. Guarantees:
+Ranking is `router.policy.rank_replicas`; this module adapts Ray's objects to it and keeps the
+router's ledger (router/inflight.py): the work and prompt prefixes it sent each replica, reserved
+when it ranks a request, confirmed by `on_request_routed`, ended by `on_request_completed`.
+Published stats are parsed once per published dict (Ray hands over a new dict per publish), so a
+ranking costs O(replicas x prompts x depths) plus one pass over the ledger. Guarantees:
 `choose_replicas` never raises (an exception there hangs the request inside Ray; on any error
 it logs and returns every candidate in one shuffled rank) and never blocks (no `ray.get`, no I/O).
 Missing, malformed or stale stats and a missing or malformed hint degrade the ranking, not the
@@ -43,9 +49,10 @@ from typing import Any, Callable, List, Optional
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from router import metrics as gs_metrics
-from router.inflight import InFlight
+from router.hint import batch_of
+from router.inflight import InFlight, Work
 from router.policy import coerce_hint, rank_replicas
-from router.stats import ReplicaStats
+from router.stats import ReplicaStats, RoutingHint
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,7 +85,7 @@ def _record_outcome(outcome: str) -> None:
 
 
 class BucketAwareRequestRouter(RequestRouter):
-    """Ranks replicas by whether the request batch decodes inside one of their captured graphs.
+    """Ranks replicas by when the request batch would finish there (router/estimate.py).
 
     Configured by `initialize_state(stale_after_s=10.0, seed=None)`; see the module docstring for
     the stats/hint contract and `router.policy.rank_replicas` for the algorithm.
@@ -116,9 +123,12 @@ class BucketAwareRequestRouter(RequestRouter):
         self._record_outcome = record_outcome or _record_outcome
         self._counted_ids: OrderedDict[str, None] = OrderedDict()
         self._last_error_log_s = float("-inf")
-        # What this router sent (or is about to send) and has not seen complete, in sequences per
-        # replica id: fresher than published stats; see router.policy.occupancy, router.inflight.
-        self._inflight = InFlight(DEFAULT_RESERVATION_TTL_S)
+        # What this router sent (or is about to send) to each replica id and its stats may not show
+        # yet: work in flight and prompt prefixes (router/inflight.py).
+        self._inflight = InFlight(DEFAULT_RESERVATION_TTL_S, keep_prefixes_s=self._stale_after_s)
+        # Parsed stats per replica id, with the published dict they came from: Ray hands over a new
+        # dict per publish, so parsing (and the prefix set) happens once per publish, not per request.
+        self._parsed: dict[Any, tuple[Any, Optional[ReplicaStats]]] = {}
 
     async def choose_replicas(
         self,
@@ -141,30 +151,56 @@ class BucketAwareRequestRouter(RequestRouter):
         rid = _request_id(pending_request)
         if rid:
             self._inflight.unreserve(rid)  # a re-rank (backoff, rejection) must not count itself
-        keyed = [(i, _read_stats(r)) for i, r in enumerate(replicas)]
-        sent = self._inflight.counts(now)
-        local = {i: sent.get(r.replica_id, 0) for i, r in enumerate(replicas)}
-        ranking = rank_replicas(hint, keyed, now=now, stale_after_s=self._stale_after_s,
-                                rng=self._rng, outstanding=local)
+        stats = self._read_all_stats(replicas)
+        ids = [r.replica_id for r in replicas]
+        since = {rep: s.timestamp for rep, s in zip(ids, stats) if s is not None}
+        sent = self._inflight.outstanding(now, since)
+        prefixes = self._inflight.prefixes(now, since)
+        ranking = rank_replicas(hint, list(enumerate(stats)), now=now,
+                                stale_after_s=self._stale_after_s, rng=self._rng,
+                                outstanding={i: sent.get(rep) for i, rep in enumerate(ids)},
+                                recent_prefixes={i: prefixes.get(rep) for i, rep in enumerate(ids)})
         self._count_once(pending_request, ranking.outcome)
         tiers = [[replicas[i] for i in tier] for tier in ranking.tiers]
         if rid and tiers:  # Ray takes the first rank's replica unless it is full: count it there now
-            self._inflight.reserve(rid, tiers[0][0].replica_id, _sequences(hint), now)
+            first = ranking.tiers[0][0]
+            est = ranking.estimates.get(first)
+            work = _work(hint, est.prefill_tokens if est is not None else None)
+            self._inflight.reserve(rid, ids[first], work, now, _hashes(hint))
         return tiers
 
+    def _read_all_stats(self, replicas: List[RunningReplica]) -> List[Optional[ReplicaStats]]:
+        """Each replica's parsed stats (None when missing, malformed or unreadable), reusing the
+        parse of an unchanged published dict; forgets replicas no longer offered."""
+        parsed, out = {}, []
+        for r in replicas:
+            try:
+                raw = r.routing_stats
+            except Exception:
+                raw = None
+            hit = self._parsed.get(r.replica_id)
+            if hit is None or hit[0] is not raw:
+                hit = (raw, _parse_stats(raw))
+            parsed[r.replica_id] = hit
+            out.append(hit[1])
+        self._parsed = parsed
+        return out
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        """Count the batch's sequences on the replica that accepted it until it completes."""
+        """Count the batch's work on the replica that accepted it until it completes (its reserved
+        work when that is the replica it was reserved at; else all its prompt tokens)."""
         try:
             rid = _request_id(pending_request)
             if rid:
                 hint = coerce_hint(_hint_arg(pending_request))
-                self._inflight.confirm(rid, replica_id, _sequences(hint))
+                self._inflight.confirm(rid, replica_id, _work(hint, None), self._clock(),
+                                       _hashes(hint))
         except Exception:
             pass  # bookkeeping must never break routing
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         try:
-            self._inflight.complete(internal_request_id)
+            self._inflight.complete(internal_request_id, self._clock())
         except Exception:
             pass
 
@@ -221,13 +257,23 @@ def _request_id(pending_request: Optional[PendingRequest]) -> Optional[str]:
     return getattr(metadata, "internal_request_id", None) or None
 
 
-def _sequences(hint: Any) -> int:
-    return hint.num_sequences if hint else 1
+def _work(hint: Optional[RoutingHint], prefill_tokens: Optional[int]) -> Work:
+    """What the request adds to a replica: its sequences (1 without a hint) and the prompt tokens
+    it must prefill there (`prefill_tokens` when estimated for that replica, else all of them)."""
+    if hint is None:
+        return Work(1, 0)
+    batch = batch_of(hint)
+    return Work(batch.sequences, batch.prompt_tokens if prefill_tokens is None else prefill_tokens)
 
 
-def _read_stats(replica: RunningReplica) -> Optional[ReplicaStats]:
-    """The replica's published stats, or None when missing, malformed or unreadable."""
+def _hashes(hint: Optional[RoutingHint]) -> tuple[int, ...]:
+    """Every prefix hash of the hint's prompts (the replica holds these prefixes once it ran it)."""
+    return tuple(h for pairs in hint.prefix_hashes for _, h in pairs) if hint else ()
+
+
+def _parse_stats(raw: Any) -> Optional[ReplicaStats]:
+    """Published stats parsed, or None when missing, malformed or unreadable."""
     try:
-        return ReplicaStats.from_dict(replica.routing_stats)
+        return ReplicaStats.from_dict(raw)
     except Exception:
         return None

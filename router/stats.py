@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Optional
 
 MAX_PREFIX_HASHES = 4096   # bound on a replica's published prefix summary
@@ -53,6 +54,12 @@ class ReplicaStats:
     prefill_tokens_per_s: float = 0.0   # measured prefill rate (moving average; 0: not measured)
     decode_step_s: Mapping[int, float] = field(default_factory=dict)  # bucket -> step seconds (avg)
     prefix_hashes: tuple[int, ...] = () # cached prefix hashes at summary depths (bounded)
+
+    @cached_property
+    def prefix_set(self) -> frozenset[int]:
+        """`prefix_hashes` as a set, built once per stats object (the router keeps one parsed
+        object per published dict, so lookups stay O(1) per hint hash)."""
+        return frozenset(self.prefix_hashes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -17,8 +17,10 @@ from ray.serve._private.common import (DeploymentHandleSource, DeploymentID, Rep
                                        RequestMetadata)
 from ray.serve.request_router import PendingRequest, RunningReplica
 
+from replica.block_hash import prefix_summary
 from router.stats import ReplicaStats, RoutingHint
 
+BLOCK = 16  # tokens per KV block in the fakes
 DEPLOYMENT = DeploymentID(name="Decoder", app_name="llm")
 NOW = 1_000_000.0  # the fake wall clock's start; stats default to this timestamp
 _request_ids = itertools.count()
@@ -129,8 +131,30 @@ def pending(hint: Any = None, *, request_id: Optional[str] = None, **kwargs: Any
                           metadata=RequestMetadata(request_id=rid, internal_request_id=rid))
 
 
-def hint(n: int, max_total_tokens: int = 128) -> RoutingHint:
-    return RoutingHint(num_sequences=n, max_total_tokens=max_total_tokens)
+def hint(n: int, max_total_tokens: int = 128, **v2: Any) -> RoutingHint:
+    """A hint for n sequences; version-2 fields (prompt_tokens, max_new_tokens, ...) by keyword."""
+    return RoutingHint(num_sequences=n, max_total_tokens=max_total_tokens, **v2)
+
+
+def job(prompts: list, max_tokens: int, *, block_size: int = BLOCK, n: int = 1) -> RoutingHint:
+    """The hint an ingress attaches to a batch of token-id `prompts` with `max_tokens` each and `n`
+    samples per prompt (replica.block_hash computes the prefix summaries, as the ingress does)."""
+    longest = max(len(p) for p in prompts)
+    return RoutingHint(len(prompts) * n, longest + max_tokens,
+                       prompt_tokens=sum(len(p) for p in prompts) * n,
+                       max_new_tokens=len(prompts) * n * max_tokens,
+                       prefix_hashes=tuple(prefix_summary(p, block_size) for p in prompts),
+                       samples_per_prompt=n)
+
+
+def cached(*prompts: list, block_size: int = BLOCK) -> tuple[int, ...]:
+    """The prefix summary a replica publishes when it holds these token sequences in its cache."""
+    return tuple(h for p in prompts for _, h in prefix_summary(p, block_size))
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    """n token ids, the same for the same seed."""
+    return [(seed * 7919 + i * 104729) % 32000 for i in range(n)]
 
 
 def make_router(clock: Optional[FakeClock] = None, seed: int = 0, outcomes: Optional[list] = None,

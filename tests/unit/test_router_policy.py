@@ -1,18 +1,30 @@
-"""The pure routing policy (router/policy.py) and bucket arithmetic (router/buckets.py)."""
+"""The pure routing policy (router/policy.py) and bucket arithmetic (router/buckets.py).
+
+The estimate's own arithmetic is tested in test_router_estimate.py; here, that the ranking follows
+it: the replica where the batch would finish first wins, near ties go to graph fit and padding,
+stale or missing stats rank after every usable replica.
+"""
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
 import pytest
-from router_fakes import NOW, hint, no_ray_init, stats  # noqa: F401 (no_ray_init: autouse)
+from router_fakes import (BLOCK, NOW, cached, hint, job, no_ray_init,  # noqa: F401 (autouse)
+                          stats, tokens)
 
 from router.buckets import bucket_for, padding_waste, validate_buckets
-from router.policy import (GRAPH_FIT, NO_FIT, NO_HINT, NO_STATS, OUTCOMES, coerce_hint, fits,
+from router.estimate import score
+from router.hint import batch_of
+from router.inflight import Outstanding
+from router.policy import (GRAPH_FIT, NEAR_TIE_REL, NO_FIT, NO_HINT, NO_STATS, OUTCOMES,
                            rank_replicas)
 from router.stats import ReplicaStats, RoutingHint
 
 STALE = 10.0
+LATENCY, THROUGHPUT, LADDER = (1, 2, 4, 8), (16, 32, 64), (1, 2, 4, 8, 16, 32, 64)
+STEPS = {1: 0.0063, 2: 0.0063, 4: 0.0064, 8: 0.0065, 16: 0.0068, 32: 0.0072, 64: 0.0082}
 
 
 def rank(h, candidates, *, now=NOW, seed=0, outstanding=None):
@@ -23,7 +35,23 @@ def rank(h, candidates, *, now=NOW, seed=0, outstanding=None):
     assert sorted(flat) == sorted(k for k, _ in candidates), "every candidate exactly once"
     assert all(len(t) == 1 for t in r.tiers), "one replica per rank"
     assert r.outcome in OUTCOMES
+    assert all(math.isfinite(e.last_token_s) for e in r.estimates.values())
     return r
+
+
+def paged(buckets=LADDER, **kw):
+    """A version-2 replica: measured H100-like steps for its buckets, 40k prompt tokens/s, paged KV
+    sized for 256 rows, 16-token blocks."""
+    base = dict(decode_step_s={b: STEPS[b] for b in buckets}, prefill_tokens_per_s=40_000.0,
+                max_num_seqs=256, block_size=BLOCK, total_blocks=20_000, free_blocks=20_000)
+    base.update(kw)
+    base.setdefault("free_slots", base["max_num_seqs"] - base.get("running", 0))
+    return stats(buckets, **base)
+
+
+def scores(r, h):
+    b = batch_of(h)
+    return {k: score(e, b) for k, e in r.estimates.items()}
 
 
 # --- buckets -----------------------------------------------------------------------------------
@@ -54,20 +82,6 @@ def test_validate_buckets_says_what_to_fix(bad, fix):
 
 def test_validate_buckets_returns_tuple():
     assert validate_buckets([1, 2, 4]) == (1, 2, 4)
-
-
-# --- hints ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("raw, expected", [
-    (RoutingHint(3, 100), RoutingHint(3, 100)),
-    ({"num_sequences": 3, "max_total_tokens": 100}, RoutingHint(3, 100)),
-    ({"num_sequences": 3}, None), ({"num_sequences": 0, "max_total_tokens": 5}, None),
-    ({"num_sequences": 2.5, "max_total_tokens": 5}, None),
-    ({"num_sequences": "2", "max_total_tokens": 5}, None),
-    ({"num_sequences": True, "max_total_tokens": 5}, None),
-    (RoutingHint(-1, 5), None), ("2x100", None), (42, None), (None, None)])
-def test_coerce_hint_accepts_instances_and_dicts_only_when_valid(raw, expected):
-    assert coerce_hint(raw) == expected
 
 
 # --- ranking with a hint -------------------------------------------------------------------------
@@ -123,10 +137,12 @@ def test_equal_load_ties_are_broken_at_random_one_replica_per_rank():
     assert orders == {("A", "B", "C"), ("B", "A", "C")}
 
 
-def test_queued_sequences_count_toward_the_fit():
-    # 6 running + 4 queued + 2 new = 12 > 8: the batch would wait, then run past the largest bucket.
-    assert not fits(hint(2), stats((1, 2, 4, 8), running=6, queued=4, max_num_seqs=16, free_slots=10))
-    assert fits(hint(2), stats((1, 2, 4, 8), running=6, max_num_seqs=16, free_slots=10))
+def test_queued_sequences_count_toward_the_rows():
+    # 6 running + 4 queued + 2 new = 12 > 8: the batch would decode past the largest bucket.
+    r = rank(hint(2), [("A", stats((1, 2, 4, 8), running=6, queued=4, max_num_seqs=16, free_slots=10))])
+    assert r.outcome == NO_FIT and r.estimates["A"].rows == 12 and not r.estimates["A"].graph
+    r = rank(hint(2), [("A", stats((1, 2, 4, 8), running=6, max_num_seqs=16, free_slots=10))])
+    assert r.outcome == GRAPH_FIT and r.estimates["A"].bucket == 8
 
 
 def test_outstanding_sequences_bound_stale_stats_from_below():
@@ -134,16 +150,22 @@ def test_outstanding_sequences_bound_stale_stats_from_below():
     every request onto the replica whose (stale) stats say idle."""
     cands = [("small", stats((1, 2, 4, 8))), ("large", stats((16, 32, 64)))]
     assert rank(hint(1), cands).tiers[0] == ["small"]                      # idle: no padding there
-    r = rank(hint(1), cands, outstanding={"small": 8})                    # 8 already sent there
+    r = rank(hint(1), cands, outstanding={"small": Outstanding(8)})       # 8 already sent there
     assert r.tiers[0] == ["large"] and r.outcome == "graph_fit"
-    assert rank(hint(1), cands, outstanding={"small": 3}).tiers[0] == ["small"]
+    assert rank(hint(1), cands, outstanding={"small": Outstanding(3)}).tiers[0] == ["small"]
+    # sent after the stats were stamped: on top of what they show
+    busy = [("small", stats((1, 2, 4, 8), running=5)), ("large", stats((16, 32, 64)))]
+    assert rank(hint(1), busy, outstanding={"small": Outstanding(3)}).tiers[0] == ["small"]
+    assert rank(hint(1), busy, outstanding={"small": Outstanding(3, 3)}).tiers[0] == ["large"]
 
 
-def test_free_slots_and_max_num_seqs_bound_a_fit():
-    assert not fits(hint(2), stats((1, 2, 4, 8), running=2, free_slots=1))   # slots held elsewhere
-    assert not fits(hint(2), stats((1, 2, 4, 8), max_num_seqs=3, free_slots=3, running=2))
-    assert fits(hint(2), stats((1, 2, 4, 8), max_num_seqs=3, running=1))
-    assert not fits(hint(9), stats((1, 2, 4, 8), max_num_seqs=16))          # eager-only batch
+@pytest.mark.parametrize("h, s, outcome", [
+    (hint(2), stats((1, 2, 4, 8), running=2, free_slots=1), NO_FIT),           # slots held elsewhere
+    (hint(2), stats((1, 2, 4, 8), max_num_seqs=3, free_slots=3, running=2), NO_FIT),  # row limit
+    (hint(2), stats((1, 2, 4, 8), max_num_seqs=3, running=1), GRAPH_FIT),
+    (hint(9), stats((1, 2, 4, 8), max_num_seqs=16), NO_FIT)])                  # eager-only batch
+def test_free_slots_and_max_num_seqs_bound_a_fit(h, s, outcome):
+    assert rank(h, [("A", s)]).outcome == outcome
 
 
 def test_over_long_sequences_never_fit():
@@ -152,17 +174,24 @@ def test_over_long_sequences_never_fit():
              ("unknown", None)]
     r = rank(hint(1, max_total_tokens=1000), cands)
     assert r.outcome == NO_FIT
-    assert r.tiers == [["unknown"], ["full"], ["short_kv"]]  # too long goes last, still routable
+    assert r.tiers == [["full"], ["unknown"], ["short_kv"]]  # too long goes last, still routable
 
 
 @pytest.mark.parametrize("age_s", [STALE + 1, -(STALE + 1)])
-def test_stale_or_missing_stats_rank_as_unknown(age_s):
+def test_stale_or_missing_stats_rank_after_every_usable_replica(age_s):
+    """Even a replica known to be full and backlogged ranks before one whose state is unknown."""
     cands = [("fit", stats()), ("stale", stats(timestamp=NOW - age_s)), ("none", None),
-             ("nofit", stats(running=8))]
+             ("full", stats(running=8, prefill_backlog_tokens=10**6))]
     r = rank(hint(2), cands)
     assert r.outcome == GRAPH_FIT
-    assert r.tiers[0] == ["fit"] and sorted(r.tiers[1] + r.tiers[2]) == ["none", "stale"]
-    assert r.tiers[3] == ["nofit"]
+    assert r.tiers[:2] == [["fit"], ["full"]] and sorted(r.tiers[2] + r.tiers[3]) == ["none", "stale"]
+    assert set(r.estimates) == {"fit", "full"}
+
+
+def test_unknown_replicas_are_ordered_by_what_this_router_sent_them():
+    cands = [("u1", None), ("u2", None), ("u3", None)]
+    sent = {"u1": Outstanding(4, 4, 100), "u2": Outstanding(1, 1, 9000)}
+    assert rank(hint(1), cands, outstanding=sent).tiers == [["u3"], ["u2"], ["u1"]]
 
 
 def test_small_clock_skew_is_tolerated():
@@ -189,6 +218,107 @@ def test_malformed_stats_rank_as_unknown_without_raising(bad):
 def test_empty_candidates():
     assert rank(hint(1), []).tiers == []
     assert rank(None, []).tiers == []
+
+
+# --- the estimate decides ------------------------------------------------------------------------
+
+def test_an_idle_replica_beats_a_busy_exact_fit():
+    """The padding-first policy sent this batch where it filled bucket 8 exactly, behind 3 s of
+    queued prefill; the estimate sends it to the idle replica, padding one row."""
+    h = job([tokens(i, 512) for i in range(3)], max_tokens=128)
+    cands = [("busy", paged(LATENCY, running=5, prefill_backlog_tokens=120_000)),
+             ("idle", paged(LATENCY))]
+    r = rank(h, cands)
+    assert r.tiers == [["idle"], ["busy"]] and r.outcome == GRAPH_FIT
+    assert r.estimates["busy"].padding == 0 and r.estimates["idle"].padding == 1
+    assert r.estimates["busy"].first_token_s > 3.0 > r.estimates["idle"].last_token_s
+
+
+def test_a_prefix_cached_replica_wins_a_shared_prefix_batch_until_its_backlog_outweighs_it():
+    shared = tokens(0, 1024)                      # 64 blocks every prompt starts with
+    h = job([shared + tokens(i, 64) for i in range(1, 9)], max_tokens=64)
+    holder = dict(prefix_hashes=cached(shared), running=4)
+    r = rank(h, [("cold", paged()), ("holder", paged(**holder))])
+    assert r.tiers[0] == ["holder"]
+    assert r.estimates["holder"].prefill_tokens == 8 * 64
+    assert r.estimates["cold"].prefill_tokens == 8 * 1088
+    # 8 x 1024 cached tokens are worth 0.2 s at 40k tokens/s; a 1 s backlog is not
+    r = rank(h, [("cold", paged()), ("holder", paged(prefill_backlog_tokens=40_000, **holder))])
+    assert r.tiers[0] == ["cold"]
+
+
+def test_prefixes_this_router_sent_recently_count_as_cached():
+    shared = tokens(0, 1024)
+    h = job([shared + tokens(1, 64)], max_tokens=64)
+    cands = [("A", paged(LATENCY, running=1)), ("B", paged(LATENCY))]
+    assert rank(h, cands).tiers[0] == ["B"]
+    recent = {"A": {hash_ for _, hash_ in job([shared], 1).prefix_hashes[0]}}
+    r = rank_replicas(h, cands, now=NOW, stale_after_s=STALE, rng=random.Random(0),
+                      recent_prefixes=recent)
+    assert r.tiers[0] == ["A"] and r.estimates["A"].prefill_tokens == 64
+
+
+def test_graph_fit_breaks_a_near_tie_and_only_a_near_tie():
+    """12 sequences: the latency tier would step eagerly, the throughput tier replays bucket 16
+    behind some backlog. Within NEAR_TIE_REL of each other the graph wins; past it, the estimate."""
+    h = job([tokens(i, 256) for i in range(12)], max_tokens=128)
+    eager = ("eager", paged(LATENCY))
+    near = rank(h, [eager, ("graph", paged(THROUGHPUT, prefill_backlog_tokens=20_000))])
+    sc = scores(near, h)
+    assert sc["eager"] < sc["graph"] <= sc["eager"] * (1 + NEAR_TIE_REL)
+    assert near.tiers[0] == ["graph"] and near.outcome == GRAPH_FIT
+    far = rank(h, [eager, ("graph", paged(THROUGHPUT, prefill_backlog_tokens=30_000))])
+    assert far.tiers[0] == ["eager"] and far.outcome == NO_FIT
+
+
+def test_padding_breaks_a_near_tie():
+    # A: 3 running + 1 fills bucket 4; B: 2 + 1 pads a row but has 200 fewer tokens queued
+    h = job([tokens(1, 256)], max_tokens=128)
+    cands = [("B", paged(LATENCY, running=2, prefill_backlog_tokens=1_000)),
+             ("A", paged(LATENCY, running=3, prefill_backlog_tokens=1_200))]
+    assert rank(h, cands).tiers == [["A"], ["B"]]
+    cands[1] = ("A", paged(LATENCY, running=3, prefill_backlog_tokens=8_000))
+    assert rank(h, cands).tiers == [["B"], ["A"]]
+
+
+def test_a_fresh_replica_uses_the_fleets_measured_rates():
+    """A fast model (1.4 ms steps, 100k tokens/s): judged by the default 8B-like curve, a fresh
+    idle replica would look slower than a measured one holding two sequences."""
+    fast = {b: 0.0014 + 0.00001 * b for b in LADDER}
+    h = job([tokens(1, 256)], max_tokens=256)
+    measured = paged(running=2, decode_step_s=fast, prefill_tokens_per_s=100_000.0)
+    fresh = paged(decode_step_s={}, prefill_tokens_per_s=0.0)
+    r = rank(h, [("measured", measured), ("fresh", fresh)])
+    assert r.tiers[0] == ["fresh"]
+    assert r.estimates["fresh"].last_token_s == pytest.approx(256 / 100_000 + 255 * fast[1])
+
+
+# --- tiers: a choice, not a trap ----------------------------------------------------------------
+
+def tiers(**throughput_kw):
+    return [("latency", paged(LATENCY)), ("throughput", paged(THROUGHPUT, **throughput_kw))]
+
+
+def test_a_big_batch_takes_the_throughput_tier_while_its_queue_is_short():
+    h = job([tokens(i, 512) for i in range(32)], max_tokens=256)
+    for backlog in (0, 30_000):
+        r = rank(h, tiers(prefill_backlog_tokens=backlog))
+        assert r.tiers[0] == ["throughput"] and r.estimates["throughput"].bucket == 32
+
+
+def test_a_big_batch_takes_the_latency_tier_eagerly_when_the_throughput_tier_is_slower_even_so():
+    h = job([tokens(i, 512) for i in range(32)], max_tokens=256)
+    r = rank(h, tiers(prefill_backlog_tokens=60_000))
+    assert r.tiers[0] == ["latency"] and r.outcome == NO_FIT
+    assert not r.estimates["latency"].graph            # it pays eager steps there, and still wins
+
+
+def test_an_interactive_request_takes_the_latency_tier_unless_it_is_behind_there():
+    h = job([tokens(1, 512)], max_tokens=128)
+    assert rank(h, tiers()).tiers[0] == ["latency"]
+    busy = [("latency", paged(LATENCY, running=4, prefill_backlog_tokens=8_000)),
+            ("throughput", paged(THROUGHPUT))]
+    assert rank(h, busy).tiers[0] == ["throughput"]
 
 
 # --- ranking without a hint ----------------------------------------------------------------------
@@ -233,9 +363,34 @@ def test_random_inputs_never_raise_and_keep_invariants():
             cands.append((f"r{i}", stats(buckets, running=running, queued=rng.randint(0, 5),
                                          max_num_seqs=slots, free_slots=rng.randint(-1, slots),
                                          max_seq_len=rng.randint(0, 4096),
-                                         timestamp=NOW - rng.uniform(-20, 20))))
-        h = None if rng.random() < 0.2 else hint(rng.randint(1, 70), rng.randint(1, 5000))
+                                         timestamp=NOW - rng.uniform(-20, 20), **_v2_stats(rng))))
+        h = None if rng.random() < 0.2 else _v2_hint(rng)
         r = rank(h, cands, seed=case)
         if r.outcome == GRAPH_FIT:
-            first = dict(cands)[r.tiers[0][0]]
-            assert fits(h, first)
+            first = r.estimates[r.tiers[0][0]]
+            assert first.graph and first.waves == 1
+
+
+_ODD = (0, -1, 1.5, float("nan"), float("inf"), 10**30, "x", None)
+
+
+def _odd(rng, usual):
+    return rng.choice(_ODD) if rng.random() < 0.15 else usual
+
+
+def _v2_stats(rng) -> dict:
+    steps = {rng.choice((1, 2, 4, 8, 16, 64, 0, -3)): _odd(rng, rng.uniform(0.001, 0.05))
+             for _ in range(rng.randint(0, 4))}
+    return dict(block_size=_odd(rng, 16), total_blocks=_odd(rng, 1000), free_blocks=_odd(rng, 500),
+                prefill_backlog_tokens=_odd(rng, rng.randint(0, 10**6)),
+                decode_rows=_odd(rng, 3), prefill_tokens_per_s=_odd(rng, rng.uniform(0, 1e5)),
+                decode_step_s=_odd(rng, steps),
+                prefix_hashes=_odd(rng, tuple(rng.randint(0, 50) for _ in range(rng.randint(0, 20)))))
+
+
+def _v2_hint(rng) -> RoutingHint:
+    n = rng.randint(1, 70)
+    prompts = tuple(tuple((d, rng.randint(0, 50)) for d in (1, 2, 4)) for _ in range(rng.randint(0, 3)))
+    return RoutingHint(n, rng.randint(1, 5000), prompt_tokens=rng.choice((0, 1, n * 300, 10**40)),
+                       max_new_tokens=rng.choice((0, n, n * 200, 10**40)), prefix_hashes=prompts,
+                       samples_per_prompt=rng.choice((1, 2, 10**9)))

@@ -3,7 +3,8 @@
 Contract: `prepare(...)` tokenizes the prompts (the ingress holds the model's tokenizer, loaded
 without weights), checks every length against `max_seq_len`, and returns the batch together with
 the `RoutingHint` the router needs (`num_sequences = len(prompts) * n`, `max_total_tokens =
-longest prompt + max_tokens`). Bad input raises `RequestError` (an `InvalidRequestError`) before
+longest prompt + max_tokens`, prompt tokens, output budget, and each prompt's prefix hashes at
+the replicas' `block_size`, replica/block_hash.py). Bad input raises `RequestError` (an `InvalidRequestError`) before
 anything is sent to a replica, so a rejected request never occupies a decode slot.
 
 A `Backend` runs prepared batches: in Serve it wraps the replica deployment's handle (the router
@@ -15,6 +16,7 @@ import uuid
 from typing import AsyncIterator, Optional, Protocol, Sequence, Union
 
 from deployments.protocol import BatchResult, PromptBatch, StreamChunk
+from replica.block_hash import prefix_summary
 from replica.sampling_params import InvalidRequestError, SamplingParams
 from router.stats import RoutingHint
 
@@ -37,11 +39,13 @@ class Backend(Protocol):
 
 
 class Frontend:
-    def __init__(self, tokenizer, model_name: str, max_seq_len: int, backend: Backend):
+    def __init__(self, tokenizer, model_name: str, max_seq_len: int, backend: Backend,
+                 block_size: int = 16):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_seq_len = max_seq_len
         self.backend = backend
+        self.block_size = block_size      # the replicas' KV block size: prefix hashes must use it
 
     # -- input -> batch -------------------------------------------------------------------------
     def prepare(self, prompts: Sequence[PromptInput], params_kwargs: dict, *, n: int = 1,
@@ -67,7 +71,16 @@ class Frontend:
         self._check_context(longest, max_tokens, param)
         batch = PromptBatch(tuple(tuple(x) for x in ids), params, n=n,
                             request_id=f"gs-{uuid.uuid4().hex[:16]}")
-        return batch, RoutingHint(batch.num_sequences, longest + max_tokens)
+        return batch, self.hint(ids, n, max_tokens)
+
+    def hint(self, ids: list[list[int]], n: int, max_tokens: int) -> RoutingHint:
+        """What the router estimates cost from (router/stats.py): sequences, prompt tokens, output
+        budget and each prompt's chained block hashes at summary depths (one per prompt, however
+        many samples it has)."""
+        return RoutingHint(num_sequences=len(ids) * n, max_total_tokens=max(map(len, ids)) + max_tokens,
+                           prompt_tokens=sum(map(len, ids)) * n, max_new_tokens=len(ids) * n * max_tokens,
+                           prefix_hashes=tuple(prefix_summary(x, self.block_size) for x in ids),
+                           samples_per_prompt=n)
 
     def prepare_chat(self, conversations: Sequence[Sequence[dict]], params_kwargs: dict, *,
                      n: int = 1) -> tuple[PromptBatch, RoutingHint]:

@@ -55,7 +55,7 @@ class ReplicaBackend:
 class OpenAIIngress:
     def __init__(self, replica: DeploymentHandle, args: AppArgs):
         self._frontend = Frontend(load_tokenizer(args.model), args.model_name, args.max_seq_len,
-                                  ReplicaBackend(replica))
+                                  ReplicaBackend(replica), block_size=args.block_size)
 
     def __serve_build_asgi_app__(self):
         return build_openai_app(self._frontend)

@@ -59,6 +59,9 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
     assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
 
     ladder = yaml.safe_load(APP_YAML.read_text())["applications"][0]["args"]["batch_buckets"]
+    if ladder is None:   # each engine sizes its own: on these CPU replicas, the ladder up to 64 rows
+        from replica.config import DEFAULT_CPU_ROWS, ladder_up_to
+        ladder = list(ladder_up_to(DEFAULT_CPU_ROWS))
     handle = serve.get_deployment_handle("LLMReplica", APP_NAME)
 
     def both_replicas():

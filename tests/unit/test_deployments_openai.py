@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.http_api import build_openai_app
+from replica.block_hash import prefix_summary
 from router.stats import RoutingHint
 from router_fakes import no_ray_init  # noqa: F401 - autouse guard
 from test_deployments_fakes import FAIL_AFTER_FIRST, HANG, REFUSE, make_frontend
@@ -55,7 +56,9 @@ def test_completion_with_a_prompt_list_and_n(api):
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19}
     # The router sees the batch's shape: 4 sequences, the longest needing 5 + 3 positions.
     (batch, hint), = backend.calls
-    assert hint == RoutingHint(num_sequences=4, max_total_tokens=8)
+    assert (hint.num_sequences, hint.max_total_tokens) == (4, 8)
+    assert (hint.prompt_tokens, hint.max_new_tokens, hint.samples_per_prompt) == (14, 12, 2)
+    assert hint.prefix_hashes == ((), ())      # prompts shorter than one block have no full block
     assert batch.prompts == (tuple(b"hi"), tuple(b"hello")) and batch.params.temperature == 0
 
 
@@ -208,7 +211,11 @@ def test_python_level_validation_raises_a_typed_error():
     with pytest.raises(InvalidRequestError, match="non-negative integers"):
         frontend.prepare([[1, -2]], {})
     batch, hint = frontend.prepare([1, 2, 3], {"max_tokens": 4})   # one token-id prompt
-    assert batch.prompts == ((1, 2, 3),) and hint == RoutingHint(1, 7)
+    assert batch.prompts == ((1, 2, 3),) and (hint.num_sequences, hint.max_total_tokens) == (1, 7)
+    long = list(range(40))
+    _, hint = frontend.prepare([long, long[:20]], {"max_tokens": 2}, n=3)
+    assert hint.prefix_hashes == (prefix_summary(long, 16), prefix_summary(long[:20], 16))
+    assert len(hint.prefix_hashes[0]) == 2 and hint.prompt_tokens == 180 and hint.max_new_tokens == 12
 
 
 @pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 2), ("logprobs", 1), ("suffix", "x"),

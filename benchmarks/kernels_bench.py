@@ -30,6 +30,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,12 +290,37 @@ def sweep_prefill(sh, dtype, device, paged_mod, meta_cls):
             print(f"  prefill sweep {name:<16} stages={stages}: {t:9.2f} us "
                   f"{flops / t / 1e6:6.1f} TFLOP/s")
         del inp
+    for name in ("128+32k_prefix", "4x512+200dec", "2048+30k_prefix"):  # key segments
+        chunks = PREFILL_CASES_8B[name]
+        inp, _, flops = prefill_inputs(sh, chunks, dtype, device, meta_cls)
+        q_lens, kv_lens = [ql for ql, _ in chunks], [ql + pre for ql, pre in chunks]
+        for segment in (None, 1024, 4096, 16384, 1 << 20):  # None: default; 1 << 20: no split
+            meta = meta_cls.build(q_lens, kv_lens, list(range(len(chunks))), device,
+                                  segment=segment)
+            fn = lambda i: paged_mod.paged_prefill_attention(  # noqa: E731
+                inp["q"], inp["k"], inp["v"], inp["tables"], meta, 1.0 / math.sqrt(sh.head_dim))
+            t, _ = time_us(fn, device)
+            seg = f"{meta.prefill_segment}/{meta.decode_segment}"
+            out.append(dict(case=name, segment=seg, us=t, tflops=flops / t / 1e6,
+                            merges=meta.num_prefill_merges + meta.num_decode_merges))
+            print(f"  prefill sweep {name:<16} segment={seg:<12}{'(default)' if segment is None else '':9}"
+                  f" {t:9.2f} us {flops / t / 1e6:6.1f} TFLOP/s  merges={out[-1]['merges']}")
+        del inp
     return out
 
 
+def jit_variants(fn) -> int:
+    """Compiled variants of a Triton kernel held in this process (its per-device JIT caches)."""
+    return sum(len(c[0]) for c in fn.device_caches.values())
+
+
 def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
-    """Run paged_decode_attention at every bucket of the engine ladder (contexts 1..max_len) and
-    count the compiled variants of its two kernels (Triton's per-device JIT caches)."""
+    """Run paged_decode_attention at every bucket of the engine ladder (contexts 1..64) and count
+    the compiled variants of its two kernels. Their in-memory caches are emptied first (earlier
+    checks compiled other shapes), so the count is the ladder's alone (binaries come back from
+    Triton's disk cache)."""
+    for fn in (paged_mod._decode_split_kernel, paged_mod._decode_combine_kernel):
+        fn.device_caches.clear()
     inp = make_paged_inputs(sh, LADDER[-1], 64, max_len, dtype, device, 1)
     for b in LADDER:
         q = torch.randn(b, sh.heads, sh.head_dim, device=device).to(dtype)
@@ -302,15 +328,41 @@ def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
         paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"], inp["tables"][0],
                                          inp["table_rows"][:b], lens, 0.1)
     torch.cuda.synchronize()
-    count = lambda fn: sum(len(c[0]) for c in fn.device_caches.values())  # noqa: E731
     res = dict(ladder=list(LADDER), max_len=max_len,
-               split_kernel=count(paged_mod._decode_split_kernel),
-               combine_kernel=count(paged_mod._decode_combine_kernel),
+               split_kernel=jit_variants(paged_mod._decode_split_kernel),
+               combine_kernel=jit_variants(paged_mod._decode_combine_kernel),
                splits={b: paged_mod.decode_plan(b, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
                                                 max_len // BLOCK_SIZE, dtype)[0]["split"]
                        for b in LADDER})
     print(f"paged decode specialisations over {len(LADDER)} buckets: split kernel "
           f"{res['split_kernel']}, combine kernel {res['combine_kernel']}; splits {res['splits']}")
+    return res
+
+
+def cold_jit(sh, dtype, device, paged_mod, meta_cls) -> dict:
+    """Seconds of the first call of each paged attention launch (Triton compile + load + run; cold
+    when TRITON_CACHE_DIR is empty), then of a call at another batch size (no compile expected).
+    Must run before anything else launches these kernels in the process."""
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    inp = make_paged_inputs(sh, 64, 300, 8192, dtype, device, 1)
+    hd = sh.head_dim
+
+    def decode(b):
+        q = torch.randn(b, sh.heads, hd, device=device).to(dtype)
+        lens = torch.full((b,), 300, dtype=torch.int64, device=device)
+        paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"], inp["tables"][0],
+                                         inp["table_rows"][:b], lens, 0.1)
+    pre, _, _ = prefill_inputs(sh, [(100, 50), (1, 40)], dtype, device, meta_cls)
+    prefill = lambda: paged_mod.paged_prefill_attention(  # noqa: E731
+        pre["q"], pre["k"], pre["v"], pre["tables"], pre["meta"], 0.1)
+    res = dict(decode_first_b8=timed(lambda: decode(8)), decode_then_b64=timed(lambda: decode(64)),
+               prefill_first=timed(prefill), prefill_again=timed(prefill))
+    print("cold JIT (s): " + "  ".join(f"{k}={v:.3f}" for k, v in res.items()))
     return res
 
 
@@ -413,7 +465,9 @@ def main() -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  "
           f"{sh.name} {str(dtype)[6:]}  timing={'on' if not tiny else 'off'}")
-    checks = {}
+    checks, jit = {}, {}
+    if cuda:  # first, before anything compiles the paged kernels
+        jit = cold_jit(sh, dtype, device, paged_attention, PrefillMeta)
     if cuda:  # the small-shape Triton-vs-reference checks (poisoned outputs, cache writes) first
         from replica.kernels import selfcheck
         checks = selfcheck.run("cuda", dtype)
@@ -429,23 +483,30 @@ def main() -> int:
         del inp
         if cuda:
             torch.cuda.empty_cache()
+    prefill_kernels = (paged_attention._prefill_kernel, paged_attention._prefill_merge_kernel)
+    if cuda:
+        for fn in prefill_kernels:  # count what the prefill cases alone compile
+            fn.device_caches.clear()
     rows += bench_prefill(sh, PREFILL_CASES_TINY if tiny else PREFILL_CASES_8B, dtype, device,
                           paged_attention, ref_impl, PrefillMeta, timing=not tiny)
+    if cuda:
+        specs["prefill"] = {fn.__name__: jit_variants(fn) for fn in prefill_kernels}
+        print(f"paged prefill variants over the prefill cases: {specs['prefill']}")
     if args.sweep and not tiny:
         paged_sweeps = dict(decode=sweep_paged_decode(sh, dtype, device, paged_attention),
                             prefill=sweep_prefill(sh, dtype, device, paged_attention, PrefillMeta))
     if cuda:
-        specs = decode_specializations(sh, dtype, device, paged_attention)
+        specs.update(decode_specializations(sh, dtype, device, paged_attention))
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__, shapes=sh.name,
                   dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, rows=rows,
                   selfcheck=checks, attention_sweep=sweeps, paged_sweep=paged_sweeps,
-                  paged_decode_specializations=specs)
+                  paged_decode_specializations=specs, paged_cold_jit_s=jit)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "kernels.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     bad = [r for r in rows if not r["ok"]] + [k for k, v in checks.items() if v != "ok"]
-    if specs and (specs["split_kernel"], specs["combine_kernel"]) != (1, 1):
+    if specs and (specs["split_kernel"], specs["combine_kernel"]) != (1, 1):  # whole ladder
         bad.append("paged decode specialisations")
     print(f"{len(rows) - len(bad)}/{len(rows)} correctness checks ok")
     return 1 if bad else 0

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 import torch
 
 from replica.kernels import attention, fused, paged_attention
+from replica.kernels.prefill_meta import TILE_TOKENS
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -182,14 +183,23 @@ def _paged(arch: int, full: bool) -> dict:
                      1 if hd <= 64 else 2)
         out[f"paged_decode_combine.{name}"] = _resources(k)
         types = dict(q_ptr=p, k_ptr=p, v_ptr=p, bt_ptr="*i32", tile_ptr="*i32", out_ptr=p,
-                     qk_scale="fp32", **{n: "i32" for n in pre_ints})
-        for kind, tile_tokens in (("prefill", pa.PREFILL_ROWS // 4), ("decode_tiles", 1)):
+                     po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                     **{n: "i32" for n in pre_ints})
+        merge_types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", merge_ptr="*i32",
+                           out_ptr=p, stride_ot="i32", stride_oh="i32")
+        block_d = max(16, triton.next_power_of_2(hd))
+        for kind, tile_tokens in (("prefill", TILE_TOKENS), ("decode_tiles", 1)):
             cfg = pa.prefill_config(dtype, hd, g, tile_tokens)
             warps = cfg.pop("num_warps")
-            consts = dict(GROUP=g, HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_D=max(16, triton.next_power_of_2(hd)),
-                          PRECISION="ieee" if dt == "fp32" else "tf32", **cfg)
+            consts = dict(NUM_HEADS=h, GROUP=g, HEAD_DIM=hd, BLOCK_SIZE=bs, TILE_TOKENS=tile_tokens,
+                          BLOCK_D=block_d, PRECISION="ieee" if dt == "fp32" else "tf32", **cfg)
             k = _compile(pa._prefill_kernel, types, consts, arch, warps, 2, aligned)
             out[f"paged_{kind}.{name}"] = _resources(k)
+            consts = dict(NUM_HEADS=h, HEAD_DIM=hd, TILE_TOKENS=tile_tokens,
+                          BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d)
+            k = _compile(pa._prefill_merge_kernel, merge_types, consts, arch,
+                         pa.merge_warps(tile_tokens, block_d), 2, aligned)
+            out[f"paged_{kind}_merge.{name}"] = _resources(k)
     return out
 
 

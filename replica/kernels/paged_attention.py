@@ -10,7 +10,8 @@ validated on the host by `PrefillMeta.build` and against the table width here.
 
 K/V tiles: BLOCK_N tokens per tile, so a tile spans BLOCK_N / BS blocks (or lies inside one block
 when BLOCK_N <= BS); each token's block comes from the table (`bt[row, n // BS]`, an L1 hit for the
-BS tokens of a block) and rows are loaded along hd as contiguous 16-byte vectors.
+BS tokens of a block) and rows are loaded along hd as contiguous 16-byte vectors (when hd % 16 == 0,
+so that Triton sees 16-divisible cache strides; other head dims take scalar loads).
 
 Decode (`paged_decode_attention`, CUDA-graph capturable: grid, scratch shapes and constexprs depend
 only on tensor shapes, no host syncs):
@@ -25,20 +26,25 @@ only on tensor shapes, no host syncs):
 `split` and `num_splits` are RUNTIME arguments excluded from Triton's specialisation
 (`do_not_specialize`), so every batch size and every max_len shares ONE compiled split kernel and
 ONE combine kernel per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of 1..512 rows
-cost 2 cold compiles in all. The split size can therefore follow B freely (`decode_split`):
-split = next_pow2(max_len * B * KVH / GRID_TARGET), at least one tile, so the grid has about
-GRID_TARGET programs at any B (most of them empty when contexts are far below max_len; an empty
-program costs one load of seq_len).
+cost 2 cold compiles in all (measured on an H200: 1 + 1 over the 18-bucket ladder). The split
+size can therefore follow B freely (`decode_split`): ~45 * sqrt(B * KVH) tokens rounded to a power
+of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted to an H200 sweep
+over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
+them empty when contexts are far below max_len: an empty program costs one load of seq_len).
 
-Prefill (`paged_prefill_attention`, eager): `_prefill_kernel`, grid (num_tiles, KVH * NUM_HG), one
-program per tile of the `PrefillMeta` tile map and per group of HPP query heads of one KV head.
-The tile's query tokens and heads are stacked in the tl.dot M dimension (row r = token r // HPP,
-head r % HPP: a token's heads are adjacent in memory): prefill tiles are TILE_TOKENS (32) tokens
-x min(G, 4) heads = 128 rows for Llama-style G = 4; decode tiles (q_len 1) are 1 token x G heads.
-Flash-attention loop over key tiles 0 .. p0 + n - 1 (tiles above the tile's causal limit are never
-visited): first the tiles below p0 + 1 that every row sees (no masks), then the diagonal tiles
-with the causal mask. Dead rows (past the tile's tokens or the group's heads) compute on zeros and
-are not stored.
+Prefill (`paged_prefill_attention`, eager): per tile kind of the `PrefillMeta` tile map (prefill
+tiles, decode tiles) one `_prefill_kernel` launch, grid (num_tiles, KVH * NUM_HG): one program per
+tile (or key segment of a tile) and per group of HPP query heads of one KV head. The tile's query
+tokens and heads are stacked in the tl.dot M dimension (row r = token r // HPP, head r % HPP: a
+token's heads are adjacent in memory): prefill tiles are TILE_TOKENS (32) tokens x min(G, 4) heads
+= 128 rows for Llama-style G = 4; decode tiles (q_len 1) are 1 token x G heads. Flash-attention
+loop over the program's keys k0 .. k1 - 1 (keys above the tile's causal limit are never visited):
+first the key tiles below p0 + 1 that every row sees (no masks), then the diagonal tiles with the
+causal mask. Dead rows (past the tile's tokens or the group's heads) compute on zeros and are not
+stored. A tile that `PrefillMeta` split into key segments (few, long tiles: a short chunk over a
+long cached prefix) writes fp32 partials per segment, and `_prefill_merge_kernel`, grid
+(split tiles, H), merges them; the others write the output directly. Two compiled attention
+specialisations per model (prefill tiles, decode tiles) plus two small merge kernels.
 
 Supported (else `replica.kernels` falls back to the reference): 16 <= hd <= 256 (tl.dot needs
 K >= 16; non-power-of-two hd is padded and masked), H % KVH == 0, BS a power of two, last dims
@@ -46,6 +52,7 @@ contiguous, 1-D contiguous table_rows / seq_lens.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -55,7 +62,9 @@ import triton.language as tl
 from replica.kernels.prefill_meta import PrefillMeta
 
 LOG2E = 1.4426950408889634
-GRID_TARGET = 16384    # decode programs per launch (empty ones included); see decode_split
+SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
+MAX_SPLIT = 2048
+GRID_CAP = 65536       # decode programs per launch at most (empty ones included)
 PREFILL_ROWS = 128     # tl.dot M rows of a 16-bit prefill tile with hd <= 128
 
 
@@ -203,13 +212,18 @@ def decode_block_n(dtype: torch.dtype, hd: int) -> int:
 
 
 def decode_split(batch: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
-    """Tokens per split: the power of two that gives ~GRID_TARGET programs (B x KVH x splits) at
-    max_len, at least one tile. The graph buckets see contexts far below max_len (only splits
-    below seq_len run), so the target is ~16 programs per SM x 8 waves at full length rather than
-    one wave. A runtime argument of the kernels: any value costs no compile. Tune with
-    benchmarks/kernels_bench.py --sweep."""
-    per_row = max(1, GRID_TARGET // max(1, batch * num_kv_heads))
-    return max(block_n, triton.next_power_of_2(triton.cdiv(max_len, per_row)))
+    """Tokens per split, a power of two. The kernels take it at run time, so any value costs no
+    compile and it may follow B exactly. Graph-captured decode cannot see the contexts, so the
+    rule is fitted to be near the best over short AND long ones: ~SPLIT_SCALE * sqrt(B * KVH)
+    tokens (B*KVH = 8/64/512/2048 -> 128/256/1024/2048), at most MAX_SPLIT, at least one tile,
+    and large enough that the grid (empty programs included) stays under GRID_CAP programs.
+    H200 sweep, llama-8b bf16 BS=16, max_len 32k (benchmarks/kernels_bench.py --sweep): this
+    rule is within 0-11% of the best split at every (B, ctx) of {1, 8, 64, 256} x {1k, 8k},
+    where the old one-size grid target lost up to 25% (B=1, ctx 8k)."""
+    rule = 2 ** round(math.log2(SPLIT_SCALE * math.sqrt(max(1, batch * num_kv_heads))))
+    floor = triton.next_power_of_2(triton.cdiv(max_len * batch * num_kv_heads, GRID_CAP))
+    split = max(min(rule, MAX_SPLIT), floor, block_n)
+    return min(split, max(block_n, triton.next_power_of_2(max_len)))
 
 
 def decode_plan(bsz: int, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
@@ -287,19 +301,24 @@ def _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base, q
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, out_ptr, qk_scale, stride_qt,
-                    stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                    stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                    qk_scale, stride_qt, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
+                    stride_vh, stride_vn, stride_bt, stride_ot, stride_oh,
+                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
                     NUM_HG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1) // NUM_HG
     g0 = (tl.program_id(1) % NUM_HG) * HPP   # first head (within the group) of this program
-    t0 = tl.load(tile_ptr + tile * 4).to(tl.int64)  # tile map entry: see prefill_meta.py
-    n_q = tl.load(tile_ptr + tile * 4 + 1)
-    p0 = tl.load(tile_ptr + tile * 4 + 2)
-    row = tl.load(tile_ptr + tile * 4 + 3).to(tl.int64)
+    entry = tile_ptr + tile * 7                # tile map row: see prefill_meta.py
+    t0 = tl.load(entry).to(tl.int64)
+    n_q = tl.load(entry + 1)
+    p0 = tl.load(entry + 2)
+    row = tl.load(entry + 3).to(tl.int64)
+    k0 = tl.load(entry + 4)                    # this program's keys: k0 .. k1 - 1 (a segment)
+    k1 = tl.load(entry + 5)
+    part = tl.load(entry + 6)                  # -1: write the output; else partial index
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -312,68 +331,135 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, out_ptr, qk_scale, st
     q = tl.load(q_ptr + (t0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)                     # [BLOCK_M, BLOCK_D]
     q_pos = p0 + tl.minimum(tok, n_q - 1)  # dead rows borrow a live row's limit (never empty)
-    hi = p0 + n_q                          # keys 0 .. hi - 1
+    hi = p0 + n_q                          # keys of the whole tile: 0 .. hi - 1
     table = bt_ptr + row * stride_bt
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_end = (p0 + 1) // BLOCK_N * BLOCK_N  # keys below it are visible to every row: no masks
-    for n0 in range(0, full_end, BLOCK_N):
+    # Keys below full_end are visible to every row: no masks. k0 is a multiple of BLOCK_N and at
+    # most p0, and k1 is hi or a multiple of BLOCK_N, so both loops stay inside the segment.
+    full_end = (p0 + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(k0, tl.minimum(k1, full_end), BLOCK_N):
         m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
                                            qk_scale, offs_n, offs_d, stride_kb, stride_kn,
                                            stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
                                            False, PRECISION)
-    for n0 in range(full_end, hi, BLOCK_N):   # the diagonal: causal mask
+    for n0 in range(tl.maximum(k0, full_end), k1, BLOCK_N):   # the diagonal: causal mask
         m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
                                            qk_scale, offs_n, offs_d, stride_kb, stride_kn,
                                            stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
                                            True, PRECISION)
-    o = acc / l_i[:, None]
-    tl.store(out_ptr + (t0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh
-             + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if part < 0:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + (t0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:  # partials: po [parts, TILE_TOKENS, H, HEAD_DIM], pm / pl [parts, TILE_TOKENS, H]
+        idx = (part * TILE_TOKENS + tok) * NUM_HEADS + heads                    # [BLOCK_M]
+        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=io_mask)
+        tl.store(pm_ptr + idx, m_i, mask=m_valid)
+        tl.store(pl_ptr + idx, l_i, mask=m_valid)
+
+
+@triton.jit
+def _prefill_merge_kernel(po_ptr, pm_ptr, pl_ptr, merge_ptr, out_ptr, stride_ot, stride_oh,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          TILE_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    # grid (num_merges, H): merges the nseg segment partials of one split tile for one head
+    h = tl.program_id(1)
+    entry = merge_ptr + tl.program_id(0) * 7
+    t0 = tl.load(entry).to(tl.int64)
+    n_q = tl.load(entry + 1)
+    part0 = tl.load(entry + 2)
+    nseg = tl.load(entry + 3)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_mask = offs_t < n_q
+    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for j in range(0, nseg):  # every segment holds >= 1 key of every live row: m is finite
+        idx = ((part0 + j).to(tl.int64) * TILE_TOKENS + offs_t) * NUM_HEADS + h  # [BLOCK_T]
+        m = tl.load(pm_ptr + idx, mask=t_mask, other=0.0)
+        m_new = tl.maximum(m_run, m)
+        a = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)
+        l_run = l_run * a + w * tl.load(pl_ptr + idx, mask=t_mask, other=0.0)
+        o = tl.load(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        acc = acc * a[:, None] + w[:, None] * o
+        m_run = m_new
+    out = acc / l_run[:, None]
+    tl.store(out_ptr + (t0 + offs_t)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int) -> dict:
     """Tile shape of one launch: HPP heads per program (NUM_HG programs per KV head), BLOCK_M rows,
     BLOCK_N keys, warps. 16-bit: 128 rows (64 for hd > 128) x 64 keys (32 for hd > 128); fp32 and
-    hd % 16 != 0 (see `_wide`): 32 rows x 16 keys. 8 warps from 4096 q elements per tile up
-    (fewer spill: compile_check)."""
+    hd % 16 != 0 (see `_wide`): 32 rows x 16 keys. 8 warps from 4096 q elements per tile up;
+    2 for 16-bit scalar loads (the choices that do not spill: compile_check)."""
     wide = _wide(dtype, hd)
     rows = (PREFILL_ROWS if hd <= 128 else PREFILL_ROWS // 2) if wide else 32
     hpp = min(group, max(1, rows // tile_tokens))
     block_m = max(16, triton.next_power_of_2(tile_tokens * hpp))
     block_n = (64 if hd <= 128 else 32) if wide else 16
     block_d = max(16, triton.next_power_of_2(hd))
+    warps = 8 if block_m * block_d >= 4096 else 4
+    if not wide and dtype != torch.float32:
+        warps = 2  # scalar loads (hd % 16 != 0): more registers per thread, or it spills
     return dict(HPP=hpp, NUM_HG=triton.cdiv(group, hpp), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=8 if block_m * block_d >= 4096 else 4)
+                num_warps=warps)
+
+
+def merge_warps(tile_tokens: int, block_d: int) -> int:
+    return 8 if tile_tokens * block_d >= 4096 else 4 if tile_tokens * block_d >= 2048 else 1
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, meta: PrefillMeta, scale: float,
                             out: Optional[torch.Tensor] = None,
                             num_stages: int = 2) -> torch.Tensor:
-    # q [T, H, hd] -> out [T, H, hd]; at most two launches: prefill tiles, decode tiles
+    # q [T, H, hd] -> out [T, H, hd]. Per tile kind (prefill tiles, decode tiles) one attention
+    # launch, plus one merge launch when some of its tiles were split into key segments.
     t_total, h, hd = q.shape
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
     assert t_total == meta.num_tokens, f"q has {t_total} rows, meta covers {meta.num_tokens}"
     assert meta.max_kv_len <= block_tables.shape[1] * bs, "block table narrower than kv_len"
-    assert meta.tiles.device == q.device
+    assert meta.packed.device == q.device
     if out is None:
         out = torch.empty((t_total, h, hd), dtype=q.dtype, device=q.device)
     group = h // kvh
     block_d = max(16, triton.next_power_of_2(hd))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    for tiles, tile_tokens in ((meta.prefill_tiles, meta.tile_tokens), (meta.decode_tiles, 1)):
+    kinds = ((meta.prefill_tiles, meta.prefill_merges, meta.num_prefill_parts, meta.tile_tokens,
+              meta.prefill_segment),
+             (meta.decode_tiles, meta.decode_merges, meta.num_decode_parts, 1, meta.decode_segment))
+    for tiles, merges, parts, tile_tokens, segment in kinds:
         if tiles.shape[0] == 0:
             continue
         cfg = prefill_config(q.dtype, hd, group, tile_tokens)
         warps = cfg.pop("num_warps")
+        assert segment % cfg["BLOCK_N"] == 0, "key segments must be whole key tiles"
+        if parts:
+            assert parts * tile_tokens * h * hd < 2**31, "partial offsets are int32"
+            po = _empty((parts, tile_tokens, h, hd), torch.float32, q.device)
+            pm = _empty((parts, tile_tokens, h), torch.float32, q.device)
+            pl = _empty((parts, tile_tokens, h), torch.float32, q.device)
+        else:  # fp32 dummy: same kernel signature
+            po = pm = pl = _empty((1,), torch.float32, q.device)
         _prefill_kernel[(tiles.shape[0], kvh * cfg["NUM_HG"])](
-            q, k_cache, v_cache, block_tables, tiles, out, scale * LOG2E, q.stride(0),
+            q, k_cache, v_cache, block_tables, tiles, out, po, pm, pl, scale * LOG2E, q.stride(0),
             q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs,
-            BLOCK_D=block_d, PRECISION=precision, num_warps=warps, num_stages=num_stages, **cfg)
+            out.stride(0), out.stride(1), NUM_HEADS=h, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs,
+            TILE_TOKENS=tile_tokens, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
+            num_stages=num_stages, **cfg)
+        if merges.shape[0]:
+            _prefill_merge_kernel[(merges.shape[0], h)](
+                po, pm, pl, merges, out, out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd,
+                TILE_TOKENS=tile_tokens, BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d,
+                num_warps=merge_warps(tile_tokens, block_d))
     return out

@@ -204,18 +204,28 @@ def check_paged_decode(device, dtype, h: int, kvh: int, hd: int, bs: int, max_bl
 
 
 def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
-                        chunks: list[tuple[int, int]], tile_tokens: int) -> None:
-    """chunks: (q_len, cached prefix length) each; kv_len = prefix + q_len."""
+                        chunks: list[tuple[int, int]], tile_tokens: int,
+                        segment: int | None = None) -> None:
+    """chunks: (q_len, cached prefix length) each; kv_len = prefix + q_len. `segment` splits
+    tiles into key segments of that many keys (None: the default rule, no split at these sizes)."""
     g = torch.Generator().manual_seed(h * 1000 + hd * 10 + bs + len(chunks))
     q_lens = [ql for ql, _ in chunks]
     kv_lens = [ql + pre for ql, pre in chunks]
     k_cache, v_cache, tables, rows = paged_case(g, kv_lens, bs, max_blocks, kvh, hd, dtype, device)
-    meta = PrefillMeta.build(q_lens, kv_lens, rows.tolist(), device, tile_tokens=tile_tokens)
+    meta = PrefillMeta.build(q_lens, kv_lens, rows.tolist(), device, tile_tokens=tile_tokens,
+                             segment=segment)
+    if segment is not None and not meta.num_prefill_merges + meta.num_decode_merges:
+        raise AssertionError("case meant to split tiles into key segments has none")
     t = sum(q_lens)
     q = torch.randn(t, h, hd, generator=g).to(device, dtype)
     out = torch.full((t, h, hd), NAN, dtype=dtype, device=device)
     scale = 1.0 / math.sqrt(hd)
-    o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale, out=out)
+    saved, paged_attention._empty = paged_attention._empty, _nan_empty  # poison the partials
+    try:
+        o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale,
+                                                    out=out)
+    finally:
+        paged_attention._empty = saved
     _check("paged_prefill_attention", o, reference.paged_prefill_attention(
         q, k_cache, v_cache, tables, meta, scale), dtype)
 
@@ -271,6 +281,10 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
             (35, 40), (1, 50)], 32),
         "paged_prefill.group5_ragged_head_groups": lambda: pp(device, dtype, 10, 2, 16, 8, 6, [
             (20, 9), (1, 30), (2, 0)], 16),
+        "paged_prefill.key_segments": lambda: pp(device, dtype, 8, 2, 32, 16, 12, [
+            (5, 130), (1, 150), (1, 127), (16, 120), (2, 0), (1, 3), (8, 60)], 8, 64),
+        "paged_prefill.key_segments_mha_bs32": lambda: pp(device, dtype, 2, 2, 64, 32, 8, [
+            (40, 200), (1, 64), (3, 61)], 32, 64),
     }
 
 

@@ -14,13 +14,16 @@ dimension, so the map does not depend on G. Chunks with q_len == 1 (decode rows 
 step) become decode tiles of one token (the kernel stacks all G heads). Each kind has its own
 kernel launch and its own section of the map.
 
-Key segments (split-K). A tile attends keys 0 .. p0 + n - 1. A kind whose tiles are few but long
-(a 128-token chunk over a 32k cached prefix is 4 tiles: 32 programs for llama-8b's 8 KV heads on
-a 132-SM GPU) splits each tile's keys into segments of `segment` keys, so the programs number
-about TARGET_TILES x KVH: segment = max(MIN_SEGMENT, next_pow2(sum of the kind's key counts /
-TARGET_TILES)). Segments cut only below p0 + 1 (every row of the tile sees at least one key of
+Key segments (split-K). A tile attends keys 0 .. p0 + n - 1. Long tiles are split into segments
+of `segment` keys, per kind: segment = max(MIN_SEGMENT, next_pow2(sum of the kind's key counts /
+TARGET_TILES)), so a kind has at least ~TARGET_TILES tile programs (x KVH x head groups) when its
+keys allow it. Segments cut only below p0 + 1 (every row of the tile sees at least one key of
 every segment); the last one runs to p0 + n. A split tile's segments write fp32 partials, which a
-merge pass combines; unsplit tiles (the common case) write the output directly.
+merge pass combines; unsplit tiles write the output directly. H200, llama-8b bf16
+(benchmarks/kernels_bench.py --sweep): a 128-token chunk over a 32k cached prefix is 4 tiles, 32
+programs unsplit: 1007 us; 2048-key segments 291 us, 4096-key 274 us. One 2048-token chunk over
+a 30k prefix (64 tiles, 512 programs): 3755 us unsplit, 3322 us with 4096-key segments (finer
+waves, less tail). Short prompts and decode rows (keys < MIN_SEGMENT) are never split.
 
 Rows of `tiles` (int32 [num_tiles, 7], one per Triton program along grid axis 0):
     (t0, n, p0, row, k0, k1, part) = (first q row in T, valid query tokens (<= tile tokens),
@@ -41,8 +44,8 @@ import numpy as np
 import torch
 
 TILE_TOKENS = 32     # query tokens per prefill tile (power of two)
-TARGET_TILES = 64    # split keys into segments until a kind has about this many tile programs
-MIN_SEGMENT = 2048   # keys per segment at least (a power of two, a multiple of every BLOCK_N)
+TARGET_TILES = 512   # split keys into segments until a kind has about this many tile programs
+MIN_SEGMENT = 4096   # keys per segment at least (a power of two, a multiple of every BLOCK_N)
 COLS = 7
 
 

@@ -9,6 +9,10 @@ CPU), poisons outputs, unused cache rows and attention scratch with NaN so unwri
 over-read elements show up, and compares with `reference.py` (rel. error <= 1e-5 in fp32).
 Triton 3.6's interpreter computes tl.dot wrongly for bf16 inputs, so under TRITON_INTERPRET the
 attention checks are meaningful in float32/float16 only; bf16 is checked on a GPU.
+Paged checks (`paged_case`): shuffled block ids, a shared prefix block, NaN in every cache entry
+no sequence reads and in the block that table entries past a sequence's end name; rope_paged also
+checks that exactly the addressed cache rows were written; prefill cases cover decode rows,
+cached prefixes, ragged head groups and tiles split into key segments (partials poisoned too).
 """
 from __future__ import annotations
 

@@ -2,6 +2,12 @@
 interpreter (a subprocess running `python -m replica.kernels.selfcheck` with TRITON_INTERPRET=1,
 which must be set before triton is imported).
 
+Paged KV ops: the references against float64 oracles that gather token by token through the block
+table (block sizes 8/16/32, GQA groups 1/2/4, hd 16/64/128, shuffled block ids, a block shared by
+two sequences, lengths 1, BS-1, BS, BS+1 and 5*BS+3); every cache entry no sequence reads is NaN
+and table entries past a sequence's blocks hold an out-of-range id, so reading either would show.
+PrefillMeta's tile map and key segments are checked on the host.
+
 The interpreter runs fp32 and fp16; its tl.dot is wrong for bf16 inputs (Triton 3.6), so bf16 is
 checked on a GPU only (`python -m replica.kernels.selfcheck --device cuda --dtype bfloat16`).
 Last, every kernel is compiled for sm_90 with Triton's bundled ptxas (no GPU needed) to catch
@@ -395,10 +401,12 @@ def test_prefill_meta_key_segments():
 
 def test_prefill_meta_default_segments_follow_the_step():
     long_prefix = K.PrefillMeta.build([128], [128 + 32640], [0], "cpu")  # 4 tiles, 32k keys each
-    assert long_prefix.prefill_segment == 2048 and long_prefix.num_prefill_merges == 4
-    assert long_prefix.num_prefill_tiles == 4 * 16
-    big = K.PrefillMeta.build([2048], [2048 + 30720], [0], "cpu")      # 64 tiles: enough already
-    assert big.num_prefill_merges == 0 and big.num_prefill_tiles == 64
+    assert long_prefix.prefill_segment == 4096 and long_prefix.num_prefill_merges == 4
+    assert long_prefix.num_prefill_tiles == 4 * 8
+    big = K.PrefillMeta.build([2048], [2048 + 30720], [0], "cpu")      # 64 tiles of ~31k keys
+    assert big.prefill_segment == 4096 and big.num_prefill_merges == 64
+    huge = K.PrefillMeta.build([2048] * 8, [2048 + 30720] * 8, range(8), "cpu")
+    assert huge.prefill_segment == 32768 and huge.num_prefill_merges == 0  # 512 tiles already
     mixed = K.PrefillMeta.build([512] * 4 + [1] * 200, [512] * 4 + [1024] * 200, range(204), "cpu")
     assert mixed.num_prefill_merges == mixed.num_decode_merges == 0
 

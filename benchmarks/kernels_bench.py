@@ -4,6 +4,7 @@
     python benchmarks/kernels_bench.py --sweep         # + attention tuning sweep (split, tiles, warps)
     python benchmarks/kernels_bench.py --tiny          # tiny shapes, correctness only (CPU: re-execs
                                                        #   itself under TRITON_INTERPRET=1)
+    python benchmarks/kernels_bench.py --paged-only    # only the paged-KV ops (and their sweeps)
 
 Per op and case: rel. error of the Triton kernel vs the reference on the same inputs, then the
 median time per call of each, measured by replaying a CUDA graph of CALLS back-to-back calls with
@@ -11,6 +12,15 @@ CUDA events (warm-up and capture first; an op that fails to capture is timed eag
 "eager"), and achieved GB/s (bytes that must move / time). Attention rotates over distinct KV slot
 sets inside the graph so its K/V comes from HBM, not L2, as in a real decode step. Writes JSON to
 $OUT/kernels.json when OUT is set. Exit status 1 if any rel. error exceeds its tolerance.
+
+Paged-KV ops (block size BS = 16, shuffled block ids as in a fragmented pool, table width
+max_len / BS): `rope_store_kv_paged` and `paged_decode_attention` per decode case (attention rotates
+over distinct block tables), `paged_prefill_attention` per packed-step case of PREFILL_CASES_*
+(timed the same way; TFLOP/s counts the causal score + PV work). `--sweep` adds the paged decode
+split sweep (rows at several contexts against one max_len, where the split choice matters) and a
+prefill stages/warps sweep. On CUDA the run ends with the paged decode kernel's specialisation
+count over the engine's bucket ladder 1..512 (the JIT caches of `_decode_split_kernel` /
+`_decode_combine_kernel`), which must be 1 + 1.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +58,17 @@ TINY = Shapes("tiny", 64, 128, 4, 2, 16)
 # (batch, context, cache max length L)
 CASES_8B = [(1, 640, 2048), (8, 640, 2048), (32, 640, 2048), (64, 640, 2048), (8, 4096, 4096)]
 CASES_TINY = [(1, 40, 256), (3, 40, 64), (3, 200, 256)]  # direct and split attention
+BLOCK_SIZE = 16  # paged KV block (the engine default)
+# packed prefill steps: name -> [(q_len, cached prefix)]; decode rows are (1, context - 1)
+PREFILL_CASES_8B = {
+    "1x2048": [(2048, 0)],
+    "4x512+200dec": [(512, 0)] * 4 + [(1, 1023)] * 200,
+    "128+32k_prefix": [(128, 32640)],
+    "2048+30k_prefix": [(2048, 30720)],
+    "256dec_ctx2k": [(1, 2047)] * 256,
+}
+PREFILL_CASES_TINY = {"mixed": [(37, 0), (1, 40), (5, 16), (1, 0)], "one": [(70, 30)]}
+LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,15 +159,226 @@ def op_table(sh: Shapes, inp: dict, impl, eps=1e-5):
     }
 
 
-def bench_case(sh, batch, ctx, max_len, dtype, device, triton_impl, ref_impl, timing):
+def paged_pool(g, sh: Shapes, seqs: int, blocks_per_seq: int, dtype, device):
+    """Caches [1 + seqs * blocks_per_seq, KVH, BS, hd] (block 0: scratch) and the shuffled block
+    ids of each sequence [seqs, blocks_per_seq] (a fragmented pool, not contiguous runs)."""
+    nb = 1 + seqs * blocks_per_seq
+    shape = (nb, sh.kv_heads, BLOCK_SIZE, sh.head_dim)
+    k = (0.5 * torch.randn(shape, device=device)).to(dtype)
+    v = torch.randn(shape, device=device).to(dtype)
+    ids = (1 + torch.randperm(nb - 1, generator=g)).view(seqs, blocks_per_seq)
+    return k, v, ids
+
+
+def make_paged_inputs(sh: Shapes, batch: int, ctx: int, max_len: int, dtype, device,
+                      rotations: int):
+    g = torch.Generator(device="cpu").manual_seed(batch * 7907 + ctx)
+    max_blocks = max_len // BLOCK_SIZE
+    used = -(-ctx // BLOCK_SIZE)
+    k, v, ids = paged_pool(g, sh, batch * rotations, used, dtype, device)
+    tables = torch.zeros(rotations, batch, max_blocks, dtype=torch.int32)
+    tables[:, :, :used] = ids.view(rotations, batch, used)           # rest: scratch block 0
+    # decode writes position ctx - 1 of each row (of the first rotation's tables)
+    slots = tables[0, :, (ctx - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE
+    return dict(pk_cache=k, pv_cache=v, tables=tables.to(device),  # [rotations, B, max_blocks]
+                table_rows=torch.arange(batch, device=device), slot_mapping=slots.to(device))
+
+
+def paged_op_table(sh: Shapes, inp: dict, impl):
+    """Paged decode ops: name -> (fn(i), bytes moved per call)."""
+    e = inp["x"].element_size()
+    b, hd, h, kvh = inp["x"].shape[0], sh.head_dim, sh.heads, sh.kv_heads
+    rot = inp["tables"].shape[0]
+    ctx = int(inp["seq_lens"][0])
+    return {
+        "rope_store_kv_paged": (lambda i: impl.rope_store_kv_paged(
+            inp["qkv"], inp["cos"], inp["sin"], inp["positions"], inp["slot_mapping"],
+            inp["pk_cache"], inp["pv_cache"], h, kvh), 2 * b * (h + 2 * kvh) * hd * e + 4 * b * hd),
+        "paged_decode_attention": (lambda i: impl.paged_decode_attention(
+            inp["q"], inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot], inp["table_rows"],
+            inp["seq_lens"], 1.0 / math.sqrt(hd)), b * (ctx * kvh * hd * 2 + 2 * h * hd) * e),
+    }
+
+
+def prefill_inputs(sh: Shapes, chunks, dtype, device, meta_cls):
+    """One packed step: q [T, H, hd], a pool holding every chunk's kv_len tokens, its table and
+    PrefillMeta. Returns (inputs, bytes that must move, FLOPs of the causal attention)."""
+    g = torch.Generator(device="cpu").manual_seed(len(chunks) * 31 + chunks[0][0])
+    q_lens = [ql for ql, _ in chunks]
+    kv_lens = [ql + pre for ql, pre in chunks]
+    max_blocks = -(-max(kv_lens) // BLOCK_SIZE)
+    k, v, ids = paged_pool(g, sh, len(chunks), max_blocks, dtype, device)
+    meta = meta_cls.build(q_lens, kv_lens, list(range(len(chunks))), device)
+    q = torch.randn(sum(q_lens), sh.heads, sh.head_dim, generator=g).to(device, dtype)
+    e, hd, kvh = q.element_size(), sh.head_dim, sh.kv_heads
+    nbytes = 2 * q.numel() * e + sum(kv_lens) * kvh * hd * 2 * e
+    # keys seen by token i of a chunk: prefix + i + 1; two matmuls of 2 * hd FLOPs per (row, key)
+    seen = sum(ql * pre + ql * (ql + 1) // 2 for ql, pre in chunks)
+    flops = 4 * hd * sh.heads * seen
+    return dict(q=q, k=k, v=v, tables=ids.to(torch.int32).to(device), meta=meta), nbytes, flops
+
+
+def bench_prefill(sh, chunks_by_name, dtype, device, triton_mod, ref_impl, meta_cls, timing):
+    rows = []
+    for name, chunks in chunks_by_name.items():
+        inp, nbytes, flops = prefill_inputs(sh, chunks, dtype, device, meta_cls)
+        scale = 1.0 / math.sqrt(sh.head_dim)
+        args = (inp["q"], inp["k"], inp["v"], inp["tables"], inp["meta"], scale)
+        fn_tri = lambda i: triton_mod.paged_prefill_attention(*args)  # noqa: E731
+        fn_ref = lambda i: ref_impl.paged_prefill_attention(*args)    # noqa: E731
+        err = rel_err(fn_tri(0), fn_ref(0))
+        row = dict(shapes=sh.name, op="paged_prefill_attention", batch=len(chunks), ctx=name,
+                   max_len=inp["meta"].max_kv_len, dtype=str(dtype).replace("torch.", ""),
+                   rel_err=err, ok=err <= TOL[dtype], tokens=inp["meta"].num_tokens)
+        if timing:
+            t_tri, path_tri = time_us(fn_tri, device)
+            t_ref, path_ref = time_us(fn_ref, device, calls=2)
+            row.update(triton_us=t_tri, ref_us=t_ref, path_triton=path_tri, path_ref=path_ref,
+                       speedup=t_ref / t_tri, triton_gbs=nbytes / t_tri / 1e3,
+                       ref_gbs=nbytes / t_ref / 1e3, bytes=nbytes, flops=flops,
+                       triton_tflops=flops / t_tri / 1e6)
+        rows.append(row)
+        print(format_row(row) + (f"  {row['triton_tflops']:6.1f} TFLOP/s" if timing else ""),
+              flush=True)
+        del inp
+    return rows
+
+
+def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
+    """paged_decode_attention over split sizes at contexts far below max_len (the engine's case:
+    the table is as wide as the longest allowed sequence); rows sorted per (B, ctx)."""
+    out = []
+    for batch in (1, 8, 64, 256):
+        for ctx in (1024, 8192):
+            kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
+            rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
+            inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
+            q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
+            lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+            default = paged_mod.decode_plan(batch, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
+                                            max_len // BLOCK_SIZE, dtype)[0]["split"]
+            case = []
+            for split in sorted({64, 128, 256, 512, 1024, 2048, default}):
+                fn = lambda i: paged_mod.paged_decode_attention(  # noqa: E731
+                    q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot],
+                    inp["table_rows"], lens, 1.0 / math.sqrt(sh.head_dim), split=split)
+                t, _ = time_us(fn, device, max(CALLS, rot))
+                case.append(dict(batch=batch, ctx=ctx, max_len=max_len, split=split,
+                                 default=split == default, us=t,
+                                 gbs=kv_bytes * torch.finfo(dtype).bits / 16 / t / 1e3))
+            case.sort(key=lambda r: r["us"])
+            best, dflt = case[0], next(r for r in case if r["default"])
+            print(f"  paged sweep B={batch:<3} ctx={ctx:<5} L={max_len}: best split={best['split']} "
+                  f"{best['us']:8.2f} us; default split={dflt['split']} {dflt['us']:8.2f} us "
+                  f"({dflt['gbs']:6.1f} GB/s)")
+            out += case
+            del inp
+            torch.cuda.empty_cache()
+    return out
+
+
+def sweep_prefill(sh, dtype, device, paged_mod, meta_cls):
+    out = []
+    for name in ("1x2048", "128+32k_prefix", "4x512+200dec"):
+        inp, _, flops = prefill_inputs(sh, PREFILL_CASES_8B[name], dtype, device, meta_cls)
+        for stages in (1, 2, 3):
+            fn = lambda i: paged_mod.paged_prefill_attention(  # noqa: E731
+                inp["q"], inp["k"], inp["v"], inp["tables"], inp["meta"],
+                1.0 / math.sqrt(sh.head_dim), num_stages=stages)
+            t, _ = time_us(fn, device)
+            out.append(dict(case=name, num_stages=stages, us=t, tflops=flops / t / 1e6))
+            print(f"  prefill sweep {name:<16} stages={stages}: {t:9.2f} us "
+                  f"{flops / t / 1e6:6.1f} TFLOP/s")
+        del inp
+    for name in ("128+32k_prefix", "4x512+200dec", "2048+30k_prefix"):  # key segments
+        chunks = PREFILL_CASES_8B[name]
+        inp, _, flops = prefill_inputs(sh, chunks, dtype, device, meta_cls)
+        q_lens, kv_lens = [ql for ql, _ in chunks], [ql + pre for ql, pre in chunks]
+        for segment in (None, 1024, 4096, 16384, 1 << 20):  # None: default; 1 << 20: no split
+            meta = meta_cls.build(q_lens, kv_lens, list(range(len(chunks))), device,
+                                  segment=segment)
+            fn = lambda i: paged_mod.paged_prefill_attention(  # noqa: E731
+                inp["q"], inp["k"], inp["v"], inp["tables"], meta, 1.0 / math.sqrt(sh.head_dim))
+            t, _ = time_us(fn, device)
+            seg = f"{meta.prefill_segment}/{meta.decode_segment}"
+            out.append(dict(case=name, segment=seg, us=t, tflops=flops / t / 1e6,
+                            merges=meta.num_prefill_merges + meta.num_decode_merges))
+            print(f"  prefill sweep {name:<16} segment={seg:<12}{'(default)' if segment is None else '':9}"
+                  f" {t:9.2f} us {flops / t / 1e6:6.1f} TFLOP/s  merges={out[-1]['merges']}")
+        del inp
+    return out
+
+
+def jit_variants(fn) -> int:
+    """Compiled variants of a Triton kernel held in this process (its per-device JIT caches)."""
+    return sum(len(c[0]) for c in fn.device_caches.values())
+
+
+def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
+    """Run paged_decode_attention at every bucket of the engine ladder (contexts 1..64) and count
+    the compiled variants of its two kernels. Their in-memory caches are emptied first (earlier
+    checks compiled other shapes), so the count is the ladder's alone (binaries come back from
+    Triton's disk cache)."""
+    for fn in (paged_mod._decode_split_kernel, paged_mod._decode_combine_kernel):
+        fn.device_caches.clear()
+    inp = make_paged_inputs(sh, LADDER[-1], 64, max_len, dtype, device, 1)
+    for b in LADDER:
+        q = torch.randn(b, sh.heads, sh.head_dim, device=device).to(dtype)
+        lens = torch.randint(1, 64 + 1, (b,), device=device)
+        paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"], inp["tables"][0],
+                                         inp["table_rows"][:b], lens, 0.1)
+    torch.cuda.synchronize()
+    res = dict(ladder=list(LADDER), max_len=max_len,
+               split_kernel=jit_variants(paged_mod._decode_split_kernel),
+               combine_kernel=jit_variants(paged_mod._decode_combine_kernel),
+               splits={b: paged_mod.decode_plan(b, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
+                                                max_len // BLOCK_SIZE, dtype)[0]["split"]
+                       for b in LADDER})
+    print(f"paged decode specialisations over {len(LADDER)} buckets: split kernel "
+          f"{res['split_kernel']}, combine kernel {res['combine_kernel']}; splits {res['splits']}")
+    return res
+
+
+def cold_jit(sh, dtype, device, paged_mod, meta_cls) -> dict:
+    """Seconds of the first call of each paged attention launch (Triton compile + load + run; cold
+    when TRITON_CACHE_DIR is empty), then of a call at another batch size (no compile expected).
+    Must run before anything else launches these kernels in the process."""
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    inp = make_paged_inputs(sh, 64, 300, 8192, dtype, device, 1)
+    hd = sh.head_dim
+
+    def decode(b):
+        q = torch.randn(b, sh.heads, hd, device=device).to(dtype)
+        lens = torch.full((b,), 300, dtype=torch.int64, device=device)
+        paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"], inp["tables"][0],
+                                         inp["table_rows"][:b], lens, 0.1)
+    pre, _, _ = prefill_inputs(sh, [(100, 50), (1, 40)], dtype, device, meta_cls)
+    prefill = lambda: paged_mod.paged_prefill_attention(  # noqa: E731
+        pre["q"], pre["k"], pre["v"], pre["tables"], pre["meta"], 0.1)
+    res = dict(decode_first_b8=timed(lambda: decode(8)), decode_then_b64=timed(lambda: decode(64)),
+               prefill_first=timed(prefill), prefill_again=timed(prefill))
+    print("cold JIT (s): " + "  ".join(f"{k}={v:.3f}" for k, v in res.items()))
+    return res
+
+
+def bench_case(sh, batch, ctx, max_len, dtype, device, triton_impl, ref_impl, timing,
+               paged_only=False):
     kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 2 * torch.finfo(dtype).bits // 8
     # Attention reads a fresh slot set on each call of a graph, > 120 MB in all (L2 is 50 MB).
     rotations = max(1, min(64, math.ceil(120e6 / kv_bytes))) if timing else 1
     calls = max(CALLS, rotations)
     inp = make_inputs(sh, batch, ctx, max_len, dtype, device, rotations)
+    inp.update(make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rotations))
+    tables = lambda impl: {**({} if paged_only else op_table(sh, inp, impl)),  # noqa: E731
+                           **paged_op_table(sh, inp, impl)}
     rows = []
-    for name, (fn_tri, nbytes) in op_table(sh, inp, triton_impl).items():
-        fn_ref = op_table(sh, inp, ref_impl)[name][0]
+    for name, (fn_tri, nbytes) in tables(triton_impl).items():
+        fn_ref = tables(ref_impl)[name][0]
         res0 = inp["residual"].clone()
         out_ref = fn_ref(0).clone()
         inp["residual"].copy_(res0)  # add_rms_norm updates it in place
@@ -196,7 +429,7 @@ def sweep_attention(sh, inp, dtype, device, attention_mod):
 
 
 def format_row(r: dict) -> str:
-    head = f"{r['op']:<17} B={r['batch']:<3} ctx={r['ctx']:<5} L={r['max_len']:<5}"
+    head = f"{r['op']:<23} B={r['batch']:<3} ctx={r['ctx']:<5} L={r['max_len']:<5}"
     err = f"err={r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'}"
     if "triton_us" not in r:
         return f"{head} {err}"
@@ -208,6 +441,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, correctness only")
     ap.add_argument("--sweep", action="store_true", help="also sweep attention tuning knobs")
+    ap.add_argument("--paged-only", action="store_true", help="only the paged-KV ops")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -216,11 +450,13 @@ def main() -> int:
     import triton
 
     import replica.kernels.reference as ref_impl
-    from replica.kernels import attention, fused
+    from replica.kernels import PrefillMeta, attention, fused, paged_attention
 
     class TritonImpl:  # the Triton wrappers, called directly (the dispatcher picks ref on CPU)
         rms_norm, add_rms_norm, silu_mul = fused.rms_norm, fused.add_rms_norm, fused.silu_mul
         rope_store_kv, decode_attention = fused.rope_store_kv, attention.decode_attention
+        rope_store_kv_paged = fused.rope_store_kv_paged
+        paged_decode_attention = paged_attention.paged_decode_attention
 
     device = torch.device("cuda" if cuda else "cpu")
     tiny = args.tiny or not cuda
@@ -229,30 +465,49 @@ def main() -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  "
           f"{sh.name} {str(dtype)[6:]}  timing={'on' if not tiny else 'off'}")
-    checks = {}
+    checks, jit = {}, {}
+    if cuda:  # first, before anything compiles the paged kernels
+        jit = cold_jit(sh, dtype, device, paged_attention, PrefillMeta)
     if cuda:  # the small-shape Triton-vs-reference checks (poisoned outputs, cache writes) first
         from replica.kernels import selfcheck
         checks = selfcheck.run("cuda", dtype)
         failed = {k: v for k, v in checks.items() if v != "ok"}
         print(f"selfcheck: {len(checks) - len(failed)}/{len(checks)} ok  {failed or ''}")
-    rows, sweeps = [], []
+    rows, sweeps, paged_sweeps, specs = [], [], {}, {}
     for batch, ctx, max_len in cases:
         case_rows, inp = bench_case(sh, batch, ctx, max_len, dtype, device, TritonImpl, ref_impl,
-                                    timing=not tiny)
+                                    timing=not tiny, paged_only=args.paged_only)
         rows += case_rows
-        if args.sweep and not tiny:
+        if args.sweep and not tiny and not args.paged_only:
             sweeps += sweep_attention(sh, inp, dtype, device, attention)
         del inp
         if cuda:
             torch.cuda.empty_cache()
+    prefill_kernels = (paged_attention._prefill_kernel, paged_attention._prefill_merge_kernel)
+    if cuda:
+        for fn in prefill_kernels:  # count what the prefill cases alone compile
+            fn.device_caches.clear()
+    rows += bench_prefill(sh, PREFILL_CASES_TINY if tiny else PREFILL_CASES_8B, dtype, device,
+                          paged_attention, ref_impl, PrefillMeta, timing=not tiny)
+    if cuda:
+        specs["prefill"] = {fn.__name__: jit_variants(fn) for fn in prefill_kernels}
+        print(f"paged prefill variants over the prefill cases: {specs['prefill']}")
+    if args.sweep and not tiny:
+        paged_sweeps = dict(decode=sweep_paged_decode(sh, dtype, device, paged_attention),
+                            prefill=sweep_prefill(sh, dtype, device, paged_attention, PrefillMeta))
+    if cuda:
+        specs.update(decode_specializations(sh, dtype, device, paged_attention))
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__, shapes=sh.name,
                   dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, rows=rows,
-                  selfcheck=checks, attention_sweep=sweeps)
+                  selfcheck=checks, attention_sweep=sweeps, paged_sweep=paged_sweeps,
+                  paged_decode_specializations=specs, paged_cold_jit_s=jit)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "kernels.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     bad = [r for r in rows if not r["ok"]] + [k for k, v in checks.items() if v != "ok"]
+    if specs and (specs["split_kernel"], specs["combine_kernel"]) != (1, 1):  # whole ladder
+        bad.append("paged decode specialisations")
     print(f"{len(rows) - len(bad)}/{len(rows)} correctness checks ok")
     return 1 if bad else 0
 

@@ -1,19 +1,33 @@
-"""Decode hot-path ops for the Llama engine, each dispatched to a Triton kernel or a torch reference.
+"""Hot-path ops for the Llama engine, each dispatched to a Triton kernel or a torch reference.
 
 Public ops (signatures are the engine's contract; shapes in the comments of `reference.py`):
     rms_norm(x, weight, eps)                          -> normed
     add_rms_norm(x, residual, weight, eps)            -> (normed, new_residual)  # residual updated in place
     silu_mul(gate_up)                                 -> silu(gate) * up
+    use_triton(t) -> bool                             # True when t is on CUDA and triton imports
+  Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table
+  row r at cache[block_tables[r, p // BS], :, p % BS]; block_tables int32 [R, max_blocks]):
+    rope_store_kv_paged(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads,
+                        num_kv_heads) -> q             # k/v of token n to flat slot slot_mapping[n]
+    paged_decode_attention(q, k_cache, v_cache, block_tables, table_rows, seq_lens, scale) -> out
+        # q [B, H, hd]; row b attends positions 0..seq_lens[b]-1 of table row table_rows[b]
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, meta, scale) -> out
+        # q [T, H, hd]: chunks back to back, causal with a cached prefix; meta = PrefillMeta.build(
+        #   q_lens, kv_lens, table_rows, device) once per step (prefill_meta.py)
+  Slot-major KV cache ([S, KVH, L, hd], one slot per sequence), kept until the engine moves to
+  the block pool:
     rope_store_kv(qkv, cos, sin, positions, slot_ids, k_cache, v_cache, num_heads, num_kv_heads) -> q
     decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale) -> out
-    use_triton(t) -> bool                             # True when t is on CUDA and triton imports
 
-Dispatch: the Triton kernel (`fused.py`, `attention.py`) when `use_triton(x)` and the kernel
-supports the shapes, else `reference.py`. Reference fallbacks on CUDA: attention with head_dim < 16
-or > 256 (the tiny test model's hd=16 is supported), H % KVH != 0, or any tensor whose last dim is
-not contiguous; norms with rows longer than 65536; rope with odd head_dim. Every path is CUDA-graph
-capturable (no host syncs, shape-only launch parameters); run each op once before capture so
-Triton compiles outside it.
+Dispatch: the Triton kernel (`fused.py`, `attention.py`, `paged_attention.py`) when `use_triton(x)`
+and the kernel supports the shapes, else `reference.py`. Reference fallbacks on CUDA: attention
+with head_dim < 16 or > 256 (the tiny test model's hd=16 is supported), H % KVH != 0, a block size
+that is not a power of two, or any tensor whose last dim is not contiguous (for the paged decode
+also non-contiguous table_rows / seq_lens); norms with rows longer than 65536; rope with odd
+head_dim. Every op except `paged_prefill_attention` (eager by design: its launch grid follows the
+step's tile map) is CUDA-graph capturable (no host syncs, shape-only launch parameters); run each
+op once before capture so Triton compiles outside it. `paged_decode_attention` compiles one
+kernel pair per model shape for every batch size and max_len (its split is a runtime argument).
 """
 from __future__ import annotations
 
@@ -22,6 +36,7 @@ import os
 import torch
 
 from replica.kernels import reference
+from replica.kernels.prefill_meta import PrefillMeta  # torch only: the reference path uses it too
 
 try:
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -29,13 +44,15 @@ try:
         _interpreter.patch()
     from replica.kernels import attention as _attention
     from replica.kernels import fused as _fused
+    from replica.kernels import paged_attention as _paged
     HAS_TRITON = True
 except ImportError:  # no triton (e.g. a minimal CPU install): reference only
-    _attention = _fused = None
+    _attention = _fused = _paged = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "add_rms_norm", "decode_attention", "rms_norm", "rope_store_kv",
-           "silu_mul", "use_triton"]
+__all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "decode_attention",
+           "paged_decode_attention", "paged_prefill_attention", "rms_norm", "rope_store_kv",
+           "rope_store_kv_paged", "silu_mul", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -79,6 +96,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return reference.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
 
 
-# Paged ops (TEMPORARY: torch references until the Triton kernels land).
-from replica.kernels.paged_tmp import (PrefillMeta, paged_decode_attention,  # noqa: E402,F401
-                                       paged_prefill_attention, rope_store_kv_paged)
+def rope_store_kv_paged(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        positions: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    args = (qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads, num_kv_heads)
+    if use_triton(qkv) and _fused.rope_paged_supported(qkv, cos, sin, k_cache, v_cache, num_heads,
+                                                       num_kv_heads):
+        return _fused.rope_store_kv_paged(*args)
+    return reference.rope_store_kv_paged(*args)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, table_rows: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    args = (q, k_cache, v_cache, block_tables, table_rows, seq_lens, scale)
+    if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables, table_rows, seq_lens):
+        return _paged.paged_decode_attention(*args)
+    return reference.paged_decode_attention(*args)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, meta: PrefillMeta,
+                            scale: float) -> torch.Tensor:
+    args = (q, k_cache, v_cache, block_tables, meta, scale)
+    if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables):
+        return _paged.paged_prefill_attention(*args)
+    return reference.paged_prefill_attention(*args)

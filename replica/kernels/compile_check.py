@@ -5,8 +5,11 @@
 Uses Triton's bundled ptxas / cuobjdump, so CI (CPU only) catches code that the interpreter accepts
 but the GPU compiler rejects, register spills and shared-memory overflows. Configs mirror what the
 wrappers launch for llama-8b (bf16, hd=128, G=4), the tiny test model (hd=16) and edge cases
-(fp32, hd=80 with unaligned strides, large GQA groups). Pointer arguments and strides are marked
-16-byte divisible as Triton's launcher specialises them for contiguous caches.
+(fp32, hd=80 with unaligned strides, large GQA groups, hd=256, block sizes 8..128); the paged
+kernels take their constexprs from the wrappers' own planners (`paged_attention.decode_plan`,
+`paged_attention.prefill_config`). Pointer arguments and strides are marked 16-byte divisible as
+Triton's launcher specialises them for contiguous caches; the decode kernels' runtime `split` /
+`num_splits` carry no hint, as at run time (they are excluded from specialisation).
 Prints one JSON object {config: {"shared": bytes, "regs": n, "spill_bytes": n}}.
 """
 from __future__ import annotations
@@ -22,7 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from replica.kernels import attention, fused
+import torch
+
+from replica.kernels import attention, fused, paged_attention
+from replica.kernels.prefill_meta import TILE_TOKENS
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -121,15 +127,84 @@ def _fused(arch: int) -> dict:
         types = dict(qkv_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                      slot_ptr="*i64", q_ptr=p, k_ptr=p, v_ptr=p, **{n: "i32" for n in ints})
         half = triton.next_power_of_2(hd // 2)
-        consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half)
-        k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
-                     aligned=hd % 16 == 0)
-        out[f"rope_store_kv.{dt}_hd{hd}"] = _resources(k)
+        for bs in (0, 16):  # 0: slot-major rope_store_kv; 16: rope_store_kv_paged
+            consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half,
+                          BLOCK_SIZE=bs)
+            k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
+                         aligned=hd % 16 == 0)
+            out[f"rope_store_kv{'_paged' if bs else ''}.{dt}_hd{hd}"] = _resources(k)
+    return out
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _paged_configs(full: bool):
+    # name: (dtype, heads, group, head_dim, block size, aligned strides)
+    configs = {
+        "8b_bf16_bs16": ("bf16", 32, 4, 128, 16, True),
+        "8b_fp32_bs16": ("fp32", 32, 4, 128, 16, True),
+        "tiny_hd16_bs16": ("bf16", 4, 2, 16, 16, True),
+        "hd80_g3_bs8": ("bf16", 6, 3, 80, 8, True),
+        "hd72_unaligned_bs32": ("fp16", 2, 1, 72, 32, False),
+        "hd256_g2_bs16": ("bf16", 16, 2, 256, 16, True),
+    }
+    if full:
+        configs.update({
+            "group8_hd128_bs16": ("bf16", 64, 8, 128, 16, True),
+            "8b_bf16_bs8": ("bf16", 32, 4, 128, 8, True),
+            "8b_bf16_bs32": ("bf16", 32, 4, 128, 32, True),
+            "8b_bf16_bs128": ("bf16", 32, 4, 128, 128, True),
+            "group32_hd64_bs16": ("bf16", 64, 32, 64, 16, True),
+            "qwen7b_g7_bs16": ("bf16", 28, 7, 128, 16, True),
+        })
+    return configs
+
+
+def _paged(arch: int, full: bool) -> dict:
+    out = {}
+    pa = paged_attention
+    dec_ints = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                "stride_vh", "stride_vn", "stride_bt", "stride_ob", "stride_oh"]
+    pre_ints = ["stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                "stride_vh", "stride_vn", "stride_bt", "stride_ot", "stride_oh"]
+    for name, (dt, h, g, hd, bs, aligned) in _paged_configs(full).items():
+        p, dtype = "*" + dt, _DTYPES[dt]
+        _, consts = pa.decode_plan(8, h, h // g, hd, bs, 64, dtype)
+        types = dict(q_ptr=p, k_ptr=p, v_ptr=p, bt_ptr="*i32", row_ptr="*i64", len_ptr="*i64",
+                     out_ptr=p, po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                     split="i32", num_splits="i32", **{n: "i32" for n in dec_ints})
+        k = _compile(pa._decode_split_kernel, types, consts, arch, 4, 2, aligned)
+        out[f"paged_decode_split.{name}"] = _resources(k)
+        types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", len_ptr="*i64", out_ptr=p,
+                     split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
+        k = _compile(pa._decode_combine_kernel, types,
+                     dict(NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"]), arch,
+                     1 if hd <= 64 else 2)
+        out[f"paged_decode_combine.{name}"] = _resources(k)
+        types = dict(q_ptr=p, k_ptr=p, v_ptr=p, bt_ptr="*i32", tile_ptr="*i32", out_ptr=p,
+                     po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                     **{n: "i32" for n in pre_ints})
+        merge_types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", merge_ptr="*i32",
+                           out_ptr=p, stride_ot="i32", stride_oh="i32")
+        block_d = max(16, triton.next_power_of_2(hd))
+        for kind, tile_tokens in (("prefill", TILE_TOKENS), ("decode_tiles", 1)):
+            cfg = pa.prefill_config(dtype, hd, g, tile_tokens)
+            warps = cfg.pop("num_warps")
+            consts = dict(NUM_HEADS=h, GROUP=g, HEAD_DIM=hd, BLOCK_SIZE=bs, TILE_TOKENS=tile_tokens,
+                          BLOCK_D=block_d, PRECISION="ieee" if dt == "fp32" else "tf32", **cfg)
+            k = _compile(pa._prefill_kernel, types, consts, arch, warps, 2, aligned)
+            out[f"paged_{kind}.{name}"] = _resources(k)
+            consts = dict(NUM_HEADS=h, HEAD_DIM=hd, TILE_TOKENS=tile_tokens,
+                          BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d)
+            k = _compile(pa._prefill_merge_kernel, merge_types, consts, arch,
+                         pa.merge_warps(tile_tokens, block_d), 2, aligned)
+            out[f"paged_{kind}_merge.{name}"] = _resources(k)
     return out
 
 
 def compile_all(arch: int = 90, full: bool = False) -> dict:
-    return {**_fused(arch), **_attention(arch, full)}
+    return {**_fused(arch), **_attention(arch, full), **_paged(arch, full)}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton kernels for the element-wise decode ops: rms_norm, add_rms_norm, silu_mul, rope_store_kv.
+"""Triton kernels for the element-wise ops: rms_norm, add_rms_norm, silu_mul, rope_store_kv(_paged).
 
 Contract: same semantics as `reference.py` (fp32 math, one rounding to the output dtype,
 `add_rms_norm` updates `residual` in place). Each op is ONE kernel launch, allocates its output with
@@ -8,7 +8,8 @@ eagerly before capture so Triton's JIT does not compile inside the capture).
 
 `*_supported(...)` say which inputs these kernels take; `replica.kernels` falls back to the reference
 for the rest: the last dim of every tensor must be contiguous (stride 1); rms rows up to 65536
-elements; rope needs an even head_dim.
+elements; rope needs an even head_dim; paged rope a power-of-two block size. `rope_store_kv` and
+`rope_store_kv_paged` share one kernel (the BLOCK_SIZE constexpr picks the cache addressing).
 """
 from __future__ import annotations
 
@@ -108,15 +109,19 @@ def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# rope_store_kv: grid (N, H + KVH). Program (n, j): j < H rotates q head j into q_out;
-# j >= H rotates k head j-H into k_cache and copies v head j-H into v_cache.
+# rope_store_kv / rope_store_kv_paged: grid (N, H + KVH). Program (n, j): j < H rotates q head j
+# into q_out; j >= H rotates k head j-H into the k cache and copies v head j-H into the v cache.
 # In qkv the k head kh lives at column (H + kh) * hd, i.e. at j * hd, like the q heads.
+# BLOCK_SIZE picks the cache layout: 0 = slot-major [S, KVH, L, hd], written at [slot, :, pos];
+# BS > 0 = paged [num_blocks, KVH, BS, hd], slot is a flat token address written at
+# [slot // BS, :, slot % BS] (positions then only drive the rotation).
 @triton.jit
 def _rope_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                           stride_qkv, stride_cos, stride_sin, stride_qn, stride_qh,
                           stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = HEAD_DIM // 2
@@ -136,13 +141,17 @@ def _rope_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k
         tl.store(dst + half + offs, o2.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         kvh = head - NUM_HEADS
-        slot = tl.load(slot_ptr + row)
-        kdst = k_ptr + slot * stride_ks + kvh * stride_kh + pos * stride_kl
+        slot = tl.load(slot_ptr + row)  # int64: slot * stride may exceed 2**31
+        if BLOCK_SIZE == 0:
+            blk, off = slot, pos
+        else:
+            blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        kdst = k_ptr + blk * stride_ks + kvh * stride_kh + off * stride_kl
         tl.store(kdst + offs, o1.to(k_ptr.dtype.element_ty), mask=mask)
         tl.store(kdst + half + offs, o2.to(k_ptr.dtype.element_ty), mask=mask)
         # v head kvh: copied unrotated, both halves
         vsrc = qkv_ptr + row * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kvh) * HEAD_DIM
-        vdst = v_ptr + slot * stride_vs + kvh * stride_vh + pos * stride_vl
+        vdst = v_ptr + blk * stride_vs + kvh * stride_vh + off * stride_vl
         v1 = tl.load(vsrc + offs, mask=mask, other=0.0)
         v2 = tl.load(vsrc + half + offs, mask=mask, other=0.0)
         tl.store(vdst + offs, v1.to(v_ptr.dtype.element_ty), mask=mask)
@@ -158,11 +167,16 @@ def rope_supported(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             and _last_dim_contiguous(qkv, cos, sin, k_cache, v_cache))
 
 
-def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, slot_ids: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # qkv [N, (H + 2 KVH) hd] -> q [N, H, hd]; writes k/v_cache[slot, :, pos, :]
+def rope_paged_supported(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                         num_kv_heads: int) -> bool:
+    bs = k_cache.shape[2] if k_cache.dim() == 4 else 0
+    return (rope_supported(qkv, cos, sin, k_cache, v_cache, num_heads, num_kv_heads)
+            and bs > 0 and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape)
+
+
+def _launch_rope(qkv, cos, sin, positions, slots, k_cache, v_cache, num_heads, num_kv_heads, out,
+                 block_size):
     n = qkv.shape[0]
     hd = k_cache.shape[-1]
     if out is None:
@@ -170,10 +184,29 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     half_block = triton.next_power_of_2(hd // 2)
     grid = (n, num_heads + num_kv_heads)
     _rope_store_kv_kernel[grid](
-        qkv, cos, sin, positions, slot_ids, out, k_cache, v_cache,
+        qkv, cos, sin, positions, slots, out, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=hd, HALF_BLOCK=half_block,
-        num_warps=1 if half_block <= 64 else 2)
+        BLOCK_SIZE=block_size, num_warps=1 if half_block <= 64 else 2)
     return out
+
+
+def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, slot_ids: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # qkv [N, (H + 2 KVH) hd] -> q [N, H, hd]; writes k/v_cache[slot, :, pos, :]
+    return _launch_rope(qkv, cos, sin, positions, slot_ids, k_cache, v_cache, num_heads,
+                        num_kv_heads, out, block_size=0)
+
+
+def rope_store_kv_paged(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        positions: torch.Tensor, slot_mapping: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                        num_kv_heads: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # qkv [N, (H + 2 KVH) hd] -> q [N, H, hd]; caches [num_blocks, KVH, BS, hd]; writes
+    # k/v_cache[slot // BS, :, slot % BS, :] for slot = slot_mapping[n] (int64)
+    return _launch_rope(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads,
+                        num_kv_heads, out, block_size=k_cache.shape[2])

@@ -9,6 +9,10 @@ CPU), poisons outputs, unused cache rows and attention scratch with NaN so unwri
 over-read elements show up, and compares with `reference.py` (rel. error <= 1e-5 in fp32).
 Triton 3.6's interpreter computes tl.dot wrongly for bf16 inputs, so under TRITON_INTERPRET the
 attention checks are meaningful in float32/float16 only; bf16 is checked on a GPU.
+Paged checks (`paged_case`): shuffled block ids, a shared prefix block, NaN in every cache entry
+no sequence reads and in the block that table entries past a sequence's end name; rope_paged also
+checks that exactly the addressed cache rows were written; prefill cases cover decode rows,
+cached prefixes, ragged head groups and tiles split into key segments (partials poisoned too).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from typing import Callable
 import torch
 
 import replica.kernels  # noqa: F401  (applies the interpreter shim when TRITON_INTERPRET=1)
-from replica.kernels import attention, fused, reference
+from replica.kernels import attention, fused, paged_attention, reference
+from replica.kernels.prefill_meta import PrefillMeta
 
 NAN = float("nan")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -122,9 +127,116 @@ def _nan_empty(shape, dtype, device):
     return torch.full(shape, NAN, dtype=dtype, device=device)
 
 
+# ---------------------------------------------------------------------------------------------- paged
+def paged_case(g: torch.Generator, lens: list[int], bs: int, max_blocks: int, kvh: int, hd: int,
+               dtype, device, share: bool = True):
+    """Random paged caches for sequences of `lens` tokens: shuffled block ids (block 0, the
+    engine's scratch block, is never assigned), sequence 1 shares sequence 0's full leading blocks
+    when `share` (prefix cache), two blocks nobody references, and a spare table row. Every cache
+    entry no sequence reads is NaN; table entries past a sequence's blocks name a NaN block.
+    Returns (k_cache, v_cache, block_tables int32 [len(lens) + 1, max_blocks], table_rows [B])."""
+    need = [-(-n // bs) for n in lens]
+    shared = min(lens[0], lens[1]) // bs if share and len(lens) > 1 else 0
+    num_blocks = 1 + sum(need) - shared + 2
+    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    poison_block = ids.pop()  # referenced only by table entries past a sequence's end
+    tables = torch.full((len(lens) + 1, max_blocks), poison_block, dtype=torch.int32)
+    for i, nb in enumerate(need):
+        assert nb <= max_blocks
+        for j in range(nb):
+            tables[i, j] = tables[0, j] if (i == 1 and j < shared) else ids.pop()
+    order = torch.randperm(len(lens) + 1, generator=g)  # table row of sequence i: order[i]
+    tables = tables[torch.argsort(order)]
+    rows = order[: len(lens)]
+    read = torch.zeros(num_blocks, bs, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            read[tables[rows[i], p // bs], p % bs] = True
+    caches = []
+    for _ in range(2):
+        c = torch.randn(num_blocks, kvh, bs, hd, generator=g)
+        c[~read[:, None, :, None].expand_as(c)] = NAN
+        caches.append(c.to(device, dtype))
+    return caches[0], caches[1], tables.to(device), rows.to(device)
+
+
+def check_rope_paged(device, dtype, h: int, kvh: int, hd: int, bs: int, prefill: bool) -> None:
+    n, num_blocks, max_pos = (bs + 3, 5, 64) if prefill else (4, 6, 64)
+    g = torch.Generator().manual_seed(h * 100 + kvh * 10 + hd + bs + prefill)
+    qkv = torch.randn(n, (h + 2 * kvh) * hd, generator=g).to(device, dtype)
+    cos, sin = rope_tables(max_pos, hd, device)
+    if prefill:  # one sequence: consecutive positions, a run of slots that crosses a block edge
+        positions = torch.arange(7, 7 + n, device=device)
+        slots = (3 * bs - 2 + torch.arange(n)).to(device)  # blocks 2, 3, 4
+    else:        # decode rows: arbitrary positions incl. 0, slots in shuffled blocks and offsets
+        positions = torch.tensor([0, 17, max_pos - 1, 5], device=device)
+        slots = torch.tensor([5 * bs + bs - 1, 2 * bs, 1 * bs + 3, 4 * bs + 1], device=device)
+    caches = [torch.full((num_blocks, kvh, bs, hd), NAN, dtype=dtype, device=device)
+              for _ in range(4)]
+    out = torch.full((n, h, hd), NAN, dtype=dtype, device=device)
+    q = fused.rope_store_kv_paged(qkv, cos, sin, positions, slots, caches[0], caches[1], h, kvh,
+                                  out=out)
+    q_ref = reference.rope_store_kv_paged(qkv, cos, sin, positions, slots, caches[2], caches[3],
+                                          h, kvh)
+    _check("rope_paged.q", q, q_ref, dtype)
+    blk, off = slots // bs, slots % bs
+    for name, tri, ref in (("k", caches[0], caches[2]), ("v", caches[1], caches[3])):
+        if not torch.equal(tri.isnan(), ref.isnan()):
+            raise AssertionError(f"rope_paged.{name}_cache: written entries differ from reference")
+        if int((~tri.isnan()).sum()) != n * kvh * hd:
+            raise AssertionError(f"rope_paged.{name}_cache: wrote more than the addressed rows")
+        _check(f"rope_paged.{name}_cache", tri[blk, :, off], ref[blk, :, off], dtype)
+
+
+def check_paged_decode(device, dtype, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
+                       lens: list[int], split: int | None, block_n: int | None) -> None:
+    g = torch.Generator().manual_seed(h * 1000 + hd * 10 + bs + len(lens))
+    k_cache, v_cache, tables, rows = paged_case(g, lens, bs, max_blocks, kvh, hd, dtype, device)
+    b = len(lens)
+    q = torch.randn(b, h, hd, generator=g).to(device, dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int64, device=device)
+    out = torch.full((b, h, hd), NAN, dtype=dtype, device=device)
+    scale = 1.0 / math.sqrt(hd)
+    saved, paged_attention._empty = paged_attention._empty, _nan_empty  # poison the split scratch
+    try:
+        o = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, rows, seq_lens,
+                                                   scale, out=out, split=split, block_n=block_n)
+    finally:
+        paged_attention._empty = saved
+    _check("paged_decode_attention", o, reference.paged_decode_attention(
+        q, k_cache, v_cache, tables, rows, seq_lens, scale), dtype)
+
+
+def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
+                        chunks: list[tuple[int, int]], tile_tokens: int,
+                        segment: int | None = None) -> None:
+    """chunks: (q_len, cached prefix length) each; kv_len = prefix + q_len. `segment` splits
+    tiles into key segments of that many keys (None: the default rule, no split at these sizes)."""
+    g = torch.Generator().manual_seed(h * 1000 + hd * 10 + bs + len(chunks))
+    q_lens = [ql for ql, _ in chunks]
+    kv_lens = [ql + pre for ql, pre in chunks]
+    k_cache, v_cache, tables, rows = paged_case(g, kv_lens, bs, max_blocks, kvh, hd, dtype, device)
+    meta = PrefillMeta.build(q_lens, kv_lens, rows.tolist(), device, tile_tokens=tile_tokens,
+                             segment=segment)
+    if segment is not None and not meta.num_prefill_merges + meta.num_decode_merges:
+        raise AssertionError("case meant to split tiles into key segments has none")
+    t = sum(q_lens)
+    q = torch.randn(t, h, hd, generator=g).to(device, dtype)
+    out = torch.full((t, h, hd), NAN, dtype=dtype, device=device)
+    scale = 1.0 / math.sqrt(hd)
+    saved, paged_attention._empty = paged_attention._empty, _nan_empty  # poison the partials
+    try:
+        o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale,
+                                                    out=out)
+    finally:
+        paged_attention._empty = saved
+    _check("paged_prefill_attention", o, reference.paged_prefill_attention(
+        q, k_cache, v_cache, tables, meta, scale), dtype)
+
+
 def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     """Named checks; names are stable (tests parametrize over them)."""
-    a = check_attention
+    a, pd, pp = check_attention, check_paged_decode, check_paged_prefill
     return {
         "rms_norm.n1": lambda: check_norms(device, dtype, 1, 64, 64),
         "rms_norm.n5_d100_strided": lambda: check_norms(device, dtype, 5, 100, 128),
@@ -142,6 +254,41 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
         "attn.hd128_gqa4": lambda: a(device, dtype, 8, 2, 128, 96, [96, 40], 32, 16),
         "attn.hd80_group1_padded": lambda: a(device, dtype, 3, 3, 80, 48, [48, 2], 16, 16),
         "attn.group8_default": lambda: a(device, dtype, 16, 2, 64, 128, [128, 65, 1], None, None),
+        "rope_paged.decode_gqa_hd16_bs8": lambda: check_rope_paged(device, dtype, 4, 2, 16, 8, False),
+        "rope_paged.prefill_gqa_hd16_bs16": lambda: check_rope_paged(device, dtype, 4, 2, 16, 16, True),
+        "rope_paged.decode_mha_hd128_bs32": lambda: check_rope_paged(device, dtype, 2, 2, 128, 32, False),
+        "rope_paged.prefill_hd24_bs8": lambda: check_rope_paged(device, dtype, 3, 1, 24, 8, True),
+        # (H, KVH, hd, BS, max_blocks, lens, split, block_n)
+        "paged_decode.bs16_gqa4_edges": lambda: pd(device, dtype, 8, 2, 16, 16, 6,
+                                                   [1, 15, 16, 17, 70], None, None),
+        "paged_decode.bs8_mha_hd64_tile_spans_blocks": lambda: pd(device, dtype, 2, 2, 64, 8, 6,
+                                                                  [8, 7, 9, 1, 40], 32, 32),
+        "paged_decode.bs32_gqa4_hd128_tile_in_block": lambda: pd(device, dtype, 8, 2, 128, 32, 4,
+                                                                 [33, 31, 100], 64, 16),
+        "paged_decode.one_split_direct": lambda: pd(device, dtype, 4, 2, 32, 16, 4,
+                                                    [64, 1, 20], 64, 16),
+        "paged_decode.many_splits_chunks": lambda: pd(device, dtype, 4, 1, 32, 8, 40,
+                                                      [320, 300, 9], 16, 16),
+        "paged_decode.hd80_group3": lambda: pd(device, dtype, 6, 2, 80, 16, 3, [48, 2, 17], 16, 16),
+        "paged_decode.group8_default": lambda: pd(device, dtype, 16, 2, 64, 16, 8,
+                                                  [128, 65, 1], None, None),
+        # (H, KVH, hd, BS, max_blocks, [(q_len, cached prefix)], tile_tokens)
+        "paged_prefill.bs16_gqa4_mixed": lambda: pp(device, dtype, 8, 2, 16, 16, 6, [
+            (1, 40), (3, 0), (21, 11), (37, 0), (1, 0), (5, 16)], 8),
+        "paged_prefill.bs8_mha_hd64": lambda: pp(device, dtype, 2, 2, 64, 8, 8, [
+            (9, 0), (1, 7), (17, 30), (2, 6)], 8),
+        "paged_prefill.bs32_gqa4_hd128_default_tiles": lambda: pp(device, dtype, 8, 2, 128, 32, 3, [
+            (40, 33), (1, 64), (33, 0)], 32),
+        "paged_prefill.hd80_group3": lambda: pp(device, dtype, 6, 2, 80, 16, 4, [
+            (16, 15), (1, 1), (19, 0)], 8),
+        "paged_prefill.group8_head_groups": lambda: pp(device, dtype, 16, 2, 32, 16, 5, [
+            (35, 40), (1, 50)], 32),
+        "paged_prefill.group5_ragged_head_groups": lambda: pp(device, dtype, 10, 2, 16, 8, 6, [
+            (20, 9), (1, 30), (2, 0)], 16),
+        "paged_prefill.key_segments": lambda: pp(device, dtype, 8, 2, 32, 16, 12, [
+            (5, 130), (1, 150), (1, 127), (16, 120), (2, 0), (1, 3), (8, 60)], 8, 64),
+        "paged_prefill.key_segments_mha_bs32": lambda: pp(device, dtype, 2, 2, 64, 32, 8, [
+            (40, 200), (1, 64), (3, 61)], 32, 64),
     }
 
 

@@ -2,6 +2,12 @@
 interpreter (a subprocess running `python -m replica.kernels.selfcheck` with TRITON_INTERPRET=1,
 which must be set before triton is imported).
 
+Paged KV ops: the references against float64 oracles that gather token by token through the block
+table (block sizes 8/16/32, GQA groups 1/2/4, hd 16/64/128, shuffled block ids, a block shared by
+two sequences, lengths 1, BS-1, BS, BS+1 and 5*BS+3); every cache entry no sequence reads is NaN
+and table entries past a sequence's blocks hold an out-of-range id, so reading either would show.
+PrefillMeta's tile map and key segments are checked on the host.
+
 The interpreter runs fp32 and fp16; its tl.dot is wrong for bf16 inputs (Triton 3.6), so bf16 is
 checked on a GPU only (`python -m replica.kernels.selfcheck --device cuda --dtype bfloat16`).
 Last, every kernel is compiled for sm_90 with Triton's bundled ptxas (no GPU needed) to catch
@@ -172,6 +178,248 @@ def test_decode_attention_reference(h, kvh, hd, lens):
     assert_close(out, oracle_attention(q, k_cache, v_cache, slots, seq_lens, 1 / math.sqrt(hd)))
 
 
+# ---------------------------------------------------------------- paged KV cache: inputs and oracles
+GARBAGE_BLOCK = 10**6  # table entries past a sequence's blocks: would raise if ever indexed
+
+
+def make_paged(lens, bs, kvh, hd, max_blocks, share=True, seed=0):
+    """Caches [NB, KVH, BS, hd] holding sequences of `lens` tokens in shuffled blocks; block 0 (the
+    engine's scratch block) and two more blocks are never referenced; sequence 1 reuses sequence
+    0's full leading blocks when `share` (a cached prefix). Every entry no sequence reads is NaN.
+    Returns k_cache, v_cache, tables (int32 [B + 2, max_blocks], two spare rows), rows [B]."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    need = [-(-n // bs) for n in lens]
+    shared = min(lens[0], lens[1]) // bs if share and b > 1 else 0
+    num_blocks = 3 + sum(need) - shared
+    free = (3 + torch.randperm(num_blocks - 3, generator=g)).tolist()  # ids 0..2 never used
+    rows = torch.randperm(b + 2, generator=g)[:b]                      # non-contiguous table rows
+    tables = torch.full((b + 2, max_blocks), GARBAGE_BLOCK, dtype=torch.int32)
+    for i in range(b):
+        for j in range(need[i]):
+            tables[rows[i], j] = tables[rows[0], j] if (i == 1 and j < shared) else free.pop()
+    k_cache = torch.full((num_blocks, kvh, bs, hd), NAN)
+    v_cache = torch.full((num_blocks, kvh, bs, hd), NAN)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            blk, off = int(tables[rows[i], p // bs]), p % bs
+            if k_cache[blk, :, off].isnan().any():  # shared entries: written once
+                k_cache[blk, :, off] = torch.randn(kvh, hd, generator=g)
+                v_cache[blk, :, off] = torch.randn(kvh, hd, generator=g)
+    return k_cache, v_cache, tables, rows
+
+
+def oracle_paged_keys(cache, table_row, n, bs):  # [n, KVH, hd] float64, token by token
+    return torch.stack([cache[int(table_row[p // bs]), :, p % bs].double() for p in range(n)])
+
+
+def oracle_softmax_attend(q_vec, keys, values, scale):  # q [hd], keys/values [n, hd] -> [hd]
+    s = keys @ q_vec.double() * scale
+    p = torch.exp(s - s.max())
+    return (p / p.sum()) @ values
+
+
+def oracle_paged_decode(q, k_cache, v_cache, tables, rows, lens, scale):
+    b, h, hd = q.shape
+    bs, group = k_cache.shape[2], h // k_cache.shape[1]
+    out = torch.empty(b, h, hd, dtype=torch.float64)
+    for i in range(b):
+        keys = oracle_paged_keys(k_cache, tables[rows[i]], int(lens[i]), bs)
+        values = oracle_paged_keys(v_cache, tables[rows[i]], int(lens[i]), bs)
+        for j in range(h):
+            out[i, j] = oracle_softmax_attend(q[i, j], keys[:, j // group], values[:, j // group],
+                                              scale)
+    return out
+
+
+def oracle_paged_prefill(q, k_cache, v_cache, tables, q_lens, kv_lens, rows, scale):
+    t, h, hd = q.shape
+    bs, group = k_cache.shape[2], h // k_cache.shape[1]
+    out = torch.empty(t, h, hd, dtype=torch.float64)
+    start = 0
+    for q_len, kv_len, row in zip(q_lens, kv_lens, rows):
+        keys = oracle_paged_keys(k_cache, tables[row], kv_len, bs)
+        values = oracle_paged_keys(v_cache, tables[row], kv_len, bs)
+        for i in range(q_len):
+            visible = kv_len - q_len + i + 1  # prefix + causal within the chunk
+            for j in range(h):
+                out[start + i, j] = oracle_softmax_attend(
+                    q[start + i, j], keys[:visible, j // group], values[:visible, j // group], scale)
+        start += q_len
+    return out
+
+
+# ---------------------------------------------------------------- paged references vs oracles
+@pytest.mark.parametrize("n,h,kvh,hd,bs,prefill", [
+    (1, 4, 2, 16, 8, False), (5, 8, 2, 64, 16, False), (3, 2, 2, 128, 32, False),
+    (19, 4, 1, 16, 16, True),  # a run of slots across a block edge
+])
+def test_rope_store_kv_paged_reference(n, h, kvh, hd, bs, prefill):
+    num_blocks, max_pos = 6, 40
+    qkv = torch.randn(n, (h + 2 * kvh) * hd)
+    cos, sin = rope_tables(max_pos, hd)
+    if prefill:
+        positions = torch.arange(3, 3 + n)
+        slots = 2 * bs + 5 + torch.arange(n)
+    else:  # positions and slots unrelated: RoPE follows positions, the address follows slots
+        positions = torch.randint(0, max_pos, (n,))
+        slots = torch.randperm(num_blocks * bs)[:n]
+    k_cache = torch.full((num_blocks, kvh, bs, hd), NAN)
+    v_cache = torch.full((num_blocks, kvh, bs, hd), NAN)
+    q = ref.rope_store_kv_paged(qkv, cos, sin, positions, slots, k_cache, v_cache, h, kvh)
+    assert q.shape == (n, h, hd)
+    written = torch.zeros(num_blocks, bs, dtype=torch.bool)
+    for i in range(n):
+        p, blk, off = int(positions[i]), int(slots[i]) // bs, int(slots[i]) % bs
+        heads = qkv[i].view(h + 2 * kvh, hd)
+        assert_close(q[i], oracle_rope(heads[:h], cos[p], sin[p]))
+        assert_close(k_cache[blk, :, off], oracle_rope(heads[h:h + kvh], cos[p], sin[p]))
+        assert torch.equal(v_cache[blk, :, off], heads[h + kvh:])
+        written[blk, off] = True
+    assert k_cache.isnan().all(dim=(1, 3)).eq(~written).all()  # nothing else touched
+    assert v_cache.isnan().all(dim=(1, 3)).eq(~written).all()
+
+
+def _edge_lens(bs):
+    return [1, bs - 1, bs, bs + 1, 5 * bs + 3]
+
+
+@pytest.mark.parametrize("bs,h,kvh,hd", [
+    (8, 4, 4, 16), (16, 8, 2, 16), (16, 4, 1, 64), (32, 8, 2, 128), (16, 32, 8, 128),
+])
+def test_paged_decode_attention_reference(bs, h, kvh, hd):
+    lens = _edge_lens(bs)
+    max_blocks = 7
+    k_cache, v_cache, tables, rows = make_paged(lens, bs, kvh, hd, max_blocks, seed=bs + h)
+    q = torch.randn(len(lens), h, hd)
+    seq_lens = torch.tensor(lens)
+    scale = 1 / math.sqrt(hd)
+    out = ref.paged_decode_attention(q, k_cache, v_cache, tables, rows, seq_lens, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, oracle_paged_decode(q, k_cache, v_cache, tables, rows, seq_lens, scale))
+
+
+def test_paged_decode_reference_cuda_style_full_table_gather():
+    """The CUDA branch gathers all max_blocks blocks (no host read); on CPU it is reached by
+    slicing nothing off, i.e. a max length that fills the table: same answer."""
+    bs, lens = 8, [1, 7, 8, 9, 24]
+    k_cache, v_cache, tables, rows = make_paged(lens, bs, 2, 16, 3)
+    q, seq_lens = torch.randn(5, 4, 16), torch.tensor(lens)
+    out = ref.paged_decode_attention(q, k_cache, v_cache, tables, rows, seq_lens, 0.25)
+    assert_close(out, oracle_paged_decode(q, k_cache, v_cache, tables, rows, seq_lens, 0.25))
+
+
+# chunks: (q_len, cached prefix); kv_len = prefix + q_len. Decode rows are (1, context - 1).
+PREFILL_CASES = [
+    (8, 4, 4, 16, [(1, 0), (3, 0), (13, 0), (8, 8)]),
+    (16, 8, 2, 16, [(1, 40), (3, 0), (21, 11), (37, 0), (1, 0), (5, 16)]),
+    (16, 4, 1, 64, [(16, 0), (17, 15), (1, 16)]),
+    (32, 8, 2, 128, [(40, 33), (1, 64), (31, 1)]),
+]
+
+
+@pytest.mark.parametrize("bs,h,kvh,hd,chunks", PREFILL_CASES)
+def test_paged_prefill_attention_reference(bs, h, kvh, hd, chunks):
+    q_lens = [ql for ql, _ in chunks]
+    kv_lens = [ql + pre for ql, pre in chunks]
+    max_blocks = max(-(-n // bs) for n in kv_lens) + 1
+    k_cache, v_cache, tables, rows = make_paged(kv_lens, bs, kvh, hd, max_blocks, seed=hd + bs)
+    meta = K.PrefillMeta.build(q_lens, kv_lens, rows.tolist(), "cpu")
+    q = torch.randn(sum(q_lens), h, hd)
+    scale = 1 / math.sqrt(hd)
+    out = ref.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, oracle_paged_prefill(q, k_cache, v_cache, tables, q_lens, kv_lens,
+                                           rows.tolist(), scale))
+
+
+def test_paged_prefill_decode_rows_equal_paged_decode():
+    """A q_len-1 chunk is a decode row: both references agree on it."""
+    bs, lens = 16, [33, 16, 1]
+    k_cache, v_cache, tables, rows = make_paged(lens, bs, 2, 16, 3)
+    q = torch.randn(3, 8, 16)
+    meta = K.PrefillMeta.build([1, 1, 1], lens, rows.tolist(), "cpu")
+    assert_close(ref.paged_prefill_attention(q, k_cache, v_cache, tables, meta, 0.3),
+                 ref.paged_decode_attention(q, k_cache, v_cache, tables, rows, torch.tensor(lens),
+                                            0.3))
+
+
+# ---------------------------------------------------------------- PrefillMeta
+def test_prefill_meta_tile_map_covers_every_query_row_once():
+    q_lens, kv_lens, rows = [1, 70, 3, 1, 32, 33], [50, 70, 10, 1, 100, 33], [4, 0, 2, 7, 1, 3]
+    meta = K.PrefillMeta.build(q_lens, kv_lens, rows, "cpu", tile_tokens=16)
+    assert (meta.q_lens, meta.kv_lens, meta.table_rows) == (tuple(q_lens), tuple(kv_lens), tuple(rows))
+    assert meta.num_tokens == 140 and meta.max_kv_len == 100 and meta.tile_tokens == 16
+    assert meta.packed.dtype == torch.int32 and meta.tiles.shape == (meta.num_prefill_tiles
+                                                                     + meta.num_decode_tiles, 7)
+    assert meta.num_decode_tiles == 2 and meta.num_prefill_tiles == 5 + 1 + 2 + 3
+    assert meta.num_prefill_merges == meta.num_decode_merges == 0  # short: no key segments
+    starts = [0, 1, 71, 74, 75, 107]
+    seen = torch.zeros(meta.num_tokens, dtype=torch.int32)
+    for kind, tiles, tok in (("prefill", meta.prefill_tiles, 16), ("decode", meta.decode_tiles, 1)):
+        kv_order = []
+        for t0, n, p0, row, k0, k1, part in tiles.tolist():
+            c = max(i for i in range(6) if starts[i] <= t0)
+            assert (q_lens[c] == 1) == (kind == "decode") and row == rows[c] and 1 <= n <= tok
+            assert p0 == kv_lens[c] - q_lens[c] + (t0 - starts[c])  # position of the first token
+            assert (k0, k1, part) == (0, p0 + n, -1)
+            seen[t0: t0 + n] += 1
+            kv_order.append((kv_lens[c], p0))
+        assert kv_order == sorted(kv_order, reverse=True)  # longest chunk, heaviest tile first
+    assert seen.eq(1).all()
+
+
+def test_prefill_meta_key_segments():
+    """Split tiles: segments partition keys 0 .. p0+n-1, cut only below p0 + 1 (every token sees a
+    key of every segment), consecutive partial indices, one merge row per split tile."""
+    meta = K.PrefillMeta.build([8, 1, 1, 40], [68, 200, 64, 40], [0, 1, 2, 3], "cpu",
+                               tile_tokens=8, segment=64)
+    assert meta.prefill_segment == meta.decode_segment == 64
+    merges = {}
+    for tiles, merge_rows in ((meta.prefill_tiles, meta.prefill_merges),
+                              (meta.decode_tiles, meta.decode_merges)):
+        segs = {}
+        for t0, n, p0, row, k0, k1, part in tiles.tolist():
+            segs.setdefault((t0, n, p0), []).append((k0, k1, part))
+        for (t0, n, p0), parts in segs.items():
+            assert parts[0][0] == 0 and parts[-1][1] == p0 + n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert all(k0 <= p0 and k0 % 64 == 0 for k0, _, _ in parts)
+            if len(parts) == 1:
+                assert parts[0][2] == -1
+            else:
+                ids = [p for _, _, p in parts]
+                assert ids == list(range(ids[0], ids[0] + len(ids)))
+                merges[(t0, n)] = (ids[0], len(ids))
+        for t0, n, part0, nseg, *_ in merge_rows.tolist():
+            assert merges.pop((t0, n)) == (part0, nseg)
+    assert not merges
+    # (8 tokens at 60..67): p0 + 1 = 61 <= 64, so no cut at 64 (tokens 60..63 would see no key)
+    assert meta.prefill_tiles[:, 6].tolist().count(-1) == 6 and meta.num_decode_merges == 1
+    assert meta.num_decode_parts == 4 and meta.num_prefill_merges == 0
+
+
+def test_prefill_meta_default_segments_follow_the_step():
+    long_prefix = K.PrefillMeta.build([128], [128 + 32640], [0], "cpu")  # 4 tiles, 32k keys each
+    assert long_prefix.prefill_segment == 4096 and long_prefix.num_prefill_merges == 4
+    assert long_prefix.num_prefill_tiles == 4 * 8
+    big = K.PrefillMeta.build([2048], [2048 + 30720], [0], "cpu")      # 64 tiles of ~31k keys
+    assert big.prefill_segment == 4096 and big.num_prefill_merges == 64
+    huge = K.PrefillMeta.build([2048] * 8, [2048 + 30720] * 8, range(8), "cpu")
+    assert huge.prefill_segment == 32768 and huge.num_prefill_merges == 0  # 512 tiles already
+    mixed = K.PrefillMeta.build([512] * 4 + [1] * 200, [512] * 4 + [1024] * 200, range(204), "cpu")
+    assert mixed.num_prefill_merges == mixed.num_decode_merges == 0
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,rows,kw", [
+    ([2], [1], [0], {}), ([0], [3], [0], {}), ([1, 2], [1], [0], {}), ([], [], [], {}),
+    ([1], [1], [-1], {}), ([1], [1], [0], {"tile_tokens": 24}), ([1], [1], [0], {"segment": 32}),
+])
+def test_prefill_meta_rejects_bad_arguments(q_lens, kv_lens, rows, kw):
+    with pytest.raises(ValueError):
+        K.PrefillMeta.build(q_lens, kv_lens, rows, "cpu", **kw)
+
+
 # ---------------------------------------------------------------- dispatcher on CPU
 def test_dispatch_uses_reference_on_cpu():
     x, w = torch.randn(2, 32), torch.randn(32)
@@ -188,6 +436,22 @@ def test_dispatch_uses_reference_on_cpu():
     slots, lens = torch.tensor([2, 0]), torch.tensor([8, 1])
     assert torch.equal(K.decode_attention(q, kc, vc, slots, lens, 0.25),
                        ref.decode_attention(q, kc, vc, slots, lens, 0.25))
+    kc, vc, tables, rows = make_paged([9, 1], 8, 2, 16, 2)
+    lens = torch.tensor([9, 1])
+    assert torch.equal(K.paged_decode_attention(q, kc, vc, tables, rows, lens, 0.25),
+                       ref.paged_decode_attention(q, kc, vc, tables, rows, lens, 0.25))
+    meta = K.PrefillMeta.build([2, 1], [9, 1], rows.tolist(), "cpu")
+    qp = torch.randn(3, 4, 16)
+    assert torch.equal(K.paged_prefill_attention(qp, kc, vc, tables, meta, 0.25),
+                       ref.paged_prefill_attention(qp, kc, vc, tables, meta, 0.25))
+    qkv, (cos, sin) = torch.randn(2, 8 * 16), rope_tables(16, 16)
+    pos, slots = torch.tensor([3, 9]), torch.tensor([17, 2])
+    caches = [torch.full((3, 2, 8, 16), NAN) for _ in range(4)]
+    q_k = K.rope_store_kv_paged(qkv, cos, sin, pos, slots, caches[0], caches[1], 4, 2)
+    q_r = ref.rope_store_kv_paged(qkv, cos, sin, pos, slots, caches[2], caches[3], 4, 2)
+    assert torch.equal(q_k, q_r)
+    assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+               for a, b in zip(caches[:2], caches[2:]))
 
 
 # ---------------------------------------------------------------- Triton interpreter vs reference
@@ -201,12 +465,15 @@ def interpreter_results():
         pytest.skip("triton is not installed (it is in the [test] extras); interpreter checks skipped")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = {dtype: subprocess.Popen([sys.executable, "-m", "replica.kernels.selfcheck", "--dtype",
+                                      dtype], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+             for dtype in INTERP_DTYPES}  # side by side: each is one single-threaded interpreter
     results = {}
-    for dtype in INTERP_DTYPES:
-        proc = subprocess.run([sys.executable, "-m", "replica.kernels.selfcheck", "--dtype", dtype],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        lines = proc.stdout.strip().splitlines()
-        assert lines, f"selfcheck ({dtype}) printed nothing; rc={proc.returncode}\n{proc.stderr[-4000:]}"
+    for dtype, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = stdout.strip().splitlines()
+        assert lines, f"selfcheck ({dtype}) printed nothing; rc={proc.returncode}\n{stderr[-4000:]}"
         results[dtype] = json.loads(lines[-1])
     return results
 

@@ -1,0 +1,465 @@
+"""Triton attention over the paged KV cache: split-K decode and varlen causal prefill.
+
+Contract: same semantics as `reference.paged_decode_attention` / `reference.paged_prefill_attention`.
+Cache k/v [num_blocks, KVH, BS, hd] (BS a power of two); block_tables [R, max_blocks] int32 (or
+int64); token p of table row r is cache[block_tables[r, p // BS], :, p % BS]. fp32 softmax (exp2
+with log2(e) folded into the scale), output in q.dtype. Only positions below each row's length are
+read, and only the table entries that cover them (entries past it may hold any value). Not checked
+on the device (no syncs): decode needs 1 <= seq_lens[b] <= max_blocks * BS; prefill lengths are
+validated on the host by `PrefillMeta.build` and against the table width here.
+
+K/V tiles: BLOCK_N tokens per tile, so a tile spans BLOCK_N / BS blocks (or lies inside one block
+when BLOCK_N <= BS); each token's block comes from the table (`bt[row, n // BS]`, an L1 hit for the
+BS tokens of a block) and rows are loaded along hd as contiguous 16-byte vectors (when hd % 16 == 0,
+so that Triton sees 16-divisible cache strides; other head dims take scalar loads).
+
+Decode (`paged_decode_attention`, CUDA-graph capturable: grid, scratch shapes and constexprs depend
+only on tensor shapes, no host syncs):
+1. `_decode_split_kernel`, grid (B, KVH, num_splits): program (b, kvh, s) owns tokens
+   [s * split, (s + 1) * split) of row b; if that starts at or past seq_len it returns at once, so
+   the work follows the real lengths. It loads each K/V tile once for all G = H / KVH query heads
+   (q tile padded to BLOCK_G >= 16 rows for tl.dot) and keeps an online softmax. A row whose length
+   fits in one split (seq_len <= split) is normalised and written to `out` by that program directly;
+   other rows write fp32 partials (acc [G, hd], max [G], sum [G]) to scratch.
+2. `_decode_combine_kernel`, grid (B, H): merges the cdiv(seq_len, split) active partials of rows
+   with more than one split (rows with one return at once).
+`split` and `num_splits` are RUNTIME arguments excluded from Triton's specialisation
+(`do_not_specialize`), so every batch size and every max_len shares ONE compiled split kernel and
+ONE combine kernel per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of 1..512 rows
+cost 2 cold compiles in all (measured on an H200: 1 + 1 over the 18-bucket ladder). The split
+size can therefore follow B freely (`decode_split`): ~45 * sqrt(B * KVH) tokens rounded to a power
+of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted to an H200 sweep
+over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
+them empty when contexts are far below max_len: an empty program costs one load of seq_len).
+
+Prefill (`paged_prefill_attention`, eager): per tile kind of the `PrefillMeta` tile map (prefill
+tiles, decode tiles) one `_prefill_kernel` launch, grid (num_tiles, KVH * NUM_HG): one program per
+tile (or key segment of a tile) and per group of HPP query heads of one KV head. The tile's query
+tokens and heads are stacked in the tl.dot M dimension (row r = token r // HPP, head r % HPP: a
+token's heads are adjacent in memory): prefill tiles are TILE_TOKENS (32) tokens x min(G, 4) heads
+= 128 rows for Llama-style G = 4; decode tiles (q_len 1) are 1 token x G heads. Flash-attention
+loop over the program's keys k0 .. k1 - 1 (keys above the tile's causal limit are never visited):
+first the key tiles below p0 + 1 that every row sees (no masks), then the diagonal tiles with the
+causal mask. Dead rows (past the tile's tokens or the group's heads) compute on zeros and are not
+stored. A tile that `PrefillMeta` split into key segments (few, long tiles: a short chunk over a
+long cached prefix) writes fp32 partials per segment, and `_prefill_merge_kernel`, grid
+(split tiles, H), merges them; the others write the output directly. Two compiled attention
+specialisations per model (prefill tiles, decode tiles) plus two small merge kernels.
+
+Supported (else `replica.kernels` falls back to the reference): 16 <= hd <= 256 (tl.dot needs
+K >= 16; non-power-of-two hd is padded and masked), H % KVH == 0, BS a power of two, last dims
+contiguous, 1-D contiguous table_rows / seq_lens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from replica.kernels.prefill_meta import PrefillMeta
+
+LOG2E = 1.4426950408889634
+SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
+MAX_SPLIT = 2048
+GRID_CAP = 65536       # decode programs per launch at most (empty ones included)
+PREFILL_ROWS = 128     # tl.dot M rows of a 16-bit prefill tile with hd <= 128
+
+
+def _empty(shape, dtype, device):
+    """Scratch allocator (tests swap in a NaN-filling one to prove unused entries are never read)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _load_kv_tile(base, table, n, n_mask, offs_d, stride_b, stride_n, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    # tokens n [BLOCK_N] of one (sequence, kv head) -> [BLOCK_N, BLOCK_D]; rows with n_mask False
+    # (MASKED) read neither the table nor the cache and come back as zeros.
+    if MASKED:
+        blk = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
+    ptrs = base + blk[:, None] * stride_b + (n % BLOCK_SIZE)[:, None] * stride_n + offs_d[None, :]
+    if MASKED:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=n_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+@triton.jit(do_not_specialize=["split", "num_splits"])
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr, pm_ptr,
+                         pl_ptr, qk_scale, split, num_splits, stride_qb, stride_qh, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bt,
+                         stride_ob, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    sid = tl.program_id(2)
+    seq_len = tl.load(len_ptr + b).to(tl.int32)
+    start = sid * split
+    if start < seq_len:
+        end = tl.minimum(start + split, seq_len)
+        table = bt_ptr + tl.load(row_ptr + b).to(tl.int64) * stride_bt
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        heads = kvh * GROUP + offs_g                                            # [BLOCK_G]
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_G, BLOCK_D]
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max (log2 domain)
+        l_i = tl.zeros([BLOCK_G], tl.float32)                # running sum of exp2
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < end
+            k = _load_kv_tile(k_base, table, n, n_mask, offs_d, stride_kb, stride_kn, HEAD_DIM,
+                              BLOCK_D, BLOCK_SIZE, True)                        # [BLOCK_N, BLOCK_D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [BLOCK_G, BLOCK_N]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_kv_tile(v_base, table, n, n_mask, offs_d, stride_vb, stride_vn, HEAD_DIM,
+                              BLOCK_D, BLOCK_SIZE, True)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        if seq_len <= split:  # the row's only split: normalise and write the output, no combine
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            # scratch: po [B, H, num_splits, HEAD_DIM], pm / pl [B, H, num_splits]
+            idx = (b * NUM_HEADS + heads) * num_splits + sid                    # [BLOCK_G]
+            tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
+            tl.store(pm_ptr + idx, m_i, mask=g_mask)
+            tl.store(pl_ptr + idx, l_i, mask=g_mask)
+
+
+@triton.jit(do_not_specialize=["split", "num_splits"])
+def _decode_combine_kernel(po_ptr, pm_ptr, pl_ptr, len_ptr, out_ptr, split, num_splits,
+                           stride_ob, stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    seq_len = tl.load(len_ptr + b).to(tl.int32)
+    n_active = (seq_len + split - 1) // split  # splits past it hold garbage, never read
+    if n_active > 1:  # one split: the split kernel already wrote this row
+        base = (b * NUM_HEADS + h) * num_splits
+        m_run = tl.full([CHUNK], float("-inf"), tl.float32)
+        for s0 in range(0, n_active, CHUNK):
+            s = s0 + tl.arange(0, CHUNK)
+            m_run = tl.maximum(m_run, tl.load(pm_ptr + base + s, mask=s < n_active,
+                                              other=float("-inf")))
+        m_max = tl.max(m_run, axis=0)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        denom = tl.zeros([CHUNK], tl.float32)
+        for s0 in range(0, n_active, CHUNK):  # CHUNK splits at a time keeps the tile small
+            s = s0 + tl.arange(0, CHUNK)
+            s_mask = s < n_active
+            w = tl.exp2(tl.load(pm_ptr + base + s, mask=s_mask, other=float("-inf")) - m_max)
+            denom += w * tl.load(pl_ptr + base + s, mask=s_mask, other=0.0)
+            o = tl.load(po_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)     # [CHUNK, BLOCK_D]
+            acc += tl.sum(w[:, None] * o, axis=0)
+        out = acc / tl.sum(denom, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              block_tables: torch.Tensor, *row_vectors: torch.Tensor) -> bool:
+    """Shapes the kernels take. row_vectors: 1-D per-row inputs (table_rows, seq_lens)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
+        return False
+    h, hd = q.shape[1], q.shape[2]
+    kvh, bs = k_cache.shape[1], k_cache.shape[2]
+    return (16 <= hd <= 256 and kvh > 0 and h % kvh == 0 and bs > 0 and bs & (bs - 1) == 0
+            and k_cache.shape == v_cache.shape and k_cache.shape[-1] == hd
+            and block_tables.dtype in (torch.int32, torch.int64)
+            and all(t.stride(-1) == 1 for t in (q, k_cache, v_cache, block_tables))
+            and all(t.dim() == 1 and (t.stride(0) == 1 or t.shape[0] <= 1) for t in row_vectors))
+
+
+def _wide(dtype: torch.dtype, hd: int) -> bool:
+    """16-bit tensor-core tiles. fp32 (an FMA dot, GPU tests only) and head dims that are not a
+    multiple of 16 (cache strides without Triton's 16-divisibility: scalar loads, one address
+    register per element) take 16-key tiles, or they spill."""
+    return dtype in (torch.float16, torch.bfloat16) and hd % 16 == 0
+
+
+def decode_block_n(dtype: torch.dtype, hd: int) -> int:
+    return 64 if _wide(dtype, hd) else 16
+
+
+def decode_split(batch: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
+    """Tokens per split, a power of two. The kernels take it at run time, so any value costs no
+    compile and it may follow B exactly. Graph-captured decode cannot see the contexts, so the
+    rule is fitted to be near the best over short AND long ones: ~SPLIT_SCALE * sqrt(B * KVH)
+    tokens (B*KVH = 8/64/512/2048 -> 128/256/1024/2048), at most MAX_SPLIT, at least one tile,
+    and large enough that the grid (empty programs included) stays under GRID_CAP programs.
+    H200 sweep, llama-8b bf16 BS=16, max_len 32k (benchmarks/kernels_bench.py --sweep): this
+    rule is within 0-11% of the best split at every (B, ctx) of {1, 8, 64, 256} x {1k, 8k},
+    where the old one-size grid target lost up to 25% (B=1, ctx 8k)."""
+    rule = 2 ** round(math.log2(SPLIT_SCALE * math.sqrt(max(1, batch * num_kv_heads))))
+    floor = triton.next_power_of_2(triton.cdiv(max_len * batch * num_kv_heads, GRID_CAP))
+    split = max(min(rule, MAX_SPLIT), floor, block_n)
+    return min(split, max(block_n, triton.next_power_of_2(max_len)))
+
+
+def decode_plan(bsz: int, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
+                dtype: torch.dtype, split: Optional[int] = None,
+                block_n: Optional[int] = None) -> tuple[dict, dict]:
+    """(runtime args, constexprs) of one decode launch. Only the runtime args (split, num_splits,
+    and the grid) depend on the batch size, so the compiled kernels do not."""
+    block_n = block_n or decode_block_n(dtype, hd)
+    split = split or decode_split(bsz, kvh, max_blocks * bs, block_n)
+    assert split % block_n == 0, "split must be a multiple of block_n"
+    runtime = dict(split=split, num_splits=triton.cdiv(max_blocks * bs, split))
+    consts = dict(NUM_HEADS=h, GROUP=h // kvh, HEAD_DIM=hd, BLOCK_SIZE=bs,
+                  BLOCK_G=max(16, triton.next_power_of_2(h // kvh)), BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(hd)),
+                  PRECISION="ieee" if dtype == torch.float32 else "tf32")  # tf32: fp32 input only
+    return runtime, consts
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, table_rows: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None,
+                           split: Optional[int] = None, block_n: Optional[int] = None,
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    # q [B, H, hd] -> out [B, H, hd]; `split`/`block_n`/`num_warps`/`num_stages` are tuning knobs
+    bsz, h, hd = q.shape
+    kvh, bs = k_cache.shape[1], k_cache.shape[2]
+    rt, consts = decode_plan(bsz, h, kvh, hd, bs, block_tables.shape[1], q.dtype, split, block_n)
+    split, num_splits = rt["split"], rt["num_splits"]
+    if out is None:
+        out = torch.empty((bsz, h, hd), dtype=q.dtype, device=q.device)
+    if num_splits == 1:  # every row fits one split: no partials, no combine (fp32 dummy keeps
+        po = pm = pl = _empty((1,), torch.float32, q.device)  # the kernel signature unchanged)
+    else:
+        po = _empty((bsz, h, num_splits, hd), torch.float32, q.device)
+        pm = _empty((bsz, h, num_splits), torch.float32, q.device)
+        pl = _empty((bsz, h, num_splits), torch.float32, q.device)
+    _decode_split_kernel[(bsz, kvh, num_splits)](
+        q, k_cache, v_cache, block_tables, table_rows, seq_lens, out, po, pm, pl, scale * LOG2E,
+        split, num_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), num_warps=num_warps,
+        num_stages=num_stages, **consts)
+    if num_splits > 1:
+        _decode_combine_kernel[(bsz, h)](
+            po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"],
+            num_warps=1 if hd <= 64 else 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+@triton.jit
+def _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base, qk_scale, offs_n,
+                       offs_d, stride_kb, stride_kn, stride_vb, stride_vn, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    # one key tile n0 .. n0 + BLOCK_N - 1 of the online softmax; CAUSAL: the tile crosses some
+    # row's limit q_pos (keys at or past hi are neither read nor counted)
+    n = n0 + offs_n
+    n_mask = n < hi
+    k = _load_kv_tile(k_base, table, n, n_mask, offs_d, stride_kb, stride_kn, HEAD_DIM, BLOCK_D,
+                      BLOCK_SIZE, CAUSAL)                                        # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale            # [BLOCK_M, BLOCK_N]
+    if CAUSAL:
+        s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in every row's first tile
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_kv_tile(v_base, table, n, n_mask, offs_d, stride_vb, stride_vn, HEAD_DIM, BLOCK_D,
+                      BLOCK_SIZE, CAUSAL)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                    qk_scale, stride_qt, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
+                    stride_vh, stride_vn, stride_bt, stride_ot, stride_oh,
+                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
+                    NUM_HG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1) // NUM_HG
+    g0 = (tl.program_id(1) % NUM_HG) * HPP   # first head (within the group) of this program
+    entry = tile_ptr + tile * 7                # tile map row: see prefill_meta.py
+    t0 = tl.load(entry).to(tl.int64)
+    n_q = tl.load(entry + 1)
+    p0 = tl.load(entry + 2)
+    row = tl.load(entry + 3).to(tl.int64)
+    k0 = tl.load(entry + 4)                    # this program's keys: k0 .. k1 - 1 (a segment)
+    k1 = tl.load(entry + 5)
+    part = tl.load(entry + 6)                  # -1: write the output; else partial index
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = offs_m // HPP                                  # row r = (token r // HPP, head r % HPP)
+    gh = g0 + offs_m % HPP
+    m_valid = (tok < n_q) & (gh < GROUP)
+    heads = kvh * GROUP + gh
+    d_mask = offs_d < HEAD_DIM
+    io_mask = m_valid[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + (t0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=io_mask, other=0.0)                     # [BLOCK_M, BLOCK_D]
+    q_pos = p0 + tl.minimum(tok, n_q - 1)  # dead rows borrow a live row's limit (never empty)
+    hi = p0 + n_q                          # keys of the whole tile: 0 .. hi - 1
+    table = bt_ptr + row * stride_bt
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Keys below full_end are visible to every row: no masks. k0 is a multiple of BLOCK_N and at
+    # most p0, and k1 is hi or a multiple of BLOCK_N, so both loops stay inside the segment.
+    full_end = (p0 + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(k0, tl.minimum(k1, full_end), BLOCK_N):
+        m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
+                                           qk_scale, offs_n, offs_d, stride_kb, stride_kn,
+                                           stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
+                                           False, PRECISION)
+    for n0 in range(tl.maximum(k0, full_end), k1, BLOCK_N):   # the diagonal: causal mask
+        m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
+                                           qk_scale, offs_n, offs_d, stride_kb, stride_kn,
+                                           stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
+                                           True, PRECISION)
+    if part < 0:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + (t0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:  # partials: po [parts, TILE_TOKENS, H, HEAD_DIM], pm / pl [parts, TILE_TOKENS, H]
+        idx = (part * TILE_TOKENS + tok) * NUM_HEADS + heads                    # [BLOCK_M]
+        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=io_mask)
+        tl.store(pm_ptr + idx, m_i, mask=m_valid)
+        tl.store(pl_ptr + idx, l_i, mask=m_valid)
+
+
+@triton.jit
+def _prefill_merge_kernel(po_ptr, pm_ptr, pl_ptr, merge_ptr, out_ptr, stride_ot, stride_oh,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          TILE_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    # grid (num_merges, H): merges the nseg segment partials of one split tile for one head
+    h = tl.program_id(1)
+    entry = merge_ptr + tl.program_id(0) * 7
+    t0 = tl.load(entry).to(tl.int64)
+    n_q = tl.load(entry + 1)
+    part0 = tl.load(entry + 2)
+    nseg = tl.load(entry + 3)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_mask = offs_t < n_q
+    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for j in range(0, nseg):  # every segment holds >= 1 key of every live row: m is finite
+        idx = ((part0 + j).to(tl.int64) * TILE_TOKENS + offs_t) * NUM_HEADS + h  # [BLOCK_T]
+        m = tl.load(pm_ptr + idx, mask=t_mask, other=0.0)
+        m_new = tl.maximum(m_run, m)
+        a = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)
+        l_run = l_run * a + w * tl.load(pl_ptr + idx, mask=t_mask, other=0.0)
+        o = tl.load(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        acc = acc * a[:, None] + w[:, None] * o
+        m_run = m_new
+    out = acc / l_run[:, None]
+    tl.store(out_ptr + (t0 + offs_t)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int) -> dict:
+    """Tile shape of one launch: HPP heads per program (NUM_HG programs per KV head), BLOCK_M rows,
+    BLOCK_N keys, warps. 16-bit: 128 rows (64 for hd > 128) x 64 keys (32 for hd > 128); fp32 and
+    hd % 16 != 0 (see `_wide`): 32 rows x 16 keys. 8 warps from 4096 q elements per tile up;
+    2 for 16-bit scalar loads (the choices that do not spill: compile_check)."""
+    wide = _wide(dtype, hd)
+    rows = (PREFILL_ROWS if hd <= 128 else PREFILL_ROWS // 2) if wide else 32
+    hpp = min(group, max(1, rows // tile_tokens))
+    block_m = max(16, triton.next_power_of_2(tile_tokens * hpp))
+    block_n = (64 if hd <= 128 else 32) if wide else 16
+    block_d = max(16, triton.next_power_of_2(hd))
+    warps = 8 if block_m * block_d >= 4096 else 4
+    if not wide and dtype != torch.float32:
+        warps = 2  # scalar loads (hd % 16 != 0): more registers per thread, or it spills
+    return dict(HPP=hpp, NUM_HG=triton.cdiv(group, hpp), BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps)
+
+
+def merge_warps(tile_tokens: int, block_d: int) -> int:
+    return 8 if tile_tokens * block_d >= 4096 else 4 if tile_tokens * block_d >= 2048 else 1
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, meta: PrefillMeta, scale: float,
+                            out: Optional[torch.Tensor] = None,
+                            num_stages: int = 2) -> torch.Tensor:
+    # q [T, H, hd] -> out [T, H, hd]. Per tile kind (prefill tiles, decode tiles) one attention
+    # launch, plus one merge launch when some of its tiles were split into key segments.
+    t_total, h, hd = q.shape
+    kvh, bs = k_cache.shape[1], k_cache.shape[2]
+    assert t_total == meta.num_tokens, f"q has {t_total} rows, meta covers {meta.num_tokens}"
+    assert meta.max_kv_len <= block_tables.shape[1] * bs, "block table narrower than kv_len"
+    assert meta.packed.device == q.device
+    if out is None:
+        out = torch.empty((t_total, h, hd), dtype=q.dtype, device=q.device)
+    group = h // kvh
+    block_d = max(16, triton.next_power_of_2(hd))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    kinds = ((meta.prefill_tiles, meta.prefill_merges, meta.num_prefill_parts, meta.tile_tokens,
+              meta.prefill_segment),
+             (meta.decode_tiles, meta.decode_merges, meta.num_decode_parts, 1, meta.decode_segment))
+    for tiles, merges, parts, tile_tokens, segment in kinds:
+        if tiles.shape[0] == 0:
+            continue
+        cfg = prefill_config(q.dtype, hd, group, tile_tokens)
+        warps = cfg.pop("num_warps")
+        assert segment % cfg["BLOCK_N"] == 0, "key segments must be whole key tiles"
+        if parts:
+            assert parts * tile_tokens * h * hd < 2**31, "partial offsets are int32"
+            po = _empty((parts, tile_tokens, h, hd), torch.float32, q.device)
+            pm = _empty((parts, tile_tokens, h), torch.float32, q.device)
+            pl = _empty((parts, tile_tokens, h), torch.float32, q.device)
+        else:  # fp32 dummy: same kernel signature
+            po = pm = pl = _empty((1,), torch.float32, q.device)
+        _prefill_kernel[(tiles.shape[0], kvh * cfg["NUM_HG"])](
+            q, k_cache, v_cache, block_tables, tiles, out, po, pm, pl, scale * LOG2E, q.stride(0),
+            q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), NUM_HEADS=h, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs,
+            TILE_TOKENS=tile_tokens, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
+            num_stages=num_stages, **cfg)
+        if merges.shape[0]:
+            _prefill_merge_kernel[(merges.shape[0], h)](
+                po, pm, pl, merges, out, out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd,
+                TILE_TOKENS=tile_tokens, BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d,
+                num_warps=merge_warps(tile_tokens, block_d))
+    return out

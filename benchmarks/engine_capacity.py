@@ -273,9 +273,10 @@ def main() -> None:
             full = li == 0      # curves and multi-turn at the first max_seq_len; bursts at every one
             rec["configs"].append(run_config(a, name, msl, gemm, bw, budget, full))
             C.write_json(out, finish(rec, a))
-    if a.baseline_tree and cuda and budget.ok(30):
-        rec["baseline_b1"] = baseline_b1(a.baseline_tree, f"random:{a.models[0]}", 512, 128, budget.left() - 20)
-        C.log(f"baseline b1: {rec['baseline_b1']}")
+            if mi == 0 and li == 0 and a.baseline_tree and cuda and budget.ok(60):
+                rec["baseline_b1"] = baseline_b1(a.baseline_tree, f"random:{model}", 512, 128,
+                                                 min(120.0, budget.left() - 40))
+                C.log(f"baseline b1: {rec['baseline_b1']}")
     C.write_json(out, finish(rec, a))
     print_summary(rec)
 

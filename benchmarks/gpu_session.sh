@@ -15,8 +15,8 @@ python3 -c 'import torch, triton, transformers; print("torch", torch.__version__
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 200 python3 -m pytest -q -rA tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|ERROR|passed|failed" | tail -40
 fi
-if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  timeout 90 python3 benchmarks/kernels_bench.py --paged-only --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -25
+if [ "${SKIP_KERNELS:-0}" != 1 ]; then   # writes $OUT/kernels.json
+  timeout 90 python3 benchmarks/kernels_bench.py --paged-only 2>&1 | tee "$OUT/kernels.log" | tail -25
 fi
 if [ "${SKIP_CAPACITY:-0}" != 1 ]; then
   left=$((LIMIT_S - SECONDS))

@@ -130,6 +130,7 @@ class ModelRunner:
         width = max(rows, c.batch_buckets[-1] if c.batch_buckets else 0)
         self._alloc_row_state(width)
         activation = self._probe_activation(width)
+        torch.cuda.empty_cache()             # the probe's buffers are gone: let mem_get_info see it
         free, total = torch.cuda.mem_get_info(self.device)
         plan = sizing.plan_cuda(c, total, total - free, activation, bytes_per_block, rows)
         return plan, rows

@@ -110,6 +110,8 @@ def phase_report(name: str, model: str, recs: list[dict], before, after, wall: f
            "graph_hit_decode": graph / decode_steps if decode_steps else None,
            "rows_per_step": d("generated_tokens") / (decode_steps + mixed) if decode_steps + mixed else None,
            "prefill_tokens": d("prefill_tokens"), "preemptions": d("preemptions"),
+           "decode_step_ms": {str(b): round(t * 1e3, 3) for b, t in sorted(after.decode_step_s.items())},
+           "prefill_tokens_per_s_engine": after.prefill_tokens_per_s,
            "prefix_hit_rate": (d("prefix_hit_tokens") / d("prefix_queried_tokens")) if d("prefix_queried_tokens") else None,
            "decode_buckets": {f"{b}:{p}": v for (b, p), v in sorted(decode.items()) if v}}
     if gemm and bw and model in C.PRESETS and recs:
@@ -149,7 +151,7 @@ sys.path.insert(0, {tree!r}); sys.path.insert(1, {bench!r})
 import common as C
 from replica import Engine, EngineConfig
 eng = Engine(EngineConfig(model={model!r}, max_seq_len={msl}, max_num_seqs=64))
-C.served_window(eng, C.engine_requests(1, 64, 16, seed=4))
+asyncio.run(C.served_window(eng, C.engine_requests(1, 64, 16, seed=4)))
 w = asyncio.run(C.served_window(eng, C.engine_requests(1, {prompt}, {new}, seed=5)))
 eng.shutdown()
 print("BASELINE", json.dumps({{"ms_per_step": w.get("ms_per_step"), "graph_hit": w.get("graph_hit")}}))
@@ -161,8 +163,9 @@ def baseline_b1(tree: str, model: str, prompt: int, new: int, timeout: float) ->
     code = BASELINE_SNIPPET.format(tree=os.path.abspath(tree), bench=os.path.dirname(os.path.abspath(__file__)),
                                    model=model, msl=prompt + new + 64, prompt=prompt, new=new)
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    try:   # cwd = the old tree: `-m` in its engine process puts the cwd first on sys.path
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                             env=env, cwd=os.path.abspath(tree))
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}
     for line in out.stdout.splitlines():

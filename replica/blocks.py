@@ -46,7 +46,7 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[Optional[int]] = [None] * num_blocks
         self._tokens: dict[int, tuple[int, ...]] = {}        # registered block -> its tokens
-        self._depth: dict[int, int] = {}                       # registered block -> blocks in its prefix
+        self._summarised: dict[int, None] = {}                 # registered blocks at power-of-two depth
         self._by_hash: dict[int, int] = {}
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))   # pop() hands out low ids first
         self._evictable: OrderedDict[int, None] = OrderedDict()     # LRU first
@@ -104,7 +104,8 @@ class BlockPool:
             self._by_hash[h] = block
             self._hash[block] = h
             self._tokens[block] = tuple(tokens)
-            self._depth[block] = depth
+            if depth & (depth - 1) == 0:
+                self._summarised[block] = None
         return h
 
     def note_lookup(self, queried: int, hit: int) -> None:
@@ -146,18 +147,16 @@ class BlockPool:
             del self._by_hash[h]
             self._hash[b] = None
             self._tokens.pop(b, None)
-            self._depth.pop(b, None)
+            self._summarised.pop(b, None)
 
     # -- reporting ------------------------------------------------------------------------------
     def summary(self, limit: int) -> tuple[int, ...]:
-        """Hashes of cached prefixes at power-of-two depths (1, 2, 4, ... blocks): in-use blocks
-        first, then evictable ones most recently used first; at most `limit`."""
-        def wanted(b: int) -> bool:
-            d = self._depth.get(b, 0)
-            return d > 0 and d & (d - 1) == 0
-
-        in_use = [self._hash[b] for b in self._by_hash.values() if self._ref[b] > 0 and wanted(b)]
-        idle = [self._hash[b] for b in reversed(self._evictable) if wanted(b)]
+        """Hashes of cached prefixes at power-of-two depths (1, 2, 4, ... blocks): blocks in use
+        first, then idle (evictable) ones, newest registered first; at most `limit`. O(blocks at
+        those depths), not O(pool): it runs in the GPU loop's process."""
+        newest = list(reversed(self._summarised))
+        in_use = [self._hash[b] for b in newest if self._ref[b] > 0]
+        idle = [self._hash[b] for b in newest if self._ref[b] == 0]
         return tuple((in_use + idle)[:limit])
 
     def leaked(self) -> int:

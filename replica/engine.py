@@ -75,7 +75,7 @@ class Engine:
         try:
             self._backend.submit(seq)
             while not done:
-                event = await state.queue.get()
+                event = _coalesce(await state.queue.get(), state.queue)
                 if isinstance(event, BaseException):
                     raise EngineDeadError("the engine stopped while the request ran") from event
                 if event.finish_reason == OVERLOADED:
@@ -165,6 +165,26 @@ def _use_process(config: EngineConfig) -> bool:
         return config.engine_process == "process"
     from replica.model_runner import resolve_device
     return resolve_device(config.device).type == "cuda"
+
+
+def _coalesce(first, queue: asyncio.Queue):
+    """`first` and every event already waiting behind it as one event. A consumer that keeps up
+    sees one event per step; one that lags gets its tokens in fewer, larger chunks instead of
+    falling further behind (each chunk costs the same front-end work however many tokens it has)."""
+    if queue.empty() or isinstance(first, BaseException) or first.finish_reason is not None:
+        return first
+    events = [first]
+    while not queue.empty() and events[-1].finish_reason is None:
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            queue.put_nowait(nxt)   # report the failure after the tokens it followed
+            break
+        events.append(nxt)
+    last = events[-1]
+    lps = [lp for e in events for lp in (e.logprobs or ())]
+    return last._replace(token_ids=tuple(t for e in events for t in e.token_ids),
+                         logprobs=tuple(lps) if any(e.logprobs for e in events) else None,
+                         cached_tokens=max(e.cached_tokens for e in events))
 
 
 def _top_k(logprobs, k):

@@ -92,23 +92,26 @@ class Scheduler:
         return batch
 
     def _plan_decode(self, batch: StepBatch) -> None:
-        rows, planned = batch.decode, set()
-        for seq in sorted(self.running.values(), key=lambda s: s.arrival):
+        """Every sequence whose next input is its last token and that stays within its limits
+        (`_decode_ready`, inlined: this loop runs for every row of every step)."""
+        rows, planned, bs, limit = batch.decode, set(), self.bs, self.max_seq_len
+        for seq in list(self.running.values()):          # admission order
             if len(rows) >= self.max_decode_rows:
                 break
-            if seq.status is not Status.RUNNING or not self._decode_ready(seq):
+            p, pending, n = seq.num_computed, seq.pending, seq.num_tokens
+            if (p != n + pending - 1 or len(seq.output_ids) + pending >= seq.params.max_tokens
+                    or n + pending >= limit or seq.status is not Status.RUNNING):
                 continue
-            p = seq.num_computed
-            if p // self.bs == len(seq.block_table) and not self._grow(seq, planned):
+            if p // bs == len(seq.block_table) and not self._grow(seq, planned):
                 continue                                   # seq itself was preempted
-            slot = seq.block_table[p // self.bs] * self.bs + p % self.bs
-            if seq.pending:
+            slot = seq.block_table[p // bs] * bs + p % bs
+            if pending:
                 rows.add(seq, 0, self._out_row[id(seq)], p, slot)
             else:
                 rows.add(seq, seq.token_at(p), -1, p, slot)
             planned.add(id(seq))
-            seq.num_computed += 1
-            seq.pending += 1
+            seq.num_computed = p + 1
+            seq.pending = pending + 1
 
     def _decode_ready(self, seq: Sequence) -> bool:
         """Its next input is its last token, and one more token stays within its limits."""
@@ -207,19 +210,21 @@ class Scheduler:
                     logprobs: Optional[list[TokenLogprob]] = None) -> list[Event]:
         """Accept the tokens of a step (one per sampled row, in output-row order)."""
         events: list[Event] = []
+        bs, accepted = self.bs, 0
         for j, (seq, tok) in enumerate(zip(batch.sampled, tokens)):
             seq.pending -= 1
             if seq.status is Status.FINISHED:      # stopped or aborted since the launch: drop it
                 continue
+            accepted += 1
             lp = (logprobs[j],) if logprobs is not None and seq.params.logprobs is not None else None
             self._accept(seq, tok, lp, events)
-            if seq.status is Status.RUNNING:
+            if seq.status is Status.RUNNING and min(seq.num_computed, seq.num_tokens) // bs > seq.num_registered:
                 self._register_full_blocks(seq)
+        self.counters["generated_tokens"] += accepted
         return events
 
     def _accept(self, seq: Sequence, tok: int, lp, events: list[Event]) -> None:
-        seq.output_ids.append(tok)
-        self.counters["generated_tokens"] += 1
+        seq.append(tok)
         p = seq.params
         first = len(seq.output_ids) == 1
         cached = seq.cached_tokens if first else 0

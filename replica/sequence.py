@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from replica.sampling_params import SamplingParams, TokenLogprob
 
@@ -41,10 +41,14 @@ class Sequence:
     cached_tokens: int = 0               # prompt tokens served by the prefix cache at first admission
     pending: int = 0                     # tokens launched on the device, not yet read back
     preemptions: int = 0
+    num_tokens: int = -1                 # len(prompt_ids) + len(output_ids), kept by `append`
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.prompt_ids) + len(self.output_ids)
+
+    def append(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.num_tokens += 1
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_ids)
@@ -62,9 +66,9 @@ class Sequence:
         return len(self.output_ids) + self.pending
 
 
-@dataclass(frozen=True)
-class Event:
-    """New tokens of one request, and whether it ended. The front end turns events into chunks."""
+class Event(NamedTuple):
+    """New tokens of one request, and whether it ended. The front end turns events into chunks.
+    A NamedTuple: hundreds cross the process boundary every step, and tuples pickle fastest."""
     request_id: str
     token_ids: tuple[int, ...]
     finish_reason: Optional[str] = None     # "stop" | "length" | "abort" | None (still running)

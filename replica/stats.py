@@ -56,7 +56,7 @@ class EngineStats:
     aborted_requests: int = 0
     prefill_tokens_per_s: float = 0.0               # moving average over mixed steps
     decode_step_s: dict = field(default_factory=dict)  # bucket -> moving-average step seconds
-    prefix_hashes: tuple[int, ...] = ()             # cached prefix summary (router)
+    prefix_hashes: Optional[tuple[int, ...]] = ()   # cached prefix summary (router); None: unchanged
     startup: StartupReport = field(default_factory=StartupReport)
 
     @property

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -89,6 +91,7 @@ class EngineCore:
         self.prefill_tokens_per_s = 0.0
         self._summary: tuple[int, ...] = ()
         self._summary_at = 0.0
+        self._backlog = self._decode_rows = 0           # O(rows) to count: refreshed with the summary
         self.startup = r.startup
 
     def mark_ready(self, process_s: float, ready_s: float) -> None:
@@ -132,18 +135,23 @@ class EngineCore:
         self._inflight = None
         return self.scheduler.abort_all()
 
-    def stats(self) -> EngineStats:
+    def summary_due(self) -> bool:
+        return time.monotonic() - self._summary_at > SUMMARY_PERIOD_S
+
+    def stats(self, summary: bool = True) -> EngineStats:
+        """A snapshot; with `summary`, the prefix-cache summary too (rebuilt at most every
+        SUMMARY_PERIOD_S), else `prefix_hashes=None` (the process worker's parent keeps the last)."""
         sch, r, pool, c = self.scheduler, self.runner, self.pool, self.config
-        now = time.monotonic()
-        if now - self._summary_at > SUMMARY_PERIOD_S:
-            self._summary, self._summary_at = pool.summary(MAX_SUMMARY), now
+        if summary and self.summary_due():
+            self._summary, self._summary_at = pool.summary(MAX_SUMMARY), time.monotonic()
+            self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
         return EngineStats(
             captured_buckets=r.graphs.captured_buckets if r.graphs.use_graphs else r.plan.buckets,
             graphs=r.graphs.use_graphs, max_seq_len=c.max_seq_len, max_num_seqs=r.rows,
             running=len(sch.running), free_slots=sch.free_rows, queued=sch.queued, fallback=c.fallback,
             max_queued=c.max_queued_requests, block_size=c.block_size, total_blocks=pool.num_blocks,
             free_blocks=pool.num_free, cached_blocks=pool.num_cached,
-            prefill_backlog_tokens=sch.backlog_tokens(), decode_rows=sch.decode_rows(),
+            prefill_backlog_tokens=self._backlog, decode_rows=self._decode_rows,
             decode_steps=dict(self.steps), padded_rows=dict(self.padded),
             mixed_steps=self.tokens["mixed_steps"], prefill_tokens=self.tokens["prefill_tokens"],
             mixed_decode_rows=self.tokens["mixed_decode_rows"],
@@ -152,7 +160,7 @@ class EngineCore:
             preemptions=sch.counters["preemptions"], finished_requests=sch.counters["finished_requests"],
             aborted_requests=sch.counters["aborted_requests"],
             prefill_tokens_per_s=self.prefill_tokens_per_s, decode_step_s=dict(self.decode_step_s),
-            prefix_hashes=self._summary, startup=self.startup)
+            prefix_hashes=self._summary if summary else None, startup=self.startup)
 
 
 def _ema(old: float, new: float) -> float:
@@ -300,6 +308,8 @@ class ProcessWorker:
         try:
             while True:
                 kind, events, stats = self._conn.recv()
+                if stats.prefix_hashes is None:   # sent only when refreshed: keep the last one
+                    stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes)
                 self._stats, self._last_message = stats, time.monotonic()
                 if events:
                     self._on_events(events)
@@ -320,7 +330,9 @@ class ProcessWorker:
 
 
 def _child_main(fd: int, spawned_at: float) -> None:
-    """The engine process: build the EngineCore, then step whenever there is work."""
+    """The engine process: build the EngineCore, then step whenever there is work. Messages to the
+    parent go out through a sender thread, so a parent slow to read (its socket buffer full) never
+    holds the GPU loop back; the loop only pickles and queues."""
     conn = Connection(fd)
     _, config = conn.recv()
     t0 = time.perf_counter()
@@ -332,7 +344,13 @@ def _child_main(fd: int, spawned_at: float) -> None:
         return
     core.mark_ready(process_s=process_s, ready_s=process_s + time.perf_counter() - t0)
     conn.send(("ready", core.info, core.stats()))
-    while True:
+    gc.collect()
+    gc.freeze()                    # weights, tables, startup objects: never scanned again
+    gc.set_threshold(20_000, 20, 50)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_loop, args=(conn, outbox), name="graphserve-sender", daemon=True)
+    sender.start()
+    while sender.is_alive():
         # Drain every command that is waiting; block only when there is nothing to step.
         while conn.poll(0 if core.has_work() else 1.0):
             msg = conn.recv()
@@ -340,15 +358,25 @@ def _child_main(fd: int, spawned_at: float) -> None:
                 try:
                     core.scheduler.submit(msg[1])
                 except EngineOverloadedError:
-                    conn.send(("events", [Event(msg[1].request_id, (), OVERLOADED)], core.stats()))
+                    outbox.put(("events", [Event(msg[1].request_id, (), OVERLOADED)], core.stats(False)))
             elif msg[0] == "abort":
                 core.scheduler.abort(msg[1])
             else:  # "stop"
-                conn.send(("stopped", core.abort_all(), core.stats()))
+                outbox.put(("stopped", core.abort_all(), core.stats()))
+                outbox.put(None)
+                sender.join(timeout=30)
                 return
         if core.has_work():
             events = core.step()
-            conn.send(("events", events, core.stats()))
+            outbox.put(("events", events, core.stats(core.summary_due())))
+
+
+def _send_loop(conn: Connection, outbox: "queue.SimpleQueue") -> None:
+    try:
+        while (msg := outbox.get()) is not None:
+            conn.send(msg)
+    except OSError:
+        pass               # the parent is gone: the main loop sees this thread end and exits
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
     try:
         reqs = burst_requests(a.burst, a.lo, a.hi, seed=a.seed)
         rep["phases"]["burst"] = run_phase(eng, "burst", model, lambda: run_arrivals(eng, reqs, [0.0] * len(reqs)), gemm, bw)
-        if full and budget.ok(a.reserve_s):
+        if full and "poisson" in a.phases and budget.ok(a.reserve_s):
             burst = rep["phases"]["burst"]
             req_rate = burst["requests"] / burst["wall_s"]
             curve = []
@@ -211,10 +211,10 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
                 r["offered_requests_per_s"] = rate
                 curve.append(r)
             rep["phases"]["poisson"] = curve
-        if full and budget.ok(a.reserve_s):
+        if full and "b1" in a.phases and budget.ok(a.reserve_s):
             rep["phases"]["b1"] = b1_step_ms(eng, min(512, msl // 4), min(128, msl // 4))
             C.log(f"  b1: {rep['phases']['b1']}")
-        if full and budget.ok(a.reserve_s):
+        if full and "multiturn" in a.phases and budget.ok(a.reserve_s):
             prefix = [random.Random(99).randrange(256) for _ in range(a.prefix)]
             mt = lambda: run_multiturn(eng, a.convs, a.turns, prefix, a.seed, a.turn_lo, a.turn_hi)  # noqa: E731
             rep["phases"]["multiturn"] = run_phase(eng, "multiturn", model, mt, gemm, bw)
@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--reserve-s", type=float, default=45.0)
     ap.add_argument("--baseline-tree", default=None, help="a directory holding the pre-rewrite replica/")
     ap.add_argument("--no-cache-off", dest="cache_off_compare", action="store_false")
+    ap.add_argument("--phases", default="burst,poisson,b1,multiturn",
+                    help="which phases to run at the first max_seq_len (bursts run at every one)")
     C.add_sized_args(ap, SIZES)
     a = ap.parse_args()
     C.fill_sized_args(a, SIZES)
@@ -257,6 +259,7 @@ def main() -> None:
     a.models = (a.models or ("llama-8b,llama-1b" if cuda else "tiny")).split(",")
     a.seq_lens = [int(x) for x in (a.seq_lens or ("8192,32768" if cuda else "256")).split(",")]
     a.rates = [float(x) for x in a.rates.split(",")]
+    a.phases = set(a.phases.split(","))
     a.engine_kw = {} if cuda else {"batch_buckets": (1, 2, 4, 8, 16), "block_size": 8, "engine_process": "thread"}
     budget = C.Budget(a.budget_s)
     out = C.out_path(a.out, "engine_capacity.json")

@@ -55,6 +55,14 @@ class Clients:
     async def http(self, prompt, max_tokens: int, out: list[dict]) -> None:
         rec = record("interactive", time.perf_counter(), prompt_tokens=len(prompt))
         out.append(rec)
+        try:
+            await self._http(prompt, max_tokens, rec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed request is data
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+
+    async def _http(self, prompt, max_tokens: int, rec: dict) -> None:
         body = {"model": self.model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0.0,
                 "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
         async with self._session.post(self.url, json=body) as resp:
@@ -126,12 +134,15 @@ class Clients:
             history.extend(answer[0])
 
 
-async def run_phase(clients: Clients, jobs: list[Job], stop_s: float) -> tuple[list[dict], float, float]:
-    """Launch each job at its arrival time; at `stop_s` after the start, cancel what still runs.
-    Returns (records, t0, t_stop): t_stop is the stop time if anything was cut, else the end."""
-    t0, out = time.perf_counter(), []
+async def run_phase(clients: Clients, jobs: list[Job], stop_s: float, at_stop=None
+                    ) -> tuple[list[dict], float, float, Any]:
+    """Launch each job at its arrival time; at `stop_s` after the start, await `at_stop()` (e.g. a
+    replica counters snapshot, while everything still runs), then cancel what still runs.
+    Returns (records, t0, t_stop, what at_stop returned or None): t_stop is the stop time if
+    anything was cut, else the last token's."""
+    t0, out, snap = time.perf_counter(), [], None
     if not jobs:
-        return out, t0, t0
+        return out, t0, t0, snap
 
     async def launch(job: Job) -> None:
         await asyncio.sleep(max(0.0, t0 + job.at - time.perf_counter()))
@@ -145,6 +156,8 @@ async def run_phase(clients: Clients, jobs: list[Job], stop_s: float) -> tuple[l
     tasks = [asyncio.ensure_future(launch(j)) for j in jobs]
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + stop_s - time.perf_counter()))
     t_stop = time.perf_counter()
+    if pending and at_stop is not None:
+        snap = await at_stop()
     for task in pending:
         task.cancel()
     if pending:
@@ -154,4 +167,4 @@ async def run_phase(clients: Clients, jobs: list[Job], stop_s: float) -> tuple[l
                 r["cut"] = t_stop
     else:
         t_stop = max([r["t_last"] for r in out if r["t_last"]] or [t_stop])
-    return out, t0, t_stop
+    return out, t0, t_stop, snap

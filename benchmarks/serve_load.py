@@ -130,7 +130,8 @@ def start_ray(a) -> dict:
     from ray import serve
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     gpus = _cuda_count() if a.device.startswith("cuda") else 2   # CPU: fake GPUs, eager CPU engines
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # address="local": a fresh cluster even when another one on this host wrote /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})
     # Ray workers must import this checkout's router/ and deployments/ (PYTHONPATH above).
@@ -259,7 +260,7 @@ class Run:
             for j in [d.job("chat", 0.0)] if t.chat else [d.job("interactive", 0.0), d.job("batch", 0.0)]:
                 jobs.append(dataclasses.replace(j, max_tokens=min(j.max_tokens, 16),
                                                 turns=tuple((u, min(m, 16)) for u, m in j.turns)))
-        recs, t0, t1 = await run_phase(clients, jobs, self.a.warmup_cap_s)
+        recs, t0, t1, _ = await run_phase(clients, jobs, self.a.warmup_cap_s)
         await idle()
         return {"wall_s": t1 - t0, "sequences": len(recs), "errors": sorted({r["error"] for r in recs if r["error"]})}
 
@@ -282,9 +283,10 @@ class Run:
                     continue
                 jobs = self.jobs_for(key)
                 t_start = time.perf_counter()
-                recs, t0, t_stop = await run_phase(clients, jobs, self.phase_cap(key))
+                recs, t0, t_stop, at_stop = await run_phase(clients, jobs, self.phase_cap(key), counters)
                 after = await idle()
-                m = phase_metrics(recs, t0, t_stop, replica_delta(before, after))
+                generated = replica_delta(before, at_stop)["generated_tokens"] if at_stop else None
+                m = phase_metrics(recs, t0, t_stop, replica_delta(before, after), generated)
                 m["busy_at_start"] = busy(before)
                 before = after
                 out["phases"][key] = m

@@ -3,8 +3,8 @@
 Pure functions over the dicts serve_load.py collects (replica `counters()` snapshots, the client
 records of benchmarks/serve_clients.py) and writes to its JSON; no Ray, no torch.
 
-Per phase: tokens/s = output tokens received / (phase start .. last token, or the stop time when
-the phase was cut); TTFT per sequence (a chat turn is a sequence) = first token - send, and for a
+Per phase: tokens/s = output tokens the replicas generated (their counters) / (phase start .. last
+token, or the stop time when the phase was cut: counters read at the stop); TTFT per sequence (a chat turn is a sequence) = first token - send, and for a
 sequence cut before its first token the cut time - send (a lower bound, counted as `censored`);
 TPOT = (last - first token) / (tokens - 1). Groups: `all`, `interactive` (HTTP requests and chat
 turns: what a person waits on), `batch`, `chat`, `chat_followup` (turns >= 2). From the replicas'
@@ -33,7 +33,7 @@ def replica_delta(before: list[dict], after: list[dict]) -> dict:
     """What the replicas did between two `counters()` snapshots, per replica and in total."""
     prev = {r["replica"]: r for r in before}
     steps_all: dict[str, int] = {}
-    per, tot = [], {"padded_rows": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0}
+    per, tot = [], {"padded_rows": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0, "generated_tokens": 0}
     for r in sorted(after, key=lambda r: r.get("rank", 0)):
         p = prev.get(r["replica"], {})
         d = C.diff_steps(_steps(r), _steps(p))
@@ -93,11 +93,16 @@ def seq_stats(recs: list[dict]) -> dict:
             "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
 
 
-def phase_metrics(recs: list[dict], t0: float, t_stop: float, delta: dict) -> dict:
+def phase_metrics(recs: list[dict], t0: float, t_stop: float, delta: dict, generated: Optional[int] = None) -> dict:
+    """`generated`: output tokens the replicas generated from the phase start to its stop (counters
+    snapshot at the stop; None: `delta`'s). The phase's tokens/s counts those: a client cannot count
+    the tokens of an HTTP stream cut before its end (events carry only non-empty text, and a random
+    llama-8b's tokens mostly decode to none); the client's own count is `client_tokens_per_s`."""
     wall = max(t_stop - t0, 1e-9)
     m = {name: seq_stats([r for r in recs if kinds is None or r["kind"] in kinds]) for name, kinds in GROUPS.items()}
     m["chat_followup"] = seq_stats([r for r in recs if r["kind"] == "chat" and r.get("turn", 1) >= 2])
-    m.update(wall_s=wall, tokens=m["all"]["tokens"], tokens_per_s=m["all"]["tokens"] / wall,
+    tokens = delta["generated_tokens"] if generated is None else generated
+    m.update(wall_s=wall, tokens=tokens, tokens_per_s=tokens / wall, client_tokens_per_s=m["all"]["tokens"] / wall,
              graph_hit=delta["graph_hit"], padding_waste=_ratio(delta["padded_rows"], delta["rows_run"]),
              prefix_hit_rate=_ratio(delta["prefix_hit_tokens"], delta["prefix_queried_tokens"]),
              split=delta["split"], replicas=delta,

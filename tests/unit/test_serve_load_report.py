@@ -45,7 +45,7 @@ def rec(kind, send, first=None, last=None, tokens=0, **kw):
 def counters(replica, rank, steps, sizes, hit, queried, padded):
     return {"replica": replica, "rank": rank, "captured_buckets": [1, 2, 4], "decode_steps": steps,
             "batch_sizes": sizes, "prefix_hit_tokens": hit, "prefix_queried_tokens": queried,
-            "padded_rows": {"4": padded}}
+            "padded_rows": {"4": padded}, "generated_tokens": 7 * rank}
 
 
 def test_phase_metrics_count_cut_sequences_and_read_the_replica_counters():
@@ -55,8 +55,10 @@ def test_phase_metrics_count_cut_sequences_and_read_the_replica_counters():
     assert d["split"] == [3, 2] and d["graph_hit"] == 0.5 and d["rows_run"] == 50
     recs = [rec("interactive", 0.0, 0.1, 1.1, 11), rec("chat", 0.0, 0.2, 0.2, 1, turn=2),
             rec("batch", 0.0, cut=2.0)]                                   # cut before its first token
-    m = R.phase_metrics(recs, 0.0, 2.0, d)
-    assert m["tokens_per_s"] == 6.0 and m["padding_waste"] == 10 / 50 and m["prefix_hit_rate"] == 0.2
+    m = R.phase_metrics(recs, 0.0, 2.0, d, generated=20)
+    assert m["tokens_per_s"] == 10.0 and m["client_tokens_per_s"] == 6.0       # replicas' count vs client's
+    assert R.phase_metrics(recs, 0.0, 2.0, d)["tokens"] == 0                     # 7 * 1 - 7 * 1 in the delta
+    assert m["padding_waste"] == 10 / 50 and m["prefix_hit_rate"] == 0.2
     assert m["all"]["censored_ttft"] == 1 and m["all"]["cut"] == 1
     assert m["batch"]["ttft_ms_p50"] == pytest.approx(2000.0)           # a lower bound
     assert m["interactive"]["sequences"] == 2 and m["chat_followup"]["sequences"] == 1

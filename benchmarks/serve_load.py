@@ -12,7 +12,8 @@ measured) and runs, seed-major, for each seed and trace (benchmarks/serve_traces
 chat):
   burst  the trace's burst, all at t=0 (capacity), stopped at --burst-cap-s;
   lo/hi  open loop: Poisson arrivals over --window-s offering --rates (0.4, 0.8) x the trace's
-         capacity in output tokens/s, stopped --drain-s after the window.
+         capacity in output tokens/s (at least that fraction of --min-jobs arrivals), stopped
+         --drain-s after the window.
 At a stop, what still runs is cancelled (aborted in the engine) and kept as measured so far
 (serve_clients.py); the next phase starts once the replicas are idle. Capacity, per trace: the
 tokens/s of the first router's seed-0 burst of that trace (the default router runs first, so the
@@ -64,6 +65,7 @@ SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every repl
          ("burst-cap-s", 7.0, 3.0, "a burst is stopped (cut) this long after its start"),
          ("warmup-cap-s", 20.0, 10.0, "warm-up after each deploy, stopped after this"),
          ("http-rate-cap", 40.0, 20.0, "interactive HTTP requests/s at most (batch jobs carry the rest)"),
+         ("min-jobs", 20.0, 10.0, "open loop: at least rate x this many jobs per window (a floor on the rates)"),
          ("fallback-capacity", 10000.0, 300.0, "output tokens/s assumed for a trace whose burst did not run")]
 
 
@@ -245,7 +247,8 @@ class Run:
                                                           "from": "--fallback-capacity"}
                 self.res["capacity"].setdefault(trace, cap)
                 frac = float(self.a.rates.split(",")[0 if kind == "lo" else 1])
-                rates = T.rates_for(t, frac * cap["tokens_per_s"], self.a.http_rate_cap)
+                rates = T.rates_for(t, frac * cap["tokens_per_s"], self.a.http_rate_cap,
+                                    self.a.min_jobs * frac / self.a.window_s)
                 self.res["rates"][f"{trace}/{kind}"] = {**rates, "fraction": frac}
                 jobs = T.open_loop(t, seed, kind, rates, self.a.window_s)
             self.jobs[key] = jobs

@@ -103,18 +103,24 @@ def mean_output(t: Trace, kind: str) -> float:
     return _mean(t.batch_size) * _mean(t.batch_output)
 
 
-def rates_for(t: Trace, tokens_per_s: float, http_cap: float) -> dict:
+def rates_for(t: Trace, tokens_per_s: float, http_cap: float, min_jobs_per_s: float = 0.0) -> dict:
     """Arrival rates (jobs/s per kind) that offer `tokens_per_s` output tokens per second in the
     trace's proportions; interactive HTTP requests capped at `http_cap`/s (batch jobs carry the
-    rest, so the offered tokens stay)."""
+    rest, so the offered tokens stay); at least `min_jobs_per_s` jobs/s in all (`floored`: a
+    capacity measured on a burst that spent its time prefilling must not leave a phase empty)."""
     if t.chat:
-        return {"chat": tokens_per_s / mean_output(t, "chat"), "offered_tokens_per_s": tokens_per_s}
+        per_job = mean_output(t, "chat")
+        tokens_per_s = max(tokens_per_s, min_jobs_per_s * per_job)
+        return {"chat": tokens_per_s / per_job, "offered_tokens_per_s": tokens_per_s,
+                "floored": tokens_per_s == min_jobs_per_s * per_job}
     p = t.interactive_share
     per_job = p * mean_output(t, "interactive") + (1 - p) * mean_output(t, "batch")
+    floored = tokens_per_s < min_jobs_per_s * per_job
+    tokens_per_s = max(tokens_per_s, min_jobs_per_s * per_job)
     inter = min(p * tokens_per_s / per_job, http_cap)
     batch = max(tokens_per_s - inter * mean_output(t, "interactive"), 0.0) / mean_output(t, "batch")
     return {"interactive": inter, "batch": batch, "offered_tokens_per_s": tokens_per_s,
-            "http_capped": inter < p * tokens_per_s / per_job}
+            "http_capped": inter < p * tokens_per_s / per_job, "floored": floored}
 
 
 @dataclass

@@ -28,6 +28,13 @@ def test_the_http_cap_moves_offered_tokens_to_batch_jobs():
         == pytest.approx(100_000.0)
 
 
+def test_a_floor_keeps_an_open_loop_from_being_empty():
+    for t in T.TRACES["gpu"].values():
+        r = T.rates_for(t, 1.0, http_cap=40.0, min_jobs_per_s=2.0)
+        assert r["floored"] and sum(r.get(k, 0) for k in ("interactive", "batch", "chat")) == pytest.approx(2.0)
+        assert not T.rates_for(t, 1e6, http_cap=1e6, min_jobs_per_s=2.0)["floored"]
+
+
 def test_chat_conversations_share_system_prefixes_within_a_seed():
     t = T.TRACES["gpu"]["chat"]
     firsts = [j.prompts[0] for j in T.burst(t, 0)]

@@ -29,7 +29,7 @@ sized to ~3-6 s of work; heavy's 512-token outputs may reach the cap) -> ~8.5 mi
 budget (530 s) stops it before 9.5 minutes.
 
   . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --out $OUT/serve_load-ladder.json
-  . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --out $OUT/serve_load-tiers.json
+  . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --burst-cap-s 6 --out $OUT/serve_load-tiers.json
   python benchmarks/serve_load.py --device cpu --port 8123            # CPU smoke, ~1.5 min, numbers mean nothing
 """
 from __future__ import annotations

@@ -12,7 +12,6 @@ Contract
 - `served_window(engine, requests)` times an in-process `replica.Engine` the way a server sees it:
   the window from the last request's first token to the first request's last token (all rows
   decoding), divided by the engine's own decode-step counters over that window.
-- `make_http(url, model)` is the streaming /v1/completions client of serve_load.py.
 - Nothing here imports ray, and torch only inside the functions that need a device.
 """
 from __future__ import annotations
@@ -370,7 +369,7 @@ async def served_window(engine, reqs, timeout_s: float = 300.0) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- a streaming OpenAI HTTP client
+# ---------------------------------------------------------------- client-side records
 
 def seq_record(kind: str, t_send: float, first=None, last=None, tokens: int = 0, **kw) -> dict:
     """One sequence as a client saw it (perf_counter seconds)."""
@@ -386,64 +385,3 @@ def seq_metrics(seqs: list[dict]) -> dict:
     return {"sequences": len(seqs), "errors": len(seqs) - len(ok), "tokens": sum(s["tokens"] for s in ok),
             "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
             "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
-
-
-def make_http(url: str, model: str):
-    """(http(prompt_ids, max_tokens) -> awaitable record, aclose or None) for streaming greedy
-    /v1/completions calls: httpx when installed, else urllib in a thread. The record's t_first is
-    the response-header time (graphserve starts a stream only once its first token exists), t_last
-    the last event; the token count comes from the usage chunk, because events carry only
-    non-empty text."""
-    body = lambda p, m: {"model": model, "prompt": list(p), "max_tokens": m, "temperature": 0.0,  # noqa: E731
-                         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    try:
-        import httpx
-    except ImportError:
-        return (lambda p, m: asyncio.to_thread(_urllib_stream, url, body(p, m))), None
-    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
-
-    async def http(p, m):
-        t_send, ev = time.perf_counter(), _Events()
-        async with client.stream("POST", url, json=body(p, m), timeout=600.0) as resp:
-            ev.t_first = time.perf_counter()
-            if resp.status_code != 200:
-                ev.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-            async for line in resp.aiter_lines():
-                ev.add(line)
-        return ev.record(t_send)
-    return http, client.aclose
-
-
-def _urllib_stream(url: str, body: dict) -> dict:
-    import urllib.request
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    t_send, ev = time.perf_counter(), _Events()
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        ev.t_first = time.perf_counter()
-        for raw in resp:
-            ev.add(raw.decode())
-    return ev.record(t_send)
-
-
-class _Events:
-    """Server-sent events of one completion stream: arrival times, usage, in-band errors."""
-
-    def __init__(self):
-        self.t_first, self.times, self.usage, self.error = None, [], None, None
-
-    def add(self, line: str) -> None:
-        line = line.strip()
-        if not line.startswith("data: {"):
-            return
-        d = json.loads(line[6:])
-        self.usage = d.get("usage") or self.usage
-        if d.get("choices"):
-            self.times.append(time.perf_counter())
-        if "error" in d:
-            self.error = str(d["error"])[:200]
-
-    def record(self, t_send: float) -> dict:
-        t = self.times
-        n = (self.usage or {}).get("completion_tokens", len(t))
-        return seq_record("interactive", t_send, self.t_first, t[-1] if t else None, n, events=len(t),
-                          gaps=[b - a for a, b in zip(t, t[1:])], error=self.error)

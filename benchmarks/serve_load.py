@@ -1,82 +1,91 @@
-"""Issue 3's benchmark: the graphserve app under a seeded mixed load, our router vs Ray's default.
+"""Issue 10's benchmark: the graphserve app on seeded traces, our router vs Ray's default router.
 
-One run measures the engine's own batch-1 step time in-process (the rank-0 replica's exact
-EngineConfig, `common.served_window`), starts Ray (`ray.init(num_gpus=<detected>)`; on a CPU host 2
-fake GPUs and random:tiny CPU engines), then for each router deploys the same app
-(`deployments.app:build_app`: 2 LLMReplica, each with the bucket ladder [1..64] as in app.yaml, or
-tiers with --bucket-sets 1,2,4,8/16,32,64; KV slots = each tier's largest bucket unless
---max-num-seqs is set, so no replica decodes outside a graph; only `router.request_router_class`
-differs) and runs:
-  probe  one streaming HTTP client at batch 1 on an idle system (prompt 512, 128 new tokens);
-  load   a seeded open-loop mix (Poisson arrivals over --duration-s): interactive requests over
-         HTTP streaming (/v1/completions, stream=true), prompt U[64,512] tokens, output U[32,128];
-         batch jobs of U[8,64] prompts through the ingress handle's `stream`, prompt U[128,512],
-         output U[64,128] per job; greedy, ignore_eos, random byte-token prompts;
-  burst  the same distributions, 8 batch jobs + 16 interactive requests all at t=0 (capacity);
-         --burst-repeats K runs K bursts (phases burst, burst_2, ...; burst_i drawn with seed+i-1,
-         the first from the mix's stream), and the burst bar is judged on their total tokens over
-         total wall time.
-Per phase and router: tokens/s (output tokens / first arrival .. last token), TTFT and TPOT p50/p99
-per sequence (TPOT = (last - first token) / (tokens - 1)), graph-hit rate (decode steps replayed /
-all, from the replicas' `counters()` around the phase) and padding waste (padded rows / rows run).
-Bars: graph-hit >= 99% with our router (load + bursts); tokens/s >= the default router's (bursts:
-capacity; load: an open loop runs near its offered rate, so this ratio is reported too, noise +-2.5%);
-probe per-token time within 15% of the engine step time.
+One command runs one bucket layout on 2 replicas (one GPU each; on a CPU host 2 fake GPUs and
+random:tiny CPU engines):
+  --layout ladder  every replica the engine's own ladder (AppArgs batch_buckets null: sized from its
+                   KV pool, up to 512 rows on a GPU, 64 on a CPU);
+  --layout tiers   bucket_sets [[1,2,4,8],[16,32,64]], KV slots per tier = its largest bucket.
+For each router (default = `ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter`,
+ours = `router.request_router:BucketAwareRequestRouter`; only the router class differs) it
+deploys the app (`deployments.app:build_app`), warms it up (one small job of every kind, not
+measured) and runs, seed-major, for each seed and trace (benchmarks/serve_traces.py: mix, heavy,
+chat):
+  burst  the trace's burst, all at t=0 (capacity), stopped at --burst-cap-s;
+  lo/hi  open loop: Poisson arrivals over --window-s offering --rates (0.4, 0.8) x the trace's
+         capacity in output tokens/s (at least that fraction of --min-jobs arrivals), stopped
+         --drain-s after the window.
+At a stop, what still runs is cancelled (aborted in the engine) and kept as measured so far
+(serve_clients.py); the next phase starts once the replicas are idle. Capacity, per trace: the
+tokens/s of the first router's seed-0 burst of that trace (the default router runs first, so the
+open-loop rates are fractions of what the baseline sustains, and both routers get identical
+jobs); --capacity pins it instead. Metrics, pooling and bars: benchmarks/serve_report.py.
 
-  . .gpubundle/activate && python benchmarks/serve_load.py          # 2 GPUs, ~6-8 min
-  python benchmarks/serve_load.py --device cpu                      # CPU smoke test, ~1 min
+Time: every phase is bounded (bursts by --burst-cap-s, open loops by window + drain), so a phase
+costs at most its bound + ~1 s. --budget-s (from the script's start) splits what is left between
+the routers still to run; a phase that would not fit its router's share is skipped and recorded
+(`skipped`), and a later router runs only the phases the first one ran. GPU defaults (2x H200,
+llama-8b): ray start ~10 s, each deploy ~30 s, 27 phases per router of <= 7-7.5 s + ~1 s (bursts
+sized to ~3-6 s of work; heavy's 512-token outputs may reach the cap) -> ~8.5 min in all, and the
+budget (530 s) stops it before 9.5 minutes.
+
+  . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --out $OUT/serve_load-ladder.json
+  . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --burst-cap-s 6 --out $OUT/serve_load-tiers.json
+  python benchmarks/serve_load.py --device cpu --port 8123            # CPU smoke, ~1.5 min, numbers mean nothing
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
 import os
-import random
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
-from benchmarks.serve_report import bars, load_metrics, print_summary, replica_delta  # noqa: E402
+from benchmarks import serve_traces as T  # noqa: E402
+from benchmarks.serve_clients import Clients, run_phase  # noqa: E402
+from benchmarks.serve_report import (bars, headline, phase_metrics, print_summary, replica_delta,  # noqa: E402
+                                     summarize)
 
 APP = "graphserve"
 ROUTERS = {"ours": "router.request_router:BucketAwareRequestRouter",
            "default": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"}
+LAYOUTS = {"ladder": {}, "tiers": {"bucket_sets": [[1, 2, 4, 8], [16, 32, 64]]}}
+TAIL_S = 15.0          # kept at the end of the budget: the last save, the table, ray shutdown
+PHASE_OVERHEAD_S = 1.5  # counters, waiting for idle replicas, saving: first a guess, then measured
 # (flag, GPU default, CPU smoke default, help)
 SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every replica"),
-         ("duration-s", 40.0, 6.0, "arrival window of the open-loop mix"),
-         ("interactive-rate", 2.0, 1.0, "interactive HTTP requests per second (Poisson)"),
-         ("batch-rate", 0.25, 0.3, "batch jobs per second (Poisson)"),
-         ("burst", "8,16", "2,4", "capacity burst: batch jobs, interactive requests, all at t=0"),
-         ("batch-size", "8,64", "8,16", "batch job prompts, uniform in [lo,hi]"),
-         ("interactive-prompt", "64,512", "16,64", "interactive prompt tokens, uniform"),
-         ("interactive-output", "32,128", "4,12", "interactive output tokens, uniform"),
-         ("batch-prompt", "128,512", "16,64", "batch-job prompt tokens, uniform"),
-         ("batch-output", "64,128", "4,12", "batch-job output tokens (one per job), uniform"),
-         ("probe-prompt", 512, 32, "batch-1 probe prompt tokens"),
-         ("probe-tokens", 128, 24, "batch-1 probe new tokens")]
+         ("max-seq-len", 4096, 512, "AppArgs max_seq_len (the longest heavy and chat sequences fit)"),
+         ("window-s", 6.0, 1.0, "open-loop arrival window"),
+         ("drain-s", 1.5, 0.5, "open loop: stop this long after the window (what runs then is cut)"),
+         ("burst-cap-s", 7.0, 3.0, "a burst is stopped (cut) this long after its start"),
+         ("warmup-cap-s", 20.0, 10.0, "warm-up after each deploy, stopped after this"),
+         ("http-rate-cap", 40.0, 20.0, "interactive HTTP requests/s at most (batch jobs carry the rest)"),
+         ("min-jobs", 20.0, 10.0, "open loop: at least rate x this many jobs per window (a floor on the rates)"),
+         ("fallback-capacity", 10000.0, 300.0, "output tokens/s assumed for a trace whose burst did not run")]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="ladder")
     C.add_sized_args(ap, SIZES)
-    ap.add_argument("--routers", default="ours,default")
-    ap.add_argument("--bucket-sets", default="1,2,4,8,16,32,64",
-                    help="one set per tier, '/'-separated (e.g. 1,2,4,8/16,32,64)")
+    ap.add_argument("--routers", default="default,ours", help="in run order; the first sets the rates")
+    ap.add_argument("--traces", default="mix,heavy,chat")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--phases", default="burst,lo,hi")
+    ap.add_argument("--rates", default="0.4,0.8", help="open-loop lo,hi as fractions of the capacity")
+    ap.add_argument("--burst-scale", type=float, default=1.0, help="multiplies every burst's job counts")
+    ap.add_argument("--capacity", default="", help="pin capacities, e.g. mix=20000,heavy=12000 (tokens/s)")
     ap.add_argument("--num-replicas", type=int, default=2)
-    ap.add_argument("--max-num-seqs", type=int, default=0,
-                    help="KV slots per replica; 0: each tier's largest bucket (no eager fallback)")
-    ap.add_argument("--max-seq-len", type=int, default=1024)
-    ap.add_argument("--probe-repeats", type=int, default=3)
-    ap.add_argument("--job-timeout-s", type=float, default=180.0, help="a job still running then is an error")
-    ap.add_argument("--engine-probe", choices=("first", "off"), default="first")
-    ap.add_argument("--burst-repeats", type=int, default=3, help="bursts per router, each freshly drawn")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--stats-period-s", type=float, default=1.0, help="request_routing_stats_period_s")
+    ap.add_argument("--budget-s", type=float, default=530.0, help="wall-clock budget from the script's start")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.device is None:
@@ -90,95 +99,23 @@ def _cuda_count() -> int:
     return torch.cuda.device_count()
 
 
-def _range(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(","))
+def traces(a) -> dict[str, T.Trace]:
+    table = T.TRACES["gpu" if a.device.startswith("cuda") else "cpu"]
+    return {name: table[name] for name in a.traces.split(",")}
 
 
-# ---------------------------------------------------------------- the workload
-
-@dataclass(frozen=True)
-class Job:
-    kind: str                       # "interactive" (HTTP stream) | "batch" (handle stream)
-    at: float                       # arrival offset, seconds
-    prompts: tuple[tuple[int, ...], ...]
-    max_tokens: int
+def plan(a) -> list[str]:
+    """Phase keys 'trace/s<seed>/<kind>', seed-major: a budget cut loses the last seeds first."""
+    return [f"{t}/s{s}/{k}" for s in a.seeds.split(",") for t in a.traces.split(",") for k in a.phases.split(",")]
 
 
-def make_workload(a) -> dict[str, list[Job]]:
-    """{"load": mix, "burst": burst, "burst_2": ...}, fixed by --seed.
-    mix: two independent Poisson streams over [0, duration).
-    burst: --burst 'J,I' = J batch jobs and I interactive requests, all arriving at t=0 (capacity)."""
-    rng = random.Random(a.seed)
-    ip, io, bp, bo, bs = (_range(x) for x in (a.interactive_prompt, a.interactive_output, a.batch_prompt,
-                                              a.batch_output, a.batch_size))
-    prompt = lambda n: tuple(rng.randrange(256) for _ in range(n))  # noqa: E731 - byte tokens
-
-    def job(kind: str, t: float) -> Job:
-        if kind == "interactive":
-            return Job(kind, t, (prompt(rng.randint(*ip)),), rng.randint(*io))
-        n = rng.randint(*bs)
-        return Job(kind, t, tuple(prompt(rng.randint(*bp)) for _ in range(n)), rng.randint(*bo))
-    mix = []
-    for kind, rate in (("interactive", a.interactive_rate), ("batch", a.batch_rate)):
-        t = rng.expovariate(rate) if rate > 0 else a.duration_s
-        while t < a.duration_s:
-            mix.append(job(kind, t))
-            t += rng.expovariate(rate)
-    phases = {"load": sorted(mix, key=lambda j: j.at)}
-    n_batch, n_inter = _range(a.burst)
-    for i in range(a.burst_repeats):
-        rng = random.Random(a.seed + i) if i else rng
-        phases["burst" if i == 0 else f"burst_{i + 1}"] = \
-            [job("batch", 0.0) for _ in range(n_batch)] + [job("interactive", 0.0) for _ in range(n_inter)]
-    return phases
-
-
-def describe(jobs: list[Job]) -> dict:
-    return {"jobs": len(jobs), "interactive": sum(j.kind == "interactive" for j in jobs),
-            "batch_jobs": sum(j.kind == "batch" for j in jobs), "sequences": sum(len(j.prompts) for j in jobs),
-            "output_tokens": sum(len(j.prompts) * j.max_tokens for j in jobs)}
-
-
-# ---------------------------------------------------------------- clients
-
-async def handle_stream(stream_handle, job: Job) -> list[dict]:
-    """A batch job through the ingress handle's `stream`; per-sequence first/last token times."""
-    t_send = time.perf_counter()
-    seqs: dict[int, dict] = {}
-    gen = stream_handle.remote([list(p) for p in job.prompts], max_tokens=job.max_tokens,
-                               temperature=0.0, ignore_eos=True)
-    async for chunks in gen:
-        now = time.perf_counter()
-        for c in chunks:
-            s = seqs.setdefault(c.index, C.seq_record("batch", t_send, batch=len(job.prompts)))
-            if c.token_ids:
-                s["t_first"] = s["t_first"] or now
-                s["t_last"] = now
-                s["tokens"] += len(c.token_ids)
-    return list(seqs.values())
-
-
-async def run_load(jobs: list[Job], a, stream_handle, http) -> tuple[list[dict], float, float]:
-    t0 = time.perf_counter()
-
-    async def launch(job: Job):
-        await asyncio.sleep(max(0.0, t0 + job.at - time.perf_counter()))
-        try:
-            if job.kind == "interactive":
-                return [await asyncio.wait_for(http(job.prompts[0], job.max_tokens), a.job_timeout_s)]
-            return await asyncio.wait_for(handle_stream(stream_handle, job), a.job_timeout_s)
-        except Exception as e:  # noqa: BLE001 - a failed or timed-out job is data
-            return [C.seq_record(job.kind, time.perf_counter(), error=f"{type(e).__name__}: {e}"[:300])]
-    results = await asyncio.gather(*(launch(j) for j in jobs))
-    return [s for r in results for s in r], t0, time.perf_counter()
-
-
-# ---------------------------------------------------------------- deployment and probes
+# ---------------------------------------------------------------- deployment
 
 def app_args(a, router: str) -> dict:
-    return {"model": a.model, "bucket_sets": [[int(b) for b in t.split(",")] for t in a.bucket_sets.split("/")],
-            "max_seq_len": a.max_seq_len, "max_num_seqs": a.max_num_seqs or None, "num_replicas": a.num_replicas,
-            "router": {"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 1.0}}
+    return {"model": a.model, "max_seq_len": a.max_seq_len, "num_replicas": a.num_replicas,
+            "block_size": a.block_size, **LAYOUTS[a.layout],
+            "router": {"request_router_class": ROUTERS[router],
+                       "request_routing_stats_period_s": a.stats_period_s}}
 
 
 def deploy(a, router: str) -> float:
@@ -187,8 +124,62 @@ def deploy(a, router: str) -> float:
     from deployments.config import AppArgs
     t = time.perf_counter()
     serve.run(build_app(AppArgs(**app_args(a, router))), name=APP, route_prefix="/",
-              logging_config={"enable_access_log": False})  # one log line per request drowns the table
+              logging_config={"enable_access_log": False})  # one log line per request drowns the logs
     return time.perf_counter() - t
+
+
+def start_ray(a) -> dict:
+    import ray
+    from ray import serve
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    gpus = _cuda_count() if a.device.startswith("cuda") else 2   # CPU: fake GPUs, eager CPU engines
+    # address="local": a fresh cluster even when another one on this host wrote /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})
+    # Ray workers must import this checkout's router/ and deployments/ (PYTHONPATH above).
+    code = ray.get(ray.remote(num_cpus=0)(lambda: __import__("router").__file__).remote())
+    if not code.startswith(ROOT):
+        raise RuntimeError(f"Ray workers import router from {code}, not from {ROOT}")
+    return {"gpus": gpus, "worker_router_module": code}
+
+
+def env_info(a) -> dict:
+    """The run record's environment; the card from nvidia-smi, so this process never creates a CUDA
+    context (one on GPU 0 would shrink replica 0's KV pool)."""
+    info = C.env_info("cpu")
+    info["device"] = a.device
+    if a.device.startswith("cuda"):
+        q = _smi("name,memory.total")
+        if q:
+            info["card"], info["card_memory_gb"] = q[0][0], round(float(q[0][1]) / 1024, 1)
+    return info
+
+
+def _smi(fields: str) -> list[list[str]]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def gpus_free(a, timeout_s: float = 30.0) -> None:
+    """After a delete, wait until the GPUs' memory is released (the next deploy sizes its KV pool
+    from free memory). nvidia-smi, so this process never creates a CUDA context."""
+    if not a.device.startswith("cuda"):
+        return
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            used = [int(row[0]) for row in _smi("memory.used")]
+        except ValueError:
+            return
+        if not used or max(used) < 2048:
+            return
+        time.sleep(1.0)
+    C.log("warning: GPU memory still in use after the delete")
 
 
 async def counters() -> list[dict]:
@@ -197,121 +188,169 @@ async def counters() -> list[dict]:
     return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
 
 
-async def http_probe(a, http) -> dict:
-    """One client, batch 1, alone. Per-token time = (last - first token) / (tokens - 1), the mean the
-    engine probe reports too; the median gap between events is kept when every token had one."""
-    rng, runs = random.Random(a.seed + 7), []
-    for _ in range(a.probe_repeats):
-        prompt = tuple(rng.randrange(256) for _ in range(a.probe_prompt))
-        runs.append(await asyncio.wait_for(http(prompt, a.probe_tokens), a.job_timeout_s))
-    ok = [r for r in runs if not r.get("error") and r["t_last"] and r["tokens"] >= 2]
-    mean = [(r["t_last"] - r["t_first"]) * 1e3 / (r["tokens"] - 1) for r in ok]
-    gaps = [C.percentile(r["gaps"], 50) * 1e3 for r in ok if r["gaps"] and r["events"] >= r["tokens"] - 1]
-    return {"per_token_ms": C.percentile(mean, 50) if mean else None, "per_token_ms_runs": mean,
-            "gap_median_ms_runs": gaps, "runs": [{k: v for k, v in r.items() if k != "gaps"} for r in runs]}
+async def idle(timeout_s: float = 5.0) -> list[dict]:
+    """Counters once every replica has nothing running or queued (cut sequences aborted), or
+    after `timeout_s` (then the next phase starts on a busy app: `busy_at_start` in its metrics)."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        c = await counters()
+        if all(r["running"] == 0 and r["queued"] == 0 for r in c) or time.perf_counter() > deadline:
+            return c
+        await asyncio.sleep(0.1)
 
 
-def engine_probe(a) -> dict:
-    """The engine's own batch-1 step time, in this process, with the rank-0 replica's exact
-    EngineConfig (AppArgs.engine_config; the latency tier when there are tiers)."""
-    from deployments.config import AppArgs
-    from replica import Engine
-    config = AppArgs(**app_args(a, "ours")).engine_config(0, device="cuda" if a.device.startswith("cuda") else "cpu")
-    t = time.perf_counter()
-    eng = Engine(config)
-    res = {"build_s": time.perf_counter() - t, "buckets": list(config.batch_buckets), "runs": []}
-    try:
-        asyncio.run(C.served_window(eng, C.engine_requests(1, min(a.probe_prompt, 64), 8, seed=1)))
-        for r in range(a.probe_repeats):
-            res["runs"].append(asyncio.run(C.served_window(
-                eng, C.engine_requests(1, a.probe_prompt, a.probe_tokens, seed=10 + r))))
-    finally:
-        eng.shutdown()
-        del eng
-        C.free_device_memory(config.device)
-    ms = [r["ms_per_step"] for r in res["runs"] if r.get("ms_per_step")]
-    res["ms_per_step"] = C.percentile(ms, 50) if ms else None
-    return res
+def busy(c: list[dict]) -> int:
+    return sum(r["running"] + r["queued"] for r in c)
 
 
 # ---------------------------------------------------------------- the run
 
-async def router_phase(a, phases: dict[str, list[Job]]) -> dict:
-    """probe (batch 1, idle), then the open-loop mix, then the bursts; replica counters around each."""
-    from ray import serve
-    http, close = C.make_http(f"http://127.0.0.1:{a.port}/v1/completions", a.model)
-    stream_handle = serve.get_app_handle(APP).options(method_name="stream", stream=True)
-    out = {}
-    try:
-        c0 = await counters()
-        out["probe"] = await http_probe(a, http)
-        c1 = await counters()
-        out["probe"]["decode_steps"] = replica_delta(c0, c1)["decode_steps"]  # which bucket and path served it
-        C.log("probe", {k: C.rnd(v) for k, v in out["probe"].items() if k != "runs"})
-        for phase, jobs in phases.items():
-            seqs, t0, t1 = await run_load(jobs, a, stream_handle, http)
-            c2 = await counters()
-            delta = replica_delta(c1, c2)
-            out[phase] = load_metrics(seqs, t0, t1, delta)
-            out[phase]["replicas"] = delta
-            out[phase]["errors"] = sorted({s["error"] for s in seqs if s.get("error")})[:5]
-            c1 = c2
-    finally:
-        if close is not None:
-            await close()
-    return out
+class Run:
+    def __init__(self, a):
+        self.a, self.budget = a, C.Budget(a.budget_s)
+        self.path = C.out_path(a.out, f"serve_load-{a.layout}.json")
+        self.traces, self.plan = traces(a), plan(a)
+        self.jobs: dict[str, list[T.Job]] = {}
+        self.overhead = PHASE_OVERHEAD_S
+        pinned = dict(kv.split("=") for kv in a.capacity.split(",") if kv)
+        self.res = {"env": env_info(a), "args": vars(a), "app_args": app_args(a, "ours"),
+                    "plan": self.plan, "capacity": {t: {"tokens_per_s": float(v), "from": "--capacity"}
+                                                    for t, v in pinned.items()},
+                    "rates": {}, "workload": {}, "routers": {}, "skipped": []}
+        for name, t in self.traces.items():
+            if T.longest_sequence(t) > a.max_seq_len:
+                raise SystemExit(f"trace {name}: sequences reach {T.longest_sequence(t)} tokens > "
+                                 f"--max-seq-len {a.max_seq_len}")
 
-
-def start_ray(a) -> int:
-    import ray
-    from ray import serve
-    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    gpus = _cuda_count() if a.device.startswith("cuda") else 2   # CPU: fake GPUs, eager CPU engines
-    ray.init(num_gpus=gpus, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    return gpus
-
-
-def main(argv=None):
-    a = parse_args(argv)
-    budget, path = C.Budget(a.budget_s), C.out_path(a.out, "serve_load.json")
-    phases = make_workload(a)
-    res = {"env": C.env_info(a.device), "args": vars(a), "routers": {}, "skipped": [],
-           "workload": {name: describe(jobs) for name, jobs in phases.items()}}
-    save = lambda: C.write_json(path, res)  # noqa: E731
-    C.log("workload", res["workload"])
-    if a.engine_probe == "first":
-        res["engine_probe"] = engine_probe(a)
-        C.log("engine probe b1 ms/step", C.rnd(res["engine_probe"]["ms_per_step"]))
-        save()
-    from ray import serve
-    res["gpus"] = start_ray(a)
-    routers, phase_s = a.routers.split(","), 150.0   # a router phase's cost: first a guess, then measured
-    for name in routers:
-        if not budget.ok(phase_s * 1.1):
-            res["skipped"].append(f"{name}: budget ({budget.left():.0f} s left, a phase took {phase_s:.0f} s)")
-            continue
-        t = time.perf_counter()
+    def save(self) -> None:
+        """The record so far, its pooled summary and bars included (a killed run keeps them)."""
         try:
-            res["routers"][name] = {"deploy_s": deploy(a, name)}
-            C.log(name, "deployed in", C.rnd(res["routers"][name]["deploy_s"]), "s")
-            res["routers"][name].update(asyncio.run(router_phase(a, phases)))
-            for phase in phases:
-                C.log(name, phase, {k: C.rnd(v) for k, v in res["routers"][name][phase].items()
-                                    if not isinstance(v, (dict, list))})
+            self.res["summary"] = summarize(self.res)
+            headline(self.res, self.res["summary"])
+            self.res["bars"] = bars(self.res, self.res["summary"])
+        except Exception as e:  # noqa: BLE001 - never lose the raw numbers to a summary bug
+            self.res["summary_error"] = f"{type(e).__name__}: {e}"
+        C.write_json(self.path, self.res)
+
+    def phase_cap(self, key: str) -> float:
+        return self.a.burst_cap_s if key.endswith("/burst") else self.a.window_s + self.a.drain_s
+
+    def jobs_for(self, key: str) -> list[T.Job]:
+        """The phase's jobs, drawn once (every router gets the same)."""
+        if key not in self.jobs:
+            trace, seed, kind = key.split("/")
+            t, seed = self.traces[trace], int(seed[1:])
+            if kind == "burst":
+                jobs = T.burst(t, seed, self.a.burst_scale)
+            else:
+                cap = self.res["capacity"].get(trace) or {"tokens_per_s": self.a.fallback_capacity,
+                                                          "from": "--fallback-capacity"}
+                self.res["capacity"].setdefault(trace, cap)
+                frac = float(self.a.rates.split(",")[0 if kind == "lo" else 1])
+                rates = T.rates_for(t, frac * cap["tokens_per_s"], self.a.http_rate_cap,
+                                    self.a.min_jobs * frac / self.a.window_s)
+                self.res["rates"][f"{trace}/{kind}"] = {**rates, "fraction": frac}
+                jobs = T.open_loop(t, seed, kind, rates, self.a.window_s)
+            self.jobs[key] = jobs
+            self.res["workload"][key] = T.describe(jobs)
+        return self.jobs[key]
+
+    async def warm_up(self, clients: Clients) -> dict:
+        """One job of every kind of every trace, at most 16 new tokens each: prefill and decode
+        paths, the HTTP proxy and the routers' stats all warm before the first measured phase."""
+        jobs = []
+        for name, t in self.traces.items():
+            d = T.Draw(t, 99, "warmup")
+            for j in [d.job("chat", 0.0)] if t.chat else [d.job("interactive", 0.0), d.job("batch", 0.0)]:
+                jobs.append(dataclasses.replace(j, max_tokens=min(j.max_tokens, 16),
+                                                turns=tuple((u, min(m, 16)) for u, m in j.turns)))
+        recs, t0, t1, _ = await run_phase(clients, jobs, self.a.warmup_cap_s)
+        await idle()
+        return {"wall_s": t1 - t0, "sequences": len(recs), "errors": sorted({r["error"] for r in recs if r["error"]})}
+
+    async def phases(self, name: str, keys: list[str], deadline: float) -> None:
+        a, out = self.a, self.res["routers"][name]
+        url = f"http://127.0.0.1:{a.port}/v1/completions"
+        from ray import serve
+        handle = serve.get_app_handle(APP).options(method_name="stream", stream=True)
+        async with Clients(url, a.model, handle) as clients:
+            await asyncio.sleep(2 * a.stats_period_s)     # every replica's stats reach the router
+            out["warmup"] = await self.warm_up(clients)
+            before = await idle()
+            out["replicas"] = [{k: r.get(k) for k in ("replica", "rank", "captured_buckets", "max_num_seqs",
+                                                        "total_blocks", "gpu_ids")} for r in before]
+            for key in keys:
+                need = self.phase_cap(key) + self.overhead
+                if time.time() + need > deadline:
+                    self.res["skipped"].append(f"{name} {key} (budget: {deadline - time.time():.0f} s left "
+                                               f"of its share, needs {need:.0f})")
+                    continue
+                jobs = self.jobs_for(key)
+                t_start = time.perf_counter()
+                recs, t0, t_stop, at_stop = await run_phase(clients, jobs, self.phase_cap(key), counters)
+                after = await idle()
+                generated = replica_delta(before, at_stop)["generated_tokens"] if at_stop else None
+                m = phase_metrics(recs, t0, t_stop, replica_delta(before, after), generated)
+                m["busy_at_start"] = busy(before)
+                before = after
+                out["phases"][key] = m
+                trace = key.split("/")[0]
+                if key.endswith("/burst") and m["tokens"] and trace not in self.res["capacity"]:
+                    self.res["capacity"][trace] = {"tokens_per_s": m["tokens_per_s"], "from": f"{name} {key}"}
+                self.save()
+                spent = time.perf_counter() - t_start
+                self.overhead = 0.7 * self.overhead + 0.3 * (spent - (t_stop - t0))
+                C.log(f"{name[:4]} {key:14s} tok/s {m['tokens_per_s']:6.0f} ttft50 {C.fmt(m['all']['ttft_ms_p50'], '.0f'):>5}"
+                      f" ittft99 {C.fmt(m['interactive']['ttft_ms_p99'], '.0f'):>5} tpot50 {C.fmt(m['all']['tpot_ms_p50'], '.1f'):>4}"
+                      f" hit {C.fmt(m['graph_hit'], '.2f')} pfx {C.fmt(m['prefix_hit_rate'], '.2f')} split "
+                      f"{':'.join(map(str, m['split']))} cut {m['all']['cut']} err {m['all']['errors']} {spent:.1f}s")
+
+    def router(self, i: int, name: str, deploy_est: float) -> float:
+        """Deploy, run this router's phases inside its share of the budget, delete. Returns the
+        deploy time."""
+        from ray import serve
+        routers = self.a.routers.split(",")
+        share = (self.budget.left() - TAIL_S) / (len(routers) - i)
+        deadline = time.time() + share
+        first = self.res["routers"].get(routers[0], {}).get("phases", {})
+        keys = self.plan if i == 0 else [k for k in self.plan if k in first]
+        if share < deploy_est + 20 or not keys:
+            why = f"budget: {share:.0f} s share" if keys else f"{routers[0]} ran no phase"
+            self.res["skipped"].append(f"{name}: whole router ({why})")
+            return deploy_est
+        out = self.res["routers"][name] = {"phases": {}}
+        try:
+            out["deploy_s"] = deploy(self.a, name)
+            C.log(name, "deployed in", C.rnd(out["deploy_s"]), "s")
+            asyncio.run(self.phases(name, keys, deadline - 10.0))   # ~10 s for the delete
         except Exception as e:  # noqa: BLE001 - keep the other router's numbers
             import traceback
             traceback.print_exc()
-            res["routers"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:400]
+            out["error"] = f"{type(e).__name__}: {e}"[:400]
         finally:
             serve.delete(APP)
-        phase_s = time.perf_counter() - t
-        save()
-    res["bars"] = bars(res)
-    save()
-    print_summary(res)
-    print("wrote", path)
-    serve.shutdown()
+            gpus_free(self.a)
+            self.save()
+        return out.get("deploy_s", deploy_est)
+
+    def main(self) -> None:
+        a = self.a
+        C.log("layout", a.layout, "routers", a.routers, "traces", a.traces, "seeds", a.seeds, "->", self.path)
+        self.res.update(start_ray(a))
+        deploy_est = 40.0 if a.device.startswith("cuda") else 10.0
+        for i, name in enumerate(a.routers.split(",")):
+            deploy_est = self.router(i, name, deploy_est)
+        self.res["total_s"] = time.time() - C.T0
+        self.save()
+        print_summary(self.res, self.res["summary"])
+        print("wrote", self.path, f"({self.res['total_s']:.0f} s)", flush=True)
+
+
+def main(argv=None):
+    run = Run(parse_args(argv))
+    run.main()
+    import ray
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,117 +1,268 @@
-"""serve_load's numbers: replica-counter deltas, per-phase metrics, the issue's bars, the table.
+"""serve_load's numbers: replica-counter deltas, per-phase metrics, pooled comparisons, bars, table.
 
-Pure functions over the dicts serve_load.py collects (replica `counters()` snapshots, per-sequence
-records from benchmarks/common.py) and writes to its JSON; no Ray, no torch.
+Pure functions over the dicts serve_load.py collects (replica `counters()` snapshots, the client
+records of benchmarks/serve_clients.py) and writes to its JSON; no Ray, no torch.
+
+Per phase: tokens/s = output tokens the replicas generated (their counters) / (phase start .. last
+token, or the stop time when the phase was cut: counters read at the stop); TTFT per sequence (a chat turn is a sequence) = first token - send, and for a
+sequence cut before its first token the cut time - send (a lower bound, counted as `censored`);
+TPOT = (last - first token) / (tokens - 1). Groups: `all`, `interactive` (HTTP requests and chat
+turns: what a person waits on), `batch`, `chat`, `chat_followup` (turns >= 2). From the replicas'
+counters: graph-hit = decode steps replayed / all decode steps; padding waste = padded rows /
+rows run in bucketed decode steps; prefix hit rate = prompt tokens served from the prefix cache /
+prompt tokens looked up at admission; per replica the sequences it received.
+Pooled (`summarize`): per trace and phase kind (burst, lo, hi, and open = lo + hi), the phases
+both routers ran, over all seeds: tokens / wall summed, percentiles over every sequence.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Iterable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
 
+GROUPS = {"all": None, "interactive": ("interactive", "chat"), "batch": ("batch",), "chat": ("chat",)}
+KINDS = ("burst", "lo", "hi")
+
+
+# ---------------------------------------------------------------- replica counters
 
 def replica_delta(before: list[dict], after: list[dict]) -> dict:
-    """Decode steps by (bucket, path), padding and batch sizes per replica, run between snapshots."""
+    """What the replicas did between two `counters()` snapshots, per replica and in total."""
     prev = {r["replica"]: r for r in before}
-    steps_all, padded, out = {}, 0, []
-    have_padded = all("padded_rows" in r for r in after)
-    for r in after:
+    steps_all: dict[str, int] = {}
+    per, tot = [], {"padded_rows": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0, "generated_tokens": 0}
+    for r in sorted(after, key=lambda r: r.get("rank", 0)):
         p = prev.get(r["replica"], {})
         d = C.diff_steps(_steps(r), _steps(p))
         for k, n in d.items():
             steps_all[k] = steps_all.get(k, 0) + n
-        if have_padded:
-            padded += sum(int(v) for v in r["padded_rows"].values()) - \
-                sum(int(v) for v in p.get("padded_rows", {}).values())
         sizes = {int(k): v - p.get("batch_sizes", {}).get(k, 0) for k, v in r.get("batch_sizes", {}).items()}
-        out.append({"replica": r["replica"], "rank": r.get("rank"), "buckets": r.get("captured_buckets"),
-                    "decode_steps": d, "batch_sizes": {k: v for k, v in sorted(sizes.items()) if v}})
+        row = {"replica": r["replica"], "rank": r.get("rank"), "buckets": _span(r.get("captured_buckets")),
+               "total_blocks": r.get("total_blocks"), "decode_steps": d,
+               "batch_sizes": {k: v for k, v in sorted(sizes.items()) if v},
+               "sequences": sum(k * v for k, v in sizes.items())}
+        row["padded_rows"] = _sum(r.get("padded_rows")) - _sum(p.get("padded_rows"))
+        for k in ("prefix_hit_tokens", "prefix_queried_tokens", "mixed_steps", "preemptions", "generated_tokens"):
+            row[k] = r.get(k, 0) - p.get(k, 0)
+        for k in tot:
+            tot[k] += row[k]
+        per.append(row)
     rows_run = sum(int(k.split(":")[0]) * n for k, n in steps_all.items() if not k.startswith("0:"))
-    return {"per_replica": out, "decode_steps": steps_all, "graph_hit": C.graph_hit_rate(steps_all),
-            "rows_run_bucketed": rows_run, "padded_rows": padded if have_padded else None}
+    return {"per_replica": per, "decode_steps": steps_all, "graph_hit": C.graph_hit_rate(steps_all),
+            "rows_run": rows_run, **tot, "split": [row["sequences"] for row in per]}
 
 
 def _steps(counters: dict) -> dict:
     return {(int(b), str(path)): int(n) for b, path, n in counters.get("decode_steps", [])}
 
 
-def load_metrics(seqs, t0, t1, delta) -> dict:
-    ok = [s for s in seqs if s["t_last"] is not None]
-    end = max((s["t_last"] for s in ok), default=t1)
-    m = {"all": C.seq_metrics(seqs), "interactive": C.seq_metrics([s for s in seqs if s["kind"] == "interactive"]),
-         "batch": C.seq_metrics([s for s in seqs if s["kind"] == "batch"]), "wall_s": end - t0}
-    m["tokens_per_s"] = m["all"]["tokens"] / m["wall_s"] if m["wall_s"] > 0 else None
-    m["graph_hit"] = delta["graph_hit"]
-    padded, live = delta["padded_rows"], m["all"]["tokens"] - (m["all"]["sequences"] - m["all"]["errors"])
-    if padded is None and not any(k.startswith("0:") for k in delta["decode_steps"]):
-        padded, m["padding_note"] = delta["rows_run_bucketed"] - live, "derived: bucket rows - decode tokens"
-    if padded is not None and live + padded > 0:  # live decode rows = tokens - first tokens (prefill)
-        m["padding_waste"] = padded / (live + padded)
+def _sum(d: Optional[dict]) -> int:
+    return sum(int(v) for v in (d or {}).values())
+
+
+def _span(buckets) -> Optional[str]:
+    return f"{buckets[0]}..{buckets[-1]} ({len(buckets)})" if buckets else None
+
+
+# ---------------------------------------------------------------- one phase
+
+def _ttft(r: dict) -> Optional[float]:
+    if r["t_first"] is not None:
+        return r["t_first"] - r["t_send"]
+    return r["cut"] - r["t_send"] if r.get("cut") and not r["error"] else None
+
+
+def _tpot(r: dict) -> Optional[float]:
+    if r["tokens"] > 1 and r["t_first"] is not None and r["t_last"] is not None and not r["error"]:
+        return (r["t_last"] - r["t_first"]) / (r["tokens"] - 1)
+    return None
+
+
+def seq_stats(recs: list[dict]) -> dict:
+    ttft = [x for x in map(_ttft, recs) if x is not None]
+    tpot = [x for x in map(_tpot, recs) if x is not None]
+    ms = lambda v, q: None if not v else C.percentile(v, q) * 1e3  # noqa: E731
+    return {"sequences": len(recs), "errors": sum(bool(r["error"]) for r in recs),
+            "cut": sum(bool(r.get("cut")) for r in recs),
+            "censored_ttft": sum(r["t_first"] is None and bool(r.get("cut")) and not r["error"] for r in recs),
+            "tokens": sum(r["tokens"] for r in recs if not r["error"]),
+            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
+            "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99)}
+
+
+def phase_metrics(recs: list[dict], t0: float, t_stop: float, delta: dict, generated: Optional[int] = None) -> dict:
+    """`generated`: output tokens the replicas generated from the phase start to its stop (counters
+    snapshot at the stop; None: `delta`'s). The phase's tokens/s counts those: a client cannot count
+    the tokens of an HTTP stream cut before its end (events carry only non-empty text, and a random
+    llama-8b's tokens mostly decode to none); the client's own count is `client_tokens_per_s`."""
+    wall = max(t_stop - t0, 1e-9)
+    m = {name: seq_stats([r for r in recs if kinds is None or r["kind"] in kinds]) for name, kinds in GROUPS.items()}
+    m["chat_followup"] = seq_stats([r for r in recs if r["kind"] == "chat" and r.get("turn", 1) >= 2])
+    tokens = delta["generated_tokens"] if generated is None else generated
+    m.update(wall_s=wall, tokens=tokens, tokens_per_s=tokens / wall, client_tokens_per_s=m["all"]["tokens"] / wall,
+             graph_hit=delta["graph_hit"], padding_waste=_ratio(delta["padded_rows"], delta["rows_run"]),
+             prefix_hit_rate=_ratio(delta["prefix_hit_tokens"], delta["prefix_queried_tokens"]),
+             split=delta["split"], replicas=delta,
+             errors_seen=sorted({r["error"] for r in recs if r["error"]})[:5])
+    m["samples"] = {"ttft_ms": _samples(recs, _ttft), "tpot_ms": _samples(recs, _tpot)}
     return m
 
 
-def graph_hit_all(r: dict) -> float | None:
-    """Graph-hit rate over the mix and the bursts together (decode steps summed per key)."""
-    steps: dict = {}
-    for phase in _phases(r):
-        for k, n in ((r.get(phase) or {}).get("replicas") or {}).get("decode_steps", {}).items():
-            steps[k] = steps.get(k, 0) + n
-    return C.graph_hit_rate(steps)
-
-
-def _phases(r: dict) -> list[str]:
-    return [k for k in r if k == "load" or k.startswith("burst")]
-
-
-def bursts_tokens_per_s(r: dict) -> float | None:
-    """All bursts together: output tokens / summed wall time (each burst starts from idle)."""
-    runs = [r[k] for k in _phases(r) if k.startswith("burst") and r[k].get("wall_s")]
-    wall = sum(m["wall_s"] for m in runs)
-    return sum(m["all"]["tokens"] for m in runs) / wall if wall else None
-
-
-def bars(res) -> dict:
-    ours, dflt, out = res["routers"].get("ours", {}), res["routers"].get("default", {}), {}
-    if ours.get("load"):
-        out["graph_hit_ours>=0.99"] = C.ge(graph_hit_all(ours), 0.99)
-    rates = {"burst": (bursts_tokens_per_s(ours), bursts_tokens_per_s(dflt)),  # capacity
-             "load": ((ours.get("load") or {}).get("tokens_per_s"),           # open loop: mostly the
-                      (dflt.get("load") or {}).get("tokens_per_s"))}          # offered rate
-    for phase, (x, y) in rates.items():
-        if x and y:
-            res[f"{phase}_tokens_per_s_ours_over_default"] = x / y
-            out[f"tokens_per_s_ours>=default({phase})"] = x >= y
-    eng = (res.get("engine_probe") or {}).get("ms_per_step")
-    http = (ours.get("probe") or {}).get("per_token_ms")
-    if eng and http:
-        res["probe_ratio_http_over_engine"] = http / eng
-        out["http_b1_per_token_within_15%_of_engine_step"] = http <= 1.15 * eng
+def _samples(recs, fn) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in recs:
+        x = fn(r)
+        if x is not None:
+            key = "chat_followup" if r["kind"] == "chat" and r.get("turn", 1) >= 2 else r["kind"]
+            out.setdefault(key, []).append(round(x * 1e3, 2))
     return out
 
 
-def print_summary(res):
-    eng = (res.get("engine_probe") or {}).get("ms_per_step")
-    print(f"\ncard {res['env']['card']} x{res.get('gpus')}, model {res['args']['model']}, torch {res['env']['torch']}")
-    keys, lines = ("tok_s", "ttft50", "ttft99", "tpot50", "tpot99", "hit", "pad"), []
-    for phase in _phases(next(iter(res["routers"].values()), {})):
-        by = {}
-        for name, r in res["routers"].items():
-            m = r.get(phase) or {}
-            al = m.get("all", {})
-            by[name] = dict(zip(keys, (m.get("tokens_per_s"), al.get("ttft_ms_p50"), al.get("ttft_ms_p99"),
-                                       al.get("tpot_ms_p50"), al.get("tpot_ms_p99"), m.get("graph_hit"),
-                                       m.get("padding_waste"))), row=f"{phase}:{name}")
-            lines.append(by[name])
-        if "ours" in by and "default" in by:
-            o, d = by["ours"], by["default"]
-            lines.append({"row": f"{phase}:ours/dflt", **{k: o[k] / d[k] for k in keys if o[k] and d[k]}})
-    C.print_table(lines, [("row", "phase:router", 17)] + [(k, k, 8) for k in keys])
-    for name, r in res["routers"].items():
-        pr = r.get("probe") or {}
-        http = pr.get("per_token_ms")
-        print(f"b1 probe {name}: HTTP per-token {C.fmt(http)} ms / engine step {C.fmt(eng)} ms = "
-              f"{C.fmt(http / eng if http and eng else None)}; steps {pr.get('decode_steps')}")
-    print("(ms; hit = graph-replayed decode steps / all; pad = padded rows / rows run; burst tok/s = capacity)")
-    print("bars:", res["bars"])
+def _ratio(x, y) -> Optional[float]:
+    return x / y if x is not None and y else None
+
+
+# ---------------------------------------------------------------- pooled over seeds
+
+def pool(phases: Iterable[dict]) -> dict:
+    """Phases of one router taken together: summed tokens over summed wall, percentiles over every
+    sequence, replica counters summed."""
+    phases = [p for p in phases if p]
+    if not phases:
+        return {}
+    wall, toks = sum(p["wall_s"] for p in phases), sum(p["tokens"] for p in phases)
+    samples: dict[str, dict[str, list]] = {"ttft_ms": {}, "tpot_ms": {}}
+    steps, tot = {}, {"padded_rows": 0, "rows_run": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0}
+    split = None
+    for p in phases:
+        for what, by in p["samples"].items():
+            for kind, v in by.items():
+                samples[what].setdefault(kind, []).extend(v)
+        for k, n in p["replicas"]["decode_steps"].items():
+            steps[k] = steps.get(k, 0) + n
+        for k in tot:
+            tot[k] += p["replicas"][k]
+        split = [a + b for a, b in zip(split, p["split"])] if split else list(p["split"])
+    pick = lambda what, kinds: [x for k, v in samples[what].items() if k in kinds for x in v]  # noqa: E731
+    every = ("interactive", "batch", "chat", "chat_followup")
+    person = ("interactive", "chat", "chat_followup")
+    out = {"phases": len(phases), "tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall,
+           "graph_hit": C.graph_hit_rate(steps), "padding_waste": _ratio(tot["padded_rows"], tot["rows_run"]),
+           "prefix_hit_rate": _ratio(tot["prefix_hit_tokens"], tot["prefix_queried_tokens"]), "split": split}
+    for name, kinds in (("all", every), ("interactive", person), ("chat", ("chat", "chat_followup")),
+                        ("chat_followup", ("chat_followup",))):
+        for what in ("ttft_ms", "tpot_ms"):
+            v = pick(what, kinds)
+            out[f"{name}_{what}_p50"] = C.percentile(v, 50)
+            out[f"{name}_{what}_p99"] = C.percentile(v, 99)
+    return out
+
+
+def summarize(res: dict) -> dict:
+    """{trace: {kind: {"ours": pooled, "default": pooled, "ratio": ours/default}}} over the phases
+    both routers ran; kind in burst, lo, hi, open (lo + hi)."""
+    ours, dflt = (res["routers"].get(n, {}).get("phases", {}) for n in ("ours", "default"))
+    both = [k for k in ours if k in dflt and ours[k] and dflt[k]]
+    out: dict = {}
+    for trace in res["args"]["traces"].split(","):
+        out[trace] = {}
+        for kind, members in (*((k, (k,)) for k in KINDS), ("open", ("lo", "hi"))):
+            keys = [k for k in both if k.startswith(trace + "/") and k.rsplit("/", 1)[1] in members]
+            o, d = pool(ours[k] for k in keys), pool(dflt[k] for k in keys)
+            out[trace][kind] = {"phases": keys, "ours": o, "default": d,
+                                "ratio": {k: _ratio(v, d.get(k)) for k, v in o.items()
+                                          if isinstance(v, (int, float)) and k not in ("phases",)}}
+    return out
+
+
+def bars(res: dict, summary: dict) -> dict:
+    """The issue's bars, against the default router on the same replicas in the same run."""
+    out = {}
+    for trace, by in summary.items():
+        r = by["burst"]["ratio"].get("tokens_per_s")
+        if r is not None:
+            out[f"capacity_tokens_per_s_ours>=1.2x_default[{trace}]"] = r >= 1.2
+        o, d = by["open"]["ours"].get("interactive_ttft_ms_p99"), by["open"]["default"].get("interactive_ttft_ms_p99")
+        if o is not None and d is not None:
+            out[f"interactive_ttft_p99_ours<=default[{trace}]"] = o <= d
+    if "chat" in summary:
+        o, d = (summary["chat"]["open"][n].get("chat_ttft_ms_p50") for n in ("ours", "default"))
+        if o is not None and d:
+            out["multi_turn_ttft_p50_ours<=0.5x_default[chat]"] = o <= 0.5 * d
+    ours = pool((res["routers"].get("ours") or {}).get("phases", {}).values())
+    if ours.get("graph_hit") is not None:
+        out["graph_hit_ours>=0.99"] = ours["graph_hit"] >= 0.99
+    return out
+
+
+def headline(res: dict, summary: dict) -> None:
+    """Top-level numbers of the result file (the burst ratio keeps issue 3's key)."""
+    keys = [(t, "burst") for t in summary]
+    o = pool(p for t, k in keys for p in _phases(res, "ours", summary[t][k]["phases"]))
+    d = pool(p for t, k in keys for p in _phases(res, "default", summary[t][k]["phases"]))
+    if o and d:
+        res["burst_tokens_per_s_ours_over_default"] = o["tokens_per_s"] / d["tokens_per_s"]
+    for what in ("graph_hit", "padding_waste", "prefix_hit_rate"):
+        res[what] = {name: pool(r.get("phases", {}).values()).get(what) for name, r in res["routers"].items()}
+
+
+def _phases(res, router, keys):
+    ph = (res["routers"].get(router) or {}).get("phases", {})
+    return [ph[k] for k in keys if k in ph]
+
+
+# ---------------------------------------------------------------- the table
+
+def print_summary(res: dict, summary: dict) -> None:
+    env = res["env"]
+    print(f"\ncard {env['card']} x{res.get('gpus')}, model {res['args']['model']}, layout {res['args']['layout']}, "
+          f"torch {env['torch']}; ratios ours/default, phases pooled over seeds")
+    cols = [("row", "trace:phase", 12), ("n", "n", 2), ("tok_s", "tok/s", 6), ("ttft50", "ttft50", 6),
+            ("ittft99", "ittft99", 7), ("tpot50", "tpot50", 6), ("tpot99", "tpot99", 6),
+            ("tok_s_o", "tok/s(o)", 9), ("hit", "hit o/d", 9), ("pad", "pad o/d", 9), ("pfx", "prefix o/d", 11),
+            ("split", "split o | d", 17)]
+    rows = []
+    for trace, by in summary.items():
+        for kind in (*KINDS, "open"):
+            s = by[kind]
+            o, d, r = s["ours"], s["default"], s["ratio"]
+            if not o or not d:
+                continue
+            rows.append({"row": f"{trace}:{kind}", "n": o["phases"], "tok_s": r.get("tokens_per_s"),
+                         "ttft50": r.get("all_ttft_ms_p50"), "ittft99": r.get("interactive_ttft_ms_p99"),
+                         "tpot50": r.get("all_tpot_ms_p50"), "tpot99": r.get("all_tpot_ms_p99"),
+                         "tok_s_o": f"{o['tokens_per_s']:.0f}", "hit": _pair(o, d, "graph_hit"),
+                         "pad": _pair(o, d, "padding_waste"), "pfx": _pair(o, d, "prefix_hit_rate"),
+                         "split": f"{_split(o)} | {_split(d)}"})
+    C.print_table(rows, cols)
+    chat = summary.get("chat", {}).get("open", {})
+    if chat.get("ours") and chat.get("default"):
+        print("chat TTFT p50 ms (open loop, ours / default): all turns "
+              f"{C.fmt(chat['ours']['chat_ttft_ms_p50'], '.1f')} / "
+              f"{C.fmt(chat['default']['chat_ttft_ms_p50'], '.1f')}, turns >= 2 "
+              f"{C.fmt(chat['ours']['chat_followup_ttft_ms_p50'], '.1f')} / "
+              f"{C.fmt(chat['default']['chat_followup_ttft_ms_p50'], '.1f')}")
+    print("(tok/s at burst = capacity; ittft99 = TTFT p99 of HTTP requests and chat turns; split = sequences "
+          "per replica rank)")
+    print("burst tok/s ours/default:", C.fmt(res.get("burst_tokens_per_s_ours_over_default")),
+          "| graph-hit", _fmt_map(res.get("graph_hit")), "| padding", _fmt_map(res.get("padding_waste")),
+          "| prefix hit", _fmt_map(res.get("prefix_hit_rate")))
+    print("bars:", res.get("bars"))
+    if res.get("skipped"):
+        print(f"skipped ({len(res['skipped'])}):", "; ".join(res["skipped"])[:600])
+
+
+def _pair(o: dict, d: dict, key: str) -> str:
+    return f"{C.fmt(o.get(key), '.2f')}/{C.fmt(d.get(key), '.2f')}"
+
+
+def _split(p: dict) -> str:
+    s = p.get("split") or []
+    return ":".join(str(x) for x in s)
+
+
+def _fmt_map(m: Optional[dict]) -> str:
+    return ", ".join(f"{k} {C.fmt(v)}" for k, v in (m or {}).items())

@@ -8,6 +8,7 @@ an estimate into the number the policy ranks by, smaller first. docs/routing-est
 the formula with the source of every input.
 
     rows   = max(running + queued - finished + recent, sequences_in_flight) + n
+    backlog = published backlog x (running + queued - finished) / (running + queued) + recent tokens
     t_first = max(backlog / rate, wait) + (prompt_tokens - cached) / rate
     t_last  = t_first + decode_steps * step(min(rows, row_limit))
     score   = t_last + FIRST_TOKEN_WEIGHT / n * t_first
@@ -82,9 +83,12 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     """The batch's first- and last-token times on this replica (see the module docstring)."""
     own = batch.prompt_tokens - cached_tokens(batch, stats, recent)
     rate = prefill_rate(stats, prior)
+    shown = _int(stats.running) + _int(stats.queued)
+    published = max(shown - _int(ahead.finished_sequences), 0)
     backlog = _num(stats.prefill_backlog_tokens) + _num(ahead.recent_prompt_tokens)
-    published = _int(stats.running) + _int(stats.queued) - _int(ahead.finished_sequences)
-    held = max(max(published, 0) + _int(ahead.recent_sequences), _int(ahead.sequences))
+    if shown:   # the backlog of sequences seen finishing since the stats is gone: pro rata
+        backlog = _num(stats.prefill_backlog_tokens) * published / shown + _num(ahead.recent_prompt_tokens)
+    held = max(published + _int(ahead.recent_sequences), _int(ahead.sequences))
     total = min(held + batch.sequences, MAX_COUNT)
     cap = row_limit(stats)
     rows = min(total, cap)

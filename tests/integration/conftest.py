@@ -21,7 +21,9 @@ def ray_cluster():
     from ray import serve
 
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
+    # address="local": a new cluster, never one that another process on this host started
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:
         yield RayCluster(ray.get_runtime_context().gcs_address, http_port, metrics_port)

@@ -116,6 +116,18 @@ def test_recent_work_adds_to_the_stats_and_all_in_flight_bounds_rows_from_below(
     assert estimate(b, s, Outstanding(finished_sequences=7)).rows == 1
 
 
+def test_the_backlog_of_sequences_that_finished_since_the_stats_is_gone():
+    """Back to back (a chat's next turn), the last snapshot still shows the previous turns
+    prefilling; once this router saw them finish, their share of the backlog no longer counts."""
+    b = batch_of(hint(1, 10, prompt_tokens=100, max_new_tokens=10))
+    s = measured(running=4, prefill_backlog_tokens=4_000)
+    assert estimate(b, s).first_token_s == pytest.approx((4_000 + 100) / 10_000)
+    assert estimate(b, s, Outstanding(finished_sequences=1)).first_token_s == pytest.approx((3_000 + 100) / 10_000)
+    assert estimate(b, s, Outstanding(finished_sequences=4)).first_token_s == pytest.approx(100 / 10_000)
+    assert estimate(b, s, Outstanding(finished_sequences=9, recent_prompt_tokens=500)).first_token_s \
+        == pytest.approx(600 / 10_000)
+
+
 def test_a_batch_past_the_row_limit_waits_a_wave():
     b = batch_of(hint(4, 50, prompt_tokens=40, max_new_tokens=4 * 41))    # 40 decode steps
     s = measured(running=62, max_num_seqs=64, free_slots=2)

@@ -59,6 +59,7 @@ logger = logging.getLogger("ray.serve")
 HINT_KWARG = "routing_hint"
 DEFAULT_STALE_AFTER_S = 10.0
 DEFAULT_RESERVATION_TTL_S = 5.0
+PREFIX_SUMMARY_LAG_S = 1.0     # replica/worker.py SUMMARY_PERIOD_S (0.5 s) plus publication jitter
 _ERROR_LOG_PERIOD_S = 60.0
 _COUNTED_IDS_MAX = 4096
 
@@ -155,7 +156,9 @@ class BucketAwareRequestRouter(RequestRouter):
         ids = [r.replica_id for r in replicas]
         since = {rep: s.timestamp for rep, s in zip(ids, stats) if s is not None}
         sent = self._inflight.outstanding(now, since)
-        prefixes = self._inflight.prefixes(now, since)
+        # A replica's prefix summary is rebuilt at most every ~0.5 s, so it can lag its stats'
+        # timestamp: keep our own record of prefixes sent there PREFIX_SUMMARY_LAG_S longer.
+        prefixes = self._inflight.prefixes(now, {rep: t - PREFIX_SUMMARY_LAG_S for rep, t in since.items()})
         ranking = rank_replicas(hint, list(enumerate(stats)), now=now,
                                 stale_after_s=self._stale_after_s, rng=self._rng,
                                 outstanding={i: sent.get(rep) for i, rep in enumerate(ids)},

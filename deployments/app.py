@@ -10,11 +10,12 @@ Deployment options derived from the args (the only place they are set):
 - `num_gpus` per replica: `args.num_gpus_per_replica`, else 1 when the cluster has GPUs, else 0;
 - `num_replicas`: `args.num_replicas`, else one per GPU (or per `num_gpus_per_replica` share), or
   one per bucket set on a CPU-only cluster;
-- `max_ongoing_requests`: what a replica admits in sequences, running plus queued
-  (`replica_capacity + max_queued_sequences`), since Serve's default of 5 would cap a replica at 5
-  concurrent batches; each request is at least one sequence, so the replica's own queue bound
-  (429) is reached before Serve would queue requests at the caller. The ingress's is, by
-  default, enough to fill every decode replica;
+- `max_ongoing_requests`: twice what a replica admits in sequences, running plus queued
+  (`2 x (replica_capacity + max_queued_sequences)`). Serve's default of 5 would cap a replica at 5
+  concurrent batches; and a request past the replica's own bound must reach the replica to be
+  refused at once (429), rather than wait in the caller's queue, which Serve fills when every
+  replica holds `max_ongoing_requests`. The ingress's is, by default, enough to fill every
+  decode replica;
 - `graceful_shutdown_timeout_s` and `health_check_period_s` for both deployments; the ingress's
   `num_cpus` (`ingress_num_cpus`, > 0, so never on a CPU-less KubeRay head).
 Each replica derives its engine config (and bucket set) from the same `args` by its rank.
@@ -58,7 +59,7 @@ def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
     return {
         "num_replicas": replicas,
         "max_ongoing_requests": args.max_ongoing_requests
-        or capacity + args.queued_sequences(capacity),
+        or 2 * (capacity + args.queued_sequences(capacity)),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
         "request_router_config": args.router.to_serve(),
         "health_check_period_s": args.health_check_period_s,

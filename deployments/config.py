@@ -79,8 +79,9 @@ class AppArgs(BaseModel):
     num_gpus_per_replica: Optional[float] = Field(None, ge=0)
     # CPUs Ray reserves per replica (a scheduling label: the step loop is one thread either way).
     num_cpus_per_replica: float = Field(0.0, ge=0)
-    # Requests (batches) one replica accepts at once; null: its capacity in sequences (the largest
-    # max_num_seqs over the tiers), so Serve's default of 5 never caps a decode batch.
+    # Requests (batches) Serve lets one replica hold; null: twice what it admits in sequences
+    # (capacity + max_queued_sequences), so Serve's default of 5 never caps a decode batch and a
+    # request past the replica's queue bound reaches it and gets its 429 at once.
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     # Requests one ingress replica passes on at once; null: enough to fill every decode replica.

@@ -18,7 +18,8 @@ traceback leaves the server (those are logged). Ray wraps an exception raised in
 `RayTaskError(cause)`; `describe` looks at `.cause`.
 
 `ClientErrorLogFilter` turns Ray Serve's `logger.exception("Request failed.")` for a client error
-(400/429) into one WARNING line without a traceback; server errors keep theirs.
+(400/429) into one WARNING line without a traceback; server errors keep theirs. The decode replica
+drops its line for a 429 altogether: the ingress that answers the client logs it.
 """
 from __future__ import annotations
 
@@ -158,20 +159,27 @@ def _is_type_tag(part: str) -> bool:
 
 
 class ClientErrorLogFilter(logging.Filter):
-    """On Ray Serve's logger: a record carrying a client error's exception becomes one WARNING line."""
+    """On Ray Serve's logger: a record carrying a client error's exception becomes one WARNING line
+    (or is dropped, for the error codes in `drop_codes`)."""
+
+    def __init__(self, drop_codes: tuple[str, ...] = ()):
+        super().__init__()
+        self.drop_codes = drop_codes
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and is_client_error(exc):
             err = describe(exc)
+            if err.code in self.drop_codes:
+                return False
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "client error %d (%s): %s", (err.status, err.code, err.message)
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def install_log_filter(logger_name: str = "ray.serve") -> None:
+def install_log_filter(drop_codes: tuple[str, ...] = (), logger_name: str = "ray.serve") -> None:
     """Idempotent: add the filter to Serve's logger in this process (each replica calls it)."""
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, ClientErrorLogFilter) for f in logger.filters):
-        logger.addFilter(ClientErrorLogFilter())
+        logger.addFilter(ClientErrorLogFilter(drop_codes))

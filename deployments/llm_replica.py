@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -55,7 +56,7 @@ def _gpu_ids() -> list[str]:
 @serve.deployment(name="LLMReplica", ray_actor_options={"num_cpus": 0})
 class LLMReplica:
     async def __init__(self, args: AppArgs):
-        install_log_filter()
+        install_log_filter(drop_codes=("server_overloaded",))   # the ingress logs each 429
         ctx = serve.get_replica_context()
         self._rank = ctx.rank.rank
         self._replica = ctx.replica_tag
@@ -68,8 +69,8 @@ class LLMReplica:
                  list(stats.captured_buckets), stats.graphs, stats.startup.capture_seconds)
         self._metrics = ReplicaMetrics(self._engine.model_name)
         self._metrics.update(stats)
-        self._runner = BatchRunner(self._engine, self._metrics, self._replica,
-                                   max_sequences=stats.max_num_seqs + args.queued_sequences(stats.max_num_seqs),
+        bound = stats.max_num_seqs + args.queued_sequences(stats.max_num_seqs)
+        self._runner = BatchRunner(self._engine, self._metrics, self._replica, max_sequences=bound,
                                    retry_after_s=args.retry_after_s)
         self._metrics_task = asyncio.get_running_loop().create_task(self._export_metrics())
 
@@ -104,7 +105,7 @@ class LLMReplica:
     def counters(self) -> dict[str, Any]:
         """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""
         s = self._engine.stats()
-        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(),
+        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(), "pid": os.getpid(),
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],

@@ -100,3 +100,5 @@ class ReplicaWatch:
         finally:
             if not task.done():
                 task.cancel()
+            # A cancelled handle call may end with Serve's RequestCancelledError: retrieve it.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())

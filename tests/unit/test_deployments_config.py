@@ -68,11 +68,12 @@ def test_gpu_cluster_gets_one_pinned_replica_per_gpu():
     assert explicit["num_replicas"] == 2 and explicit["ray_actor_options"]["num_gpus"] == 0.5
 
 
-def test_max_ongoing_requests_is_what_a_replica_admits_not_serves_default_of_5():
-    # Capacity (running rows) plus the queue bound: the replica's own 429 comes before Serve queues.
-    assert replica_options(AppArgs(bucket_sets=[[1, 2], [16, 32, 64]]), 0)["max_ongoing_requests"] == 128
-    assert replica_options(AppArgs(max_num_seqs=24), 0)["max_ongoing_requests"] == 48
-    assert replica_options(AppArgs(max_num_seqs=24, max_queued_sequences=0), 0)["max_ongoing_requests"] == 24
+def test_max_ongoing_requests_leaves_room_for_the_replicas_own_429_not_serves_default_of_5():
+    # Twice capacity (running rows) plus the queue bound: a request past the replica's bound
+    # reaches it and is refused at once, instead of waiting in Serve's queue at the caller.
+    assert replica_options(AppArgs(bucket_sets=[[1, 2], [16, 32, 64]]), 0)["max_ongoing_requests"] == 256
+    assert replica_options(AppArgs(max_num_seqs=24), 0)["max_ongoing_requests"] == 96
+    assert replica_options(AppArgs(max_num_seqs=24, max_queued_sequences=0), 0)["max_ongoing_requests"] == 48
     assert replica_options(AppArgs(max_ongoing_requests=7), 0)["max_ongoing_requests"] == 7
 
 
@@ -109,7 +110,7 @@ def test_build_app_without_ray_is_a_cpu_build():
     replica = ingress.init_args[0]._bound_deployment
     assert ingress.name == "OpenAIIngress" and replica.name == "LLMReplica"
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 0.0
-    assert ingress._deployment_config.max_ongoing_requests == 2 * (8 + 8)
+    assert ingress._deployment_config.max_ongoing_requests == 2 * 2 * (8 + 8)
 
 
 def test_app_yaml_is_a_valid_serve_config_whose_args_validate():

@@ -139,6 +139,10 @@ def test_client_errors_log_one_warning_line_and_server_errors_keep_the_traceback
     assert "\n" not in client.getMessage() and "[0, 259)" in client.getMessage()
     server = _record(wrapped(RuntimeError("boom")))
     assert f.filter(server) and server.levelno == logging.ERROR and server.exc_info is not None
+    # The decode replica drops its 429 line: the ingress answering the client logs it.
+    replica = ClientErrorLogFilter(drop_codes=("server_overloaded",))
+    assert not replica.filter(_record(wrapped(ServerOverloadedError("full"))))
+    assert replica.filter(_record(wrapped(InvalidRequestError("bad"))))
 
 
 def run(coro):

@@ -136,6 +136,44 @@ def test_documented_nullables_are_accepted(app):
     assert resp.status_code == 200, resp.text
 
 
+def _app_log_lines() -> list[str]:
+    import glob
+
+    import ray
+    session = ray._private.worker._global_node.get_session_dir_path()
+    lines = []
+    for path in glob.glob(f"{session}/logs/serve/replica_{APP_NAME}_*.log"):
+        with open(path, errors="replace") as f:
+            lines += f.read().splitlines()
+    return lines
+
+
+def test_client_errors_log_one_warning_line_without_a_traceback(app):
+    from ray import serve
+
+    from replica.sampling_params import InvalidRequestError
+
+    rid = f"client-error-{time.time_ns()}"
+    resp = post(app, CMPL, {"prompt": [1, 100_000], "max_tokens": 2},
+                headers={**AUTH, "x-request-id": rid})
+    assert_openai_error(resp, 400, "prompt")
+    with pytest.raises(InvalidRequestError):   # the Python API: Serve logs what the ingress raises
+        serve.get_app_handle(APP_NAME).generate.remote([[1, 100_000]], max_tokens=2).result()
+
+    def logged():
+        lines = _app_log_lines()
+        mine = [ln for ln in lines if rid in ln and ln.startswith("WARNING")]
+        python_api = [ln for ln in lines if "client error 400" in ln]
+        return (lines, mine, python_api) if mine and python_api else None
+
+    lines, mine, python_api = wait_for(logged, 20, "the client errors' log lines")
+    assert len(mine) == 1 and "param=prompt" in mine[0], mine
+    assert not [ln for ln in lines if rid in ln and ln.startswith("ERROR")]
+    assert len(python_api) == 1 and python_api[0].startswith("WARNING")
+    # Every bad input so far was a client error: no traceback anywhere in this app's logs.
+    assert not [ln for ln in lines if "Traceback" in ln], [ln for ln in lines if "Traceback" in ln][:3]
+
+
 def test_api_keys_guard_every_route_but_health(app):
     assert_openai_error(post(app, CMPL, {"prompt": "x"}, headers={}), 401)
     err = assert_openai_error(post(app, CMPL, {"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)

@@ -5,7 +5,8 @@ Contract:
   injected `count_running` (run in a thread; in Serve, `running_replicas()` over `serve.status()`)
   at most once per `period_s` and only when someone asks (a `/health` probe, or a request that
   has waited `period_s`). A failed fetch keeps the last answer (unknown at first: assumed up).
-- `ready()` is `running() > 0`: `/health` answers 503 while it is False.
+- `ready()` is `running() > 0`: `/health` answers 503 while it is False. A call that got an
+  answer from a replica (`bounded` returning) counts as news that one runs.
 - `bounded(awaitable)` awaits a handle call. While it is pending and no replica has been running
   for `wait_s` (counted from the later of the call's start and the moment the outage was seen),
   the call is cancelled and `NoReplicaError` (a 503 with Retry-After) is raised. A request that
@@ -78,6 +79,11 @@ class ReplicaWatch:
             self._down_since = None
         self._count = count
 
+    def _saw_replica(self) -> None:
+        if not self._count:
+            self._count = 1
+        self._down_since = None
+
     async def ready(self) -> bool:
         return await self.running() > 0
 
@@ -88,7 +94,9 @@ class ReplicaWatch:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.period_s)
                 if done:
-                    return task.result()
+                    result = task.result()
+                    self._saw_replica()
+                    return result
                 if await self.running() > 0 or self._down_since is None:
                     continue
                 if self._clock() - max(start, self._down_since) >= self.wait_s:

@@ -198,6 +198,22 @@ def test_watch_never_cuts_a_call_short_while_a_replica_runs():
     run(scenario())
 
 
+def test_an_answer_from_a_replica_means_one_runs_before_the_status_says_so():
+    clock = Clock()
+
+    async def scenario():
+        watch = ReplicaWatch(lambda: 0, wait_s=5, period_s=1, clock=clock)
+        assert not await watch.ready()                 # the controller says none is running yet
+
+        async def answer():
+            return "ok"
+
+        assert await watch.bounded(answer()) == "ok"
+        assert await watch.ready()                     # cached view updated by the answer
+
+    run(scenario())
+
+
 def test_watch_keeps_its_last_view_when_the_status_source_fails():
     calls = []
 

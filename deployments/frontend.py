@@ -146,6 +146,8 @@ class Frontend:
                                    "invalid_value")
 
     def _check_size(self, prompts: int, n: int, param: str) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise RequestError(f"n must be a positive integer, got {n!r}", "n", "invalid_value")
         if self.max_sequences is None or prompts * n <= self.max_sequences:
             return
         raise RequestError(f"{prompts} prompt(s) x n={n} is {prompts * n} sequences; one request may "

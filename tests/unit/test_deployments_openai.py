@@ -221,6 +221,8 @@ def test_python_level_validation_raises_a_typed_error():
         frontend.prepare([], {})
     with pytest.raises(InvalidRequestError, match="non-negative integers"):
         frontend.prepare([[1, -2]], {})
+    with pytest.raises(InvalidRequestError, match="n must be a positive integer"):
+        frontend.prepare(["x"], {}, n=True)
     batch, hint = frontend.prepare([1, 2, 3], {"max_tokens": 4})   # one token-id prompt
     assert batch.prompts == ((1, 2, 3),) and hint == RoutingHint(1, 7)
 

@@ -2,7 +2,7 @@
 
 One command (CPU is enough; the app is random:tiny):
 
-    PYTHONPATH=. python benchmarks/soak.py                  # 20,000 requests, ~15-40 min on 2 cores
+    PYTHONPATH=. python benchmarks/soak.py                  # 20,000 requests, ~5 min on 2 cores
     PYTHONPATH=. python benchmarks/soak.py --requests 2000  # a quick look
 
 It starts a local Ray (2 CPUs) and Serve on a free port, deploys `deployments.app:build_app`

@@ -10,9 +10,14 @@ Deployment options derived from the args (the only place they are set):
 - `num_gpus` per replica: `args.num_gpus_per_replica`, else 1 when the cluster has GPUs, else 0;
 - `num_replicas`: `args.num_replicas`, else one per GPU (or per `num_gpus_per_replica` share), or
   one per bucket set on a CPU-only cluster;
-- `max_ongoing_requests`: the engine's capacity in sequences (`AppArgs.replica_capacity`), since
-  Serve's default of 5 would cap a replica at 5 concurrent batches; the ingress's is, by default,
-  enough to fill every decode replica.
+- `max_ongoing_requests`: twice what a replica admits in sequences, running plus queued
+  (`2 x (replica_capacity + max_queued_sequences)`). Serve's default of 5 would cap a replica at 5
+  concurrent batches; and a request past the replica's own bound must reach the replica to be
+  refused at once (429), rather than wait in the caller's queue, which Serve fills when every
+  replica holds `max_ongoing_requests`. The ingress's is, by default, enough to fill every
+  decode replica;
+- `graceful_shutdown_timeout_s` and `health_check_period_s` for both deployments; the ingress's
+  `num_cpus` (`ingress_num_cpus`, > 0, so never on a CPU-less KubeRay head).
 Each replica derives its engine config (and bucket set) from the same `args` by its rank.
 """
 # No `from __future__ import annotations` here: Serve validates a builder's `args` into the
@@ -50,12 +55,25 @@ def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
     if gpus > 0 and replicas * gpus > gpus_in_cluster:
         log.warning("graphserve: %d replicas x %s GPU need more than the %s GPUs in the cluster; "
                     "some replicas will stay pending", replicas, gpus, gpus_in_cluster)
+    capacity = args.replica_capacity(gpus > 0)
     return {
         "num_replicas": replicas,
-        "max_ongoing_requests": args.max_ongoing_requests or args.replica_capacity(gpus > 0),
+        "max_ongoing_requests": args.max_ongoing_requests
+        or 2 * (capacity + args.queued_sequences(capacity)),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
         "request_router_config": args.router.to_serve(),
         "health_check_period_s": args.health_check_period_s,
+        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
+    }
+
+
+def ingress_options(args: AppArgs, replica_opts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_replicas": args.ingress_replicas,
+        "max_ongoing_requests": args.ingress_max_ongoing_requests
+        or replica_opts["num_replicas"] * replica_opts["max_ongoing_requests"],
+        "ray_actor_options": {"num_cpus": args.ingress_num_cpus},
+        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }
 
 
@@ -67,8 +85,4 @@ def build_app(args: AppArgs) -> Application:
              args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
              opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers])
     replica = LLMReplica.options(**opts).bind(args)
-    ingress = OpenAIIngress.options(
-        num_replicas=args.ingress_replicas,
-        max_ongoing_requests=args.ingress_max_ongoing_requests
-        or opts["num_replicas"] * opts["max_ongoing_requests"])
-    return ingress.bind(replica, args)
+    return OpenAIIngress.options(**ingress_options(args, opts)).bind(replica, args)

@@ -7,7 +7,13 @@ Contract:
 - a request the engine refuses (it raises `InvalidRequestError` before its first chunk) fails the
   whole batch: the error is raised to the caller and the other sequences are aborted;
 - when the consumer stops iterating or is cancelled, every sequence still running is cancelled,
-  which makes the engine abort it and free its KV slot before its next step.
+  which makes the engine abort it and free its KV slot before its next step;
+- backpressure: with `max_sequences` set, a batch that would raise the sequences admitted here
+  (running or waiting in the engine, counted until each one ends) above it is refused with
+  `ServerOverloadedError` before any of it reaches the engine (an idle runner admits any batch).
+  Nothing admitted is dropped; `admitted` is the live count (0 when idle: no leak);
+- chunks carry the engine's per-token logprobs and cached prompt tokens (`StreamChunk.logprobs`,
+  `.cached_tokens`); `collect` gathers them per sequence.
 
 Ray-free (the engine and the metrics sink are injected), so tests run it on a fake engine.
 """
@@ -19,24 +25,44 @@ from collections import Counter
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
+from deployments.errors import DEFAULT_RETRY_AFTER_S, ServerOverloadedError
 from deployments.protocol import BatchResult, Completion, PromptBatch, StreamChunk, usage_of
 
 _DONE = object()
 
 
 class BatchRunner:
-    def __init__(self, engine: Any, metrics: Optional[Any] = None, replica: str = ""):
+    def __init__(self, engine: Any, metrics: Optional[Any] = None, replica: str = "",
+                 max_sequences: Optional[int] = None, retry_after_s: float = DEFAULT_RETRY_AFTER_S):
         self.engine = engine
         self.metrics = metrics           # has observe_ttft(s) / observe_tpot(s), or None
         self.replica = replica
+        self.max_sequences = max_sequences   # running + waiting sequences admitted; None: no bound
+        self.retry_after_s = retry_after_s
+        self.admitted = 0                    # sequences admitted and not yet ended
+        self.refused_batches = 0             # batches refused by the bound
         self.batch_sizes: Counter[int] = Counter()   # sequences per batch -> batches received
+
+    def _admit(self, n: int) -> None:
+        if self.max_sequences is not None and self.admitted and self.admitted + n > self.max_sequences:
+            self.refused_batches += 1
+            raise ServerOverloadedError(
+                f"The server is at its queue limit ({self.max_sequences} sequences running or "
+                f"waiting on this replica). Retry after {self.retry_after_s:g} s.", self.retry_after_s)
+        self.admitted += n
+
+    def _release(self, _task: Any = None) -> None:
+        self.admitted -= 1
 
     async def run(self, batch: PromptBatch) -> AsyncIterator[list[StreamChunk]]:
         requests = batch.requests()      # validates; raises InvalidRequestError
+        self._admit(len(requests))       # raises ServerOverloadedError
         self.batch_sizes[len(requests)] += 1
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(k, k // batch.n, r, queue))
                  for k, r in enumerate(requests)]
+        for t in tasks:   # a done callback runs even for a task cancelled before it started
+            t.add_done_callback(self._release)
         try:
             remaining = len(tasks)
             while remaining:
@@ -60,17 +86,23 @@ class BatchRunner:
     async def collect(self, batch: PromptBatch) -> BatchResult:
         text: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
+        logprobs: dict[int, list] = {}
         last: dict[int, StreamChunk] = {}
         async with aclosing(self.run(batch)) as stream:   # cancelled: abort at once, not at GC
             async for chunks in stream:
                 for c in chunks:
                     text.setdefault(c.index, []).append(c.text)
                     ids.setdefault(c.index, []).extend(c.token_ids)
+                    if c.logprobs is not None:
+                        logprobs.setdefault(c.index, []).extend(c.logprobs)
                     last[c.index] = c
+        want_logprobs = batch.params.logprobs is not None
         completions = tuple(
             Completion(index=k, prompt_index=c.prompt_index, text="".join(text[k]),
                        token_ids=tuple(ids[k]), finish_reason=c.finish_reason or "abort",
-                       prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                       prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                       logprobs=tuple(logprobs.get(k, ())) if want_logprobs else None,
+                       cached_tokens=c.cached_tokens)
             for k, c in sorted(last.items()))
         return BatchResult(completions, usage_of(completions, batch.n), self.engine.model_name,
                            self.replica)
@@ -84,7 +116,8 @@ class BatchRunner:
                 self._observe(first, now - t_last, len(c.token_ids))
                 t_last, first = now, False
                 queue.put_nowait(StreamChunk(index, prompt_index, c.text, tuple(c.token_ids),
-                                             c.finish_reason, c.prompt_tokens, c.completion_tokens))
+                                             c.finish_reason, c.prompt_tokens, c.completion_tokens,
+                                             c.logprobs, c.cached_tokens))
             queue.put_nowait(_DONE)
         except asyncio.CancelledError:
             raise

@@ -14,6 +14,13 @@ up to the rows its KV pool holds at `expected_seq_len`, at most 512 on a GPU, 64
 
 Every bucket set is checked by building the `EngineConfig` it will produce, so a bad value fails
 at `serve run` time with the engine's own message, not later inside a replica.
+
+Limits and failure handling (README, "Errors, limits and security"): a replica admits at most
+`max_num_seqs + max_queued_sequences` sequences (past that: 429 with `Retry-After:
+retry_after_s`); one request holds at most `max_sequences_per_request` sequences (prompts x n; past
+that: 400); a request body at most `max_request_bytes` (413); while no replica runs, a request waits
+`replica_wait_s` and then gets a 503. API keys come from the environment or from the file named by
+`api_keys_file` (a path, never a key: keys do not belong in this config).
 """
 from __future__ import annotations
 
@@ -81,13 +88,36 @@ class AppArgs(BaseModel):
     num_gpus_per_replica: Optional[float] = Field(None, ge=0)
     # CPUs Ray reserves per replica (a scheduling label: the step loop is one thread either way).
     num_cpus_per_replica: float = Field(0.0, ge=0)
-    # Requests (batches) one replica accepts at once; null: its capacity in sequences (the largest
-    # max_num_seqs over the tiers), so Serve's default of 5 never caps a decode batch.
+    # Requests (batches) Serve lets one replica hold; null: twice what it admits in sequences
+    # (capacity + max_queued_sequences), so Serve's default of 5 never caps a decode batch and a
+    # request past the replica's queue bound reaches it and gets its 429 at once.
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     # Requests one ingress replica passes on at once; null: enough to fill every decode replica.
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    health_check_period_s: float = Field(10.0, gt=0)
+    # CPUs Ray reserves for each ingress replica. Must be > 0: a KubeRay head offers none
+    # (num-cpus "0"), so the ingress lands on a worker pod, where the model files are.
+    ingress_num_cpus: float = Field(1.0, gt=0)
+    # How often Serve checks each replica; the controller notices a dead replica at the next check,
+    # and until then the ingress cannot know that none is left.
+    health_check_period_s: float = Field(2.0, gt=0)
+    # In-flight requests get this long to finish when a replica stops (scale-down, redeploy).
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
+    # -- limits (README: "Errors, limits and security") --
+    # Sequences a replica holds waiting beyond its running rows (max_num_seqs); past them a batch is
+    # refused with 429. null: as many as it runs (max_num_seqs).
+    max_queued_sequences: Optional[int] = Field(None, ge=0)
+    # Sequences (prompts x n) one request may hold; null: the replica capacity. Past it: 400.
+    max_sequences_per_request: Optional[int] = Field(None, ge=1)
+    # How long a request waits for a replica while none is running, before a 503.
+    replica_wait_s: float = Field(3.0, ge=0)
+    # The Retry-After of 429 and 503 answers.
+    retry_after_s: float = Field(2.0, gt=0)
+    # Largest request body (bytes); larger is a 413.
+    max_request_bytes: int = Field(16 * 2**20, ge=1024)
+    # A file of API keys (one per line; a mounted Kubernetes Secret). Keys can also come from the
+    # GRAPHSERVE_API_KEYS environment variable. Neither set: no authentication.
+    api_keys_file: Optional[str] = None
     router: RouterArgs = Field(default_factory=RouterArgs)
     # Import path of the engine class; tests and serving-overhead benchmarks may swap in a fake.
     engine_class: str = "replica:Engine"
@@ -143,3 +173,7 @@ class AppArgs(BaseModel):
         if explicit:
             return max(explicit)
         return MAX_ROWS_CUDA if gpus else DEFAULT_CPU_ROWS
+
+    def queued_sequences(self, running_capacity: int) -> int:
+        """Sequences a replica running `running_capacity` at once may hold waiting."""
+        return running_capacity if self.max_queued_sequences is None else self.max_queued_sequences

@@ -9,7 +9,10 @@ Contract:
   (an async generator of `list[StreamChunk]`) run one `PromptBatch` through `BatchRunner`
   (failure and cancellation rules there: a refused sequence fails the batch; a caller that
   cancels or stops reading aborts every sequence in the engine). `routing_hint` is for the
-  router, which reads it from the call's kwargs; the replica ignores it.
+  router, which reads it from the call's kwargs; the replica ignores it. Backpressure: the runner
+  admits at most `max_num_seqs + AppArgs.max_queued_sequences` sequences and refuses more with
+  `ServerOverloadedError` (a 429 at the ingress). Client errors it raises are logged by Serve as
+  one WARNING line (`deployments.errors.ClientErrorLogFilter`).
 - `record_routing_stats()` publishes `router.stats.ReplicaStats(...).to_dict()` from
   `engine.stats()`: captured buckets, rows, running, free rows, queued, KV blocks, prefill
   backlog, measured rates and the prefix-cache summary (`routing_stats`).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -32,6 +36,7 @@ from ray import serve
 
 from deployments.batch_runner import BatchRunner
 from deployments.config import AppArgs
+from deployments.errors import install_log_filter
 from deployments.protocol import BatchResult, PromptBatch, StreamChunk
 from deployments.replica_metrics import ReplicaMetrics
 from router.stats import ReplicaStats
@@ -66,6 +71,7 @@ def _gpu_ids() -> list[str]:
 @serve.deployment(name="LLMReplica", ray_actor_options={"num_cpus": 0})
 class LLMReplica:
     async def __init__(self, args: AppArgs):
+        install_log_filter(drop_codes=("server_overloaded",))   # the ingress logs each 429
         ctx = serve.get_replica_context()
         self._rank = ctx.rank.rank
         self._replica = ctx.replica_tag
@@ -78,7 +84,9 @@ class LLMReplica:
                  list(stats.captured_buckets), stats.graphs, stats.startup.capture_seconds)
         self._metrics = ReplicaMetrics(self._engine.model_name)
         self._metrics.update(stats)
-        self._runner = BatchRunner(self._engine, self._metrics, self._replica)
+        bound = stats.max_num_seqs + args.queued_sequences(stats.max_num_seqs)
+        self._runner = BatchRunner(self._engine, self._metrics, self._replica, max_sequences=bound,
+                                   retry_after_s=args.retry_after_s)
         self._metrics_task = asyncio.get_running_loop().create_task(self._export_metrics())
 
     # -- Serve hooks ----------------------------------------------------------------------------
@@ -109,7 +117,7 @@ class LLMReplica:
     def counters(self) -> dict[str, Any]:
         """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""
         s = self._engine.stats()
-        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(),
+        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(), "pid": os.getpid(),
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],
@@ -119,7 +127,8 @@ class LLMReplica:
                 "padded_rows": {str(b): n for b, n in sorted(s.padded_rows.items())},
                 "generated_tokens": s.generated_tokens, "prompt_tokens": s.prompt_tokens,
                 "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,
-                "aborted_requests": s.aborted_requests}
+                "aborted_requests": s.aborted_requests, "admitted_sequences": self._runner.admitted,
+                "refused_batches": self._runner.refused_batches}
 
     async def _export_metrics(self) -> None:
         while True:

@@ -1,96 +1,154 @@
-"""OpenAI wire format: request models, response and stream-chunk bodies, and the error body.
+"""OpenAI request models for /v1/completions and /v1/chat/completions (the HTTP boundary).
 
-Requests follow OpenAI's leniency rules: unknown fields are ignored, invalid values are a 400.
-Fields OpenAI defines but graphserve does not implement (logprobs, echo, best_of, suffix,
-logit_bias, penalties) are accepted at their neutral value and rejected with a 400 otherwise, so a
-client never silently gets something other than what it asked for. Extensions (vLLM's names):
-`top_k` (-1 or 0 disables it) and `ignore_eos`.
+Contract (the field-by-field table is `deployments.openai_fields`, also docs/openai-fields.md):
+- every field is honoured or refused: refused fields pass only at their neutral values, unknown
+  fields are refused (`extra="forbid"`), and each failure is a pydantic error located at the field,
+  which the HTTP layer turns into a 400 with that field as `param`;
+- `null` is the default wherever OpenAI documents the field as nullable;
+- types are strict: a boolean is not an integer or a number, a number is not a string, NaN and
+  infinities are refused; strings must be valid Unicode (no lone surrogates);
+- `params_kwargs()` returns the `replica.SamplingParams` fields of the request; checks that span
+  two fields happen there and raise `InvalidRequestError(param=...)`; ranges the engine knows best
+  (logit_bias entries, stop_token_ids) are checked again by `SamplingParams`.
 
-Pure pydantic and dicts: no Ray, no FastAPI, no tokenizer.
+Pure pydantic: no Ray, no FastAPI, no tokenizer.
 """
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from typing import Any, Literal, Optional, Sequence, Union
+import re
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat,
+                      StrictInt, StrictStr, ValidationInfo, create_model, field_validator)
 
-from deployments.protocol import Completion, StreamChunk, Usage
+from deployments.openai_fields import CHAT, COMPLETIONS, refused_for
+from replica.sampling_params import InvalidRequestError
 
-PromptField = Union[str, list[str], list[int], list[list[int]]]
+MAX_N = 128            # OpenAI's limit
+MAX_STOP = 4           # OpenAI's limit
+MAX_LOGPROBS = 20
 
 
-def reject_unless_neutral(v, info: ValidationInfo):
-    """A field OpenAI defines that graphserve does not implement: only its neutral value passes
-    (falsy; `best_of` may also be 1)."""
-    if v and not (info.field_name == "best_of" and v == 1):
-        raise ValueError(f"{info.field_name} is not supported")
+def valid_unicode(v: str) -> str:
+    """Refuse lone surrogates ("\\ud800"): JSON can carry them, UTF-8 cannot."""
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"contains a lone surrogate (U+{ord(v[e.start]):04X}) at position "
+                             f"{e.start}; send valid Unicode text") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]   # ints pass, booleans do not
+PromptField = Union[Text, Annotated[list[Text], Field(min_length=1)],
+                    Annotated[list[TokenId], Field(min_length=1)],
+                    Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]]
+
+
+def _must_be_off(v, info: ValidationInfo):
+    if v:
+        raise ValueError(f"{info.field_name} is not supported; leave it false or null")
     return v
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: Optional[StrictBool] = None
+    include_obfuscation: Optional[StrictBool] = None      # OpenAI's; no obfuscation is added
+    continuous_usage_stats: Optional[StrictBool] = None   # vLLM's
+
+    _off = field_validator("include_obfuscation", "continuous_usage_stats")(_must_be_off)
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
-    model_config = ConfigDict(extra="ignore")
+class _SamplingFields(BaseModel):
+    """Honoured fields shared by both endpoints (refused ones are added from the table)."""
+    model_config = ConfigDict(extra="forbid")
 
-    model: Optional[str] = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    stream: bool = False
+    model: Optional[Text] = None
+    n: Optional[StrictInt] = Field(None, ge=1, le=MAX_N)
+    temperature: Optional[Number] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[Number] = Field(None, gt=0.0, le=1.0)
+    stop: Optional[Union[NonEmptyText, Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
-    logit_bias: Optional[dict[str, float]] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: Optional[str] = None
-    ignore_eos: bool = False   # extension (vLLM's): generate max_tokens even past EOS
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logit_bias: Optional[dict[StrictStr, Number]] = None
+    presence_penalty: Optional[Number] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[Number] = Field(None, ge=-2.0, le=2.0)
+    user: Optional[Text] = None
+    # vLLM's extensions
+    top_k: Optional[StrictInt] = Field(None, ge=-1)
+    min_p: Optional[Number] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[Number] = Field(None, gt=0.0, le=2.0)
+    ignore_eos: Optional[StrictBool] = None
+    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=64)]] = None
 
-    _unsupported = field_validator("logit_bias", "presence_penalty", "frequency_penalty")(reject_unless_neutral)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v):
-        if isinstance(v, list) and len(v) > 4:  # OpenAI's limit
-            raise ValueError(f"at most 4 stop sequences are allowed, got {len(v)}")
-        return v
-
-    def params_kwargs(self, max_tokens: Optional[int]) -> dict[str, Any]:
-        """The SamplingParams fields of this request (None max_tokens: the frontend's default)."""
-        stop = () if self.stop is None else ((self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=max(self.top_k, 0), seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def samples(self) -> int:
+        return 1 if self.n is None else self.n
 
-class CompletionRequest(_SamplingRequest):
+    def end_user(self) -> Optional[str]:
+        return self.user
+
+    def _logprobs(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def params_kwargs(self, max_tokens: Optional[int]) -> dict[str, Any]:
+        """The SamplingParams fields of this request (None max_tokens: the frontend's default)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true",
+                                      "stream_options", "invalid_value")
+        stop = self.stop
+        stop = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+        pick = lambda v, default: default if v is None else v   # noqa: E731
+        return dict(max_tokens=max_tokens, temperature=float(pick(self.temperature, 1.0)),
+                    top_p=float(pick(self.top_p, 1.0)), top_k=max(pick(self.top_k, 0), 0),
+                    min_p=float(pick(self.min_p, 0.0)), seed=self.seed, stop=stop,
+                    stop_token_ids=tuple(self.stop_token_ids or ()),
+                    ignore_eos=pick(self.ignore_eos, False), logprobs=self._logprobs(),
+                    presence_penalty=float(pick(self.presence_penalty, 0.0)),
+                    frequency_penalty=float(pick(self.frequency_penalty, 0.0)),
+                    repetition_penalty=float(pick(self.repetition_penalty, 1.0)),
+                    logit_bias=_logit_bias(self.logit_bias))
+
+
+_DIGITS = re.compile(r"^[0-9]{1,10}$")
+
+
+def _logit_bias(bias: Optional[dict[str, float]]) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    out = []
+    for key, value in bias.items():
+        if not _DIGITS.match(key):
+            raise InvalidRequestError(f"logit_bias keys must be token ids (decimal integers), got "
+                                      f"{key[:20]!r}", "logit_bias", "invalid_value")
+        out.append((int(key), float(value)))
+    return tuple(out)
+
+
+class _Completion(_SamplingFields):
     prompt: PromptField
-    max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = None
-    echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    _unsupported_here = field_validator("logprobs", "echo", "best_of", "suffix")(reject_unless_neutral)
+    def _logprobs(self) -> Optional[int]:
+        return self.logprobs
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        return v
-
+    def default_max_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
     def prompt_list(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts: text or token ids."""
@@ -103,15 +161,30 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[ContentPart]]] = None
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[Text, list[ContentPart]]] = None
+    # Fields OpenAI defines on messages that need tools, audio or names: null (or empty) only.
+    name: Optional[Any] = None
+    tool_calls: Optional[Any] = None
+    tool_call_id: Optional[Any] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    refusal: Optional[Any] = None
+
+    @field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+    @classmethod
+    def _unsupported(cls, v, info: ValidationInfo):
+        if v not in (None, []):
+            raise ValueError(f"message {info.field_name} is not supported (tools, audio and "
+                             "participant names are not implemented)")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -121,107 +194,45 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
+class _Chat(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    safety_identifier: Optional[Text] = None
 
-    _unsupported_here = field_validator("logprobs")(reject_unless_neutral)
+    def _logprobs(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs",
+                                      "invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def end_user(self) -> Optional[str]:
+        return self.user or self.safety_identifier
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def requested_max_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-# ---- responses ----------------------------------------------------------------------------------
+def _with_refused(name: str, base: type, endpoint: str) -> type:
+    """`base` plus every refused field of `endpoint` (typed Any, null by default), each checked
+    against its neutral values by one validator that names the field."""
+    refused = refused_for(endpoint)
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    def check(cls, v, info: ValidationInfo):
+        policy = refused[info.field_name]
+        if not policy.accepts(v):
+            accepted = f" (accepted: {policy.neutral_doc})" if policy.neutral_doc != "null" else ""
+            raise ValueError(f"{info.field_name} is not supported: {policy.note}{accepted}")
+        return v
 
-
-def usage_body(u: Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
-
-
-def completion_body(rid: str, model: str, completions: Sequence[Completion], usage: Usage) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": None,
-                         "finish_reason": c.finish_reason} for c in completions],
-            "usage": usage_body(usage)}
-
-
-def chat_body(rid: str, model: str, completions: Sequence[Completion], usage: Usage) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": c.finish_reason} for c in completions],
-            "usage": usage_body(usage)}
+    validators = {"_refused": field_validator(*refused)(classmethod(check))}
+    fields = {n: (Optional[Any], None) for n in refused}
+    return create_model(name, __base__=base, __validators__=validators, __module__=__name__, **fields)
 
 
-def completion_chunk(rid: str, model: str, created: int, c: StreamChunk) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": None,
-                         "finish_reason": c.finish_reason}]}
-
-
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict,
-               finish_reason: Optional[str] = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None,
-                         "finish_reason": finish_reason}]}
-
-
-def usage_chunk(rid: str, model: str, created: int, obj: str, usage: Usage) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage_body(usage)}
-
-
-def models_body(model: str, max_seq_len: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
-                                        "owned_by": "graphserve", "max_model_len": max_seq_len}]}
-
-
-def sse(obj: Any) -> str:
-    """One server-sent event; `sse("[DONE]")` ends a stream."""
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 409: "conflict_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-               503: "server_error", 500: "server_error"}
-
-
-def error_body(status: int, message: str, param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
-
-
-def validation_error_body(errors: Sequence[dict]) -> dict:
-    """A 400 body from pydantic/FastAPI validation errors: the first error, its field as `param`."""
-    if not errors:
-        return error_body(400, "invalid request")
-    err = errors[0]
-    # Union members add their type to the location (('body', 'prompt', 'list[int]', 0)): drop it.
-    path = [str(x) for x in err.get("loc", ())
-            if x != "body" and not (isinstance(x, str) and _is_type_tag(x))]
-    param = ".".join(path) or None
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    message = f"{param}: {msg}" if param else msg
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more)"
-    return error_body(400, message, param=param, code="invalid_value")
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _is_type_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or "[" in part or part.startswith("function-")
+CompletionRequest = _with_refused("CompletionRequest", _Completion, COMPLETIONS)
+ChatCompletionRequest = _with_refused("ChatCompletionRequest", _Chat, CHAT)

@@ -8,6 +8,11 @@ admitted and answered as one request; `BatchResult.completions[k]` belongs to se
 Streams yield `list[StreamChunk]`: every chunk that became ready since the previous item, across
 the batch's sequences (one Ray streaming item per wake-up, not one per token per sequence).
 
+Log-probabilities ride along when the batch's `SamplingParams.logprobs` is set: each chunk's
+`logprobs` has one `replica.sampling_params.TokenLogprob` per token of its `token_ids`, and a
+`Completion` gathers them for the whole sequence. `cached_tokens` counts prompt tokens the engine
+served from its prefix cache (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+
 Plain frozen dataclasses, no torch and no Ray, so a driver needs only `deployments` and `replica`
 importable to read results. Validation lives in `SamplingParams` / `GenerationRequest`, which raise
 `replica.InvalidRequestError`; `PromptBatch` adds only the batch-level checks.
@@ -18,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from replica.sampling_params import GenerationRequest, InvalidRequestError, SamplingParams
+from replica.sampling_params import GenerationRequest, InvalidRequestError, SamplingParams, TokenLogprob
 
 Prompt = Union[str, tuple[int, ...]]
 MAX_SEQUENCES_PER_BATCH = 4096  # a guard against accidental huge batches, not an engine limit
@@ -30,6 +35,7 @@ class PromptBatch:
     params: SamplingParams
     n: int = 1                    # samples per prompt
     request_id: Optional[str] = None
+    user: Optional[str] = None    # the end user's id (OpenAI's `user`), logged with the request
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +79,7 @@ class Usage:
     prompt_tokens: int       # each prompt counted once, however many samples it has
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0   # of prompt_tokens, served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class Completion:
     finish_reason: str       # "stop" | "length" | "abort"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None   # one per token, when asked for
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,9 +112,12 @@ class StreamChunk:
     finish_reason: Optional[str] = None   # set on the sequence's last chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0            # generated so far
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None   # one per token of token_ids, when asked for
+    cached_tokens: int = 0                # prompt tokens served from the prefix cache
 
 
 def usage_of(completions: Sequence[Completion], n: int) -> Usage:
-    prompt = sum(c.prompt_tokens for c in completions if c.index % n == 0)
+    first = [c for c in completions if c.index % n == 0]
+    prompt = sum(c.prompt_tokens for c in first)
     completion = sum(c.completion_tokens for c in completions)
-    return Usage(prompt, completion, prompt + completion)
+    return Usage(prompt, completion, prompt + completion, sum(c.cached_tokens for c in first))

@@ -8,8 +8,9 @@ Usage:
 
 Contract: the files written are pure functions of deployments/app.yaml, router/metrics.py (through the
 dashboard) and the `Variant` given on the command line; the committed k8s/*.yaml are the defaults.
-Outputs: rayservice.yaml (k8s.rayservice), podmonitors.yaml and grafana-dashboard-configmap.yaml
-(k8s.monitoring). kustomization.yaml and Dockerfile are hand-written and not touched.
+Outputs: rayservice.yaml and models-pvc.yaml (k8s.rayservice; the claim only with a model volume),
+podmonitors.yaml and grafana-dashboard-configmap.yaml (k8s.monitoring). kustomization.yaml and
+Dockerfile are hand-written and not touched.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from k8s.rayservice import Variant
 K8S_DIR = Path(__file__).resolve().parent
 REPO_ROOT = K8S_DIR.parent
 APP_YAML = REPO_ROOT / "deployments" / "app.yaml"
-OUTPUTS = ("rayservice.yaml", "podmonitors.yaml", "grafana-dashboard-configmap.yaml")
+OUTPUTS = ("rayservice.yaml", "models-pvc.yaml", "podmonitors.yaml", "grafana-dashboard-configmap.yaml")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -58,10 +59,11 @@ def render(v: Variant, app_config: dict, command: str = "python -m k8s.generate"
     serve_config = rayservice.serve_config_for_k8s(app_config, v)
     docs = {
         "rayservice.yaml": [rayservice.build_rayservice(v, serve_config)],
+        "models-pvc.yaml": [rayservice.models_pvc(v)] if v.model_claim else None,
         "podmonitors.yaml": monitoring.podmonitors(v),
         "grafana-dashboard-configmap.yaml": [monitoring.dashboard_configmap(v)],
     }
-    return {name: header + to_yaml(docs[name]) for name in OUTPUTS}
+    return {name: header + to_yaml(docs[name]) for name in OUTPUTS if docs[name] is not None}
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -86,6 +88,11 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--model-path", default=d.model_path, help="checkpoint dir inside the pod")
     ap.add_argument("--model-claim", default=d.model_claim,
                     help="PVC mounted read-only at /models ('' for none, e.g. a model baked in the image)")
+    ap.add_argument("--model-storage", default=d.model_storage, help="the model PVC's size")
+    ap.add_argument("--model-storage-class", default=d.model_storage_class,
+                    help="the model PVC's StorageClass (default: the cluster's default)")
+    ap.add_argument("--api-keys-secret", default=d.api_keys_secret,
+                    help="Secret holding API keys (key `keys`, one per line); '' for no authentication")
     ap.add_argument("--node-selector", type=_key_value, action="append",
                     help="KEY=VALUE for GPU nodes (repeatable; default nvidia.com/gpu.present=true)")
     ap.add_argument("--no-node-selector", action="store_true", help="schedule GPU pods by taint only")
@@ -100,7 +107,9 @@ def variant_from_args(args: argparse.Namespace) -> Variant:
     return Variant(name=args.name, image=args.image, workers=args.workers,
                    gpus_per_worker=args.gpus_per_worker, worker_cpu=args.worker_cpu,
                    worker_memory=args.worker_memory, model_path=args.model_path,
-                   model_claim=args.model_claim or None, node_selector=selector,
+                   model_claim=args.model_claim or None, model_storage=args.model_storage,
+                   model_storage_class=args.model_storage_class or None,
+                   api_keys_secret=args.api_keys_secret or None, node_selector=selector,
                    upgrade_strategy=args.upgrade_strategy, prometheus_release=args.prometheus_release)
 
 

@@ -4,7 +4,8 @@ Contract: each `check_*(doc, ...)` returns a list of error strings (empty when t
 They are deliberately narrower than a schema: apiVersion/kind/metadata shape, string-valued labels,
 unknown top-level and spec keys against an allowlist taken from the upstream API types, and the few
 fields our setup depends on (a PodMonitor's selector and named port; a Grafana dashboard ConfigMap's
-label and parseable JSON; a kustomization's resource files existing).
+label and parseable JSON; a kustomization's resource files existing and every image it retags
+pointing at a registry; a PersistentVolumeClaim's access modes and size).
 """
 from __future__ import annotations
 
@@ -154,11 +155,49 @@ def check_podmonitor(doc: dict) -> list[str]:
     return errors
 
 
+PVC_SPEC_KEYS = {"accessModes", "selector", "resources", "volumeName", "storageClassName",
+                 "volumeMode", "dataSource", "dataSourceRef", "volumeAttributesClassName"}
+ACCESS_MODES = {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"}
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
+def check_pvc(doc: dict) -> list[str]:
+    errors = check_common(doc)
+    if doc.get("apiVersion") != "v1":
+        errors.append(f"/apiVersion: PersistentVolumeClaim is v1, not {doc.get('apiVersion')!r}")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        return errors + ["/spec: required map"]
+    errors += _unknown(spec, PVC_SPEC_KEYS, "/spec")
+    modes = spec.get("accessModes")
+    if not isinstance(modes, list) or not modes or not set(modes) <= ACCESS_MODES:
+        errors.append(f"/spec/accessModes: {modes!r} must be a non-empty list of {sorted(ACCESS_MODES)}")
+    storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
+    if not (isinstance(storage, str) and QUANTITY.match(storage)):
+        errors.append(f"/spec/resources/requests/storage: {storage!r} is not a quantity like '100Gi'")
+    return errors
+
+
+def _image_errors(images) -> list[str]:
+    """Every image the kustomization retags must name a registry (`newName: host/path`), or
+    `kubectl apply -k` pulls a bare name from Docker Hub."""
+    errors = []
+    for i, image in enumerate(images if isinstance(images, list) else []):
+        if not isinstance(image, dict):
+            continue
+        target = str(image.get("newName") or image.get("name") or "")
+        if "/" not in target:
+            errors.append(f"/images/{i}: {target!r} has no registry; set newName, e.g. "
+                          f"registry.example.com/{target}")
+    return errors
+
+
 def check_kustomization(doc: dict, base_dir: Path | None) -> list[str]:
     errors = check_common(doc, name_required=False)
     if doc.get("apiVersion") != "kustomize.config.k8s.io/v1beta1":
         errors.append(f"/apiVersion: use kustomize.config.k8s.io/v1beta1, not {doc.get('apiVersion')!r}")
     errors += _unknown(doc, KUSTOMIZATION_KEYS, "")
+    errors += _image_errors(doc.get("images"))
     resources = doc.get("resources") or []
     if not isinstance(resources, list):
         return errors + ["/resources: must be a list"]

@@ -10,7 +10,8 @@ v1 openAPIV3Schema made strict (unknown fields rejected). Then come the checks a
 a DNS-1035 name of at most 47 characters, a known upgradeStrategy type, a head port named `serve`
 matching Serve's HTTP port, GPU limits equal to requests, string rayStartParams without `labels`
 or resources set twice, rayVersion equal to an official image's tag. ray.io/v1alpha1 is rejected.
-ConfigMap, PodMonitor and Kustomization documents get `k8s.structural` checks; other kinds fail.
+ConfigMap, PodMonitor, PersistentVolumeClaim and Kustomization documents get `k8s.structural`
+checks; other kinds fail.
 """
 from __future__ import annotations
 
@@ -189,9 +190,11 @@ def validate_document(doc: Any, crds: Optional[dict], source: str = "<doc>",
         report.errors += structural.check_podmonitor(doc)
     elif kind == "Kustomization":
         report.errors += structural.check_kustomization(doc, base_dir)
+    elif kind == "PersistentVolumeClaim":
+        report.errors += structural.check_pvc(doc)
     else:
         report.errors.append(f"/kind: no schema for {kind!r}; this validator knows {RAY_KINDS} and "
-                             f"ConfigMap, PodMonitor, Kustomization")
+                             f"ConfigMap, PodMonitor, PersistentVolumeClaim, Kustomization")
     return report
 
 

@@ -9,6 +9,7 @@ SIGTERM: its Ctrl-C handler would call `serve.shutdown()` on the shared instance
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
                       json={"model": "random:tiny", "prompt": ["Hello", "there"], "max_tokens": 4})
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["choices"]) == 2
+    # /health is 200 once a decode replica runs (the completion above proves one does).
     assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
 
     ladder = yaml.safe_load(APP_YAML.read_text())["applications"][0]["args"]["batch_buckets"]
@@ -71,3 +73,25 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
     replicas = wait_for(both_replicas, 60, "both LLMReplica replicas (one per fake GPU) to be up")
     assert all(r["captured_buckets"] == ladder for r in replicas)
     assert sorted(r["gpu_ids"][0] for r in replicas) == ["0", "1"]
+    _run_readme_examples(ray_cluster)
+
+
+def _readme_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return [b for b in blocks if "OpenAI(" in b or "get_app_handle" in b]
+
+
+def _run_readme_examples(ray_cluster) -> None:
+    """The README's client examples, as written, against this app (only the address differs:
+    this test's ports, and the session cluster's GCS address for "auto", since "auto" could find
+    another cluster on a shared host)."""
+    blocks = _readme_blocks()
+    assert len(blocks) == 2, "expected the README's openai and handle examples"
+    for block in blocks:
+        code = (block.replace("http://localhost:8000", ray_cluster.base_url)
+                .replace('address="auto"', f'address="{ray_cluster.gcs_address}"'))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                              timeout=180)
+        assert proc.returncode == 0, f"README example failed:\n{block}\n{proc.stderr[-3000:]}"
+        assert proc.stdout.strip(), block

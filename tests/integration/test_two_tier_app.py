@@ -191,7 +191,7 @@ def test_bad_requests_get_openai_errors_and_nothing_in_flight_is_lost(app, clien
         app.generate.remote([], max_tokens=4).result()
     with pytest.raises(InvalidRequestError):
         app.generate.remote(["x"], top_p=0.0).result()
-    # A token id outside the vocabulary passes the ingress and is refused by the engine.
+    # A token id outside the vocabulary: the ingress knows the model's vocabulary and refuses it.
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=[1, 10**6], max_tokens=2)
     done = long_run.result(timeout_s=120)

@@ -71,10 +71,32 @@ def test_gpu_cluster_gets_one_pinned_replica_per_gpu():
     assert explicit["num_replicas"] == 2 and explicit["ray_actor_options"]["num_gpus"] == 0.5
 
 
-def test_max_ongoing_requests_matches_engine_capacity_not_serves_default_of_5():
-    assert replica_options(AppArgs(bucket_sets=[[1, 2], [16, 32, 64]]), 0)["max_ongoing_requests"] == 64
-    assert replica_options(AppArgs(max_num_seqs=24), 0)["max_ongoing_requests"] == 24
+def test_max_ongoing_requests_leaves_room_for_the_replicas_own_429_not_serves_default_of_5():
+    # Twice capacity (running rows) plus the queue bound: a request past the replica's bound
+    # reaches it and is refused at once, instead of waiting in Serve's queue at the caller.
+    assert replica_options(AppArgs(bucket_sets=[[1, 2], [16, 32, 64]]), 0)["max_ongoing_requests"] == 256
+    assert replica_options(AppArgs(max_num_seqs=24), 0)["max_ongoing_requests"] == 96
+    assert replica_options(AppArgs(max_num_seqs=24, max_queued_sequences=0), 0)["max_ongoing_requests"] == 48
     assert replica_options(AppArgs(max_ongoing_requests=7), 0)["max_ongoing_requests"] == 7
+
+
+def test_failure_handling_options_reach_both_deployments():
+    args = AppArgs(graceful_shutdown_timeout_s=12, health_check_period_s=3, ingress_num_cpus=0.5)
+    app = build_app(args)
+    ingress = app._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    assert replica._deployment_config.graceful_shutdown_timeout_s == 12
+    assert ingress._deployment_config.graceful_shutdown_timeout_s == 12
+    assert replica._deployment_config.health_check_period_s == 3
+    assert ingress.ray_actor_options["num_cpus"] == 0.5
+
+
+def test_the_ingress_always_asks_for_cpu_so_a_cpu_less_head_cannot_take_it():
+    # KubeRay's head has num-cpus "0" and no model volume (k8s/rayservice.yaml); Serve's SPREAD
+    # would place a 0-CPU ingress there. Zero is refused at validation.
+    assert build_app(AppArgs())._bound_deployment.ray_actor_options["num_cpus"] > 0
+    with pytest.raises(ValidationError, match="greater than 0"):
+        AppArgs(ingress_num_cpus=0)
 
 
 def test_router_config_comes_from_args():
@@ -91,7 +113,7 @@ def test_build_app_without_ray_is_a_cpu_build():
     replica = ingress.init_args[0]._bound_deployment
     assert ingress.name == "OpenAIIngress" and replica.name == "LLMReplica"
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 0.0
-    assert ingress._deployment_config.max_ongoing_requests == 2 * 8
+    assert ingress._deployment_config.max_ongoing_requests == 2 * 2 * (8 + 8)
 
 
 def test_app_yaml_is_a_valid_serve_config_whose_args_validate():

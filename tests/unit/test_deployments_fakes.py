@@ -9,6 +9,10 @@ of 'a' + i, one per chunk, with finish_reason "length" after max_tokens.
 
 Prompt token ids steer failures: `REFUSE` anywhere in a prompt makes the engine refuse it,
 `FAIL_AFTER_FIRST` makes the step fail after one chunk, `HANG` makes it wait until aborted.
+
+With `params.logprobs = k` every chunk carries one `TokenLogprob` per token: the chosen token with
+log-probability -0.5, and k alternatives (token + 1 + j, -1 - j). `cached_tokens` (a constructor
+argument) is reported on every chunk.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Optional
 
 from deployments.batch_runner import BatchRunner
 from deployments.frontend import Frontend
-from replica.sampling_params import GenerationChunk, InvalidRequestError
+from replica.sampling_params import GenerationChunk, InvalidRequestError, TokenLogprob
 from replica.stats import EngineStats
 from replica.tokenizer import ByteTokenizer
 
@@ -27,13 +31,16 @@ REFUSE, FAIL_AFTER_FIRST, HANG = 250, 251, 252
 class FakeEngine:
     model_name = "random:tiny"
 
-    def __init__(self) -> None:
+    def __init__(self, cached_tokens: int = 0) -> None:
         self.started: list[str] = []
         self.finished: list[str] = []
         self.aborted: list[str] = []
+        self.requests: list = []          # every GenerationRequest received, refused ones too
+        self.cached_tokens = cached_tokens
         self.tokenizer = ByteTokenizer()
 
     async def generate(self, request) -> Any:
+        self.requests.append(request)
         ids = list(request.prompt_token_ids or self.tokenizer.encode(request.prompt))
         if REFUSE in ids:
             raise InvalidRequestError(f"prompt token ids must be in [0, {REFUSE})")
@@ -49,8 +56,12 @@ class FakeEngine:
                     raise RuntimeError("step failed")
                 tok = ord("a") + i % 26
                 last = i == n - 1
+                k = request.params.logprobs
+                lps = None if k is None else (
+                    TokenLogprob(tok, -0.5, tuple((tok + 1 + j, -1.0 - j) for j in range(k))),)
                 yield GenerationChunk(rid, (tok,), chr(tok), "length" if last else None,
-                                      prompt_tokens=len(ids), completion_tokens=i + 1)
+                                      prompt_tokens=len(ids), completion_tokens=i + 1, logprobs=lps,
+                                      cached_tokens=self.cached_tokens)
             done = True
             self.finished.append(rid)
         finally:
@@ -80,6 +91,7 @@ class RecordingBackend:
         return self.runner.run(batch)
 
 
-def make_frontend(max_seq_len: int = 64) -> tuple[Frontend, RecordingBackend]:
-    backend = RecordingBackend()
-    return Frontend(ByteTokenizer(), "random:tiny", max_seq_len, backend), backend
+def make_frontend(max_seq_len: int = 64, **kwargs) -> tuple[Frontend, RecordingBackend]:
+    """A Frontend over a RecordingBackend; kwargs go to Frontend (vocab_size, max_sequences)."""
+    backend = RecordingBackend(FakeEngine(kwargs.pop("cached_tokens", 0)))
+    return Frontend(ByteTokenizer(), "random:tiny", max_seq_len, backend, **kwargs), backend

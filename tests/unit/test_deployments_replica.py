@@ -153,3 +153,63 @@ def test_routing_stats_follow_the_router_contract():
     assert stats is not None
     assert (stats.captured_buckets, stats.max_seq_len, stats.running, stats.free_slots,
             stats.queued) == ((1, 2, 4), 64, 1, 3, 2)
+
+
+def test_the_queue_bound_refuses_whole_batches_and_drops_nothing_admitted():
+    from deployments.errors import ServerOverloadedError
+
+    engine = FakeEngine()
+    runner = BatchRunner(engine, max_sequences=3, retry_after_s=4)
+
+    async def scenario():
+        first = asyncio.create_task(runner.collect(batch((1, HANG), (2, HANG))))   # 2 of 3 admitted
+        await asyncio.sleep(0.01)
+        assert runner.admitted == 2
+        with pytest.raises(ServerOverloadedError) as err:       # 2 + 2 > 3: refused as a whole
+            await runner.run(batch("a", "b", max_tokens=1)).__anext__()
+        assert err.value.retry_after_s == 4 and runner.refused_batches == 1
+        assert len(engine.requests) == 2                        # the refused batch never reached it
+        one = await runner.collect(batch("c", max_tokens=2))    # 2 + 1 fits
+        assert one.completions[0].text == "ab"
+        await asyncio.sleep(0)                                  # done callbacks run a turn later
+        assert runner.admitted == 2
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(0)
+        assert runner.admitted == 0                             # released as each sequence ends
+        # An idle runner admits any batch, even one larger than the bound.
+        res = await runner.collect(batch("d", "e", "f", "g", max_tokens=1))
+        await asyncio.sleep(0)
+        assert len(res.completions) == 4 and runner.admitted == 0
+
+    run(scenario())
+
+
+def test_admission_is_released_for_sequences_cancelled_before_they_started():
+    runner = BatchRunner(FakeEngine(), max_sequences=10)
+
+    async def scenario():
+        stream = runner.run(batch((1, HANG), (2, HANG), (3, HANG)))
+        task = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0)      # the batch is admitted, its tasks may not have run yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+        await asyncio.sleep(0)
+        assert runner.admitted == 0
+
+    run(scenario())
+
+
+def test_collect_gathers_logprobs_and_cached_tokens_per_sequence():
+    engine = FakeEngine(cached_tokens=1)
+    b = PromptBatch(("ab", "c"), SamplingParams(max_tokens=3, logprobs=1), n=2, request_id="b")
+    res = run(BatchRunner(engine).collect(b))
+    c = res.completions[0]
+    assert [lp.token_id for lp in c.logprobs] == list(c.token_ids) == [97, 98, 99]
+    assert c.logprobs[0].top == ((98, -1.0),)
+    assert c.cached_tokens == 1 and res.usage.cached_tokens == 2     # once per prompt
+    plain = run(BatchRunner(FakeEngine()).collect(batch("a")))
+    assert plain.completions[0].logprobs is None

@@ -147,15 +147,49 @@ def test_dashboard_configmap_holds_the_generated_dashboard():
     assert json.loads(cm["data"][monitoring.DASHBOARD_KEY]) == dashboard.build_dashboard()
 
 
-def test_kustomization_lists_every_generated_file():
+def test_kustomization_lists_every_generated_file_and_names_a_registry():
     (k,) = _load("kustomization.yaml")
     assert set(k["resources"]) == set(generate.OUTPUTS)
     assert k["images"][0]["name"] == Variant().image.split(":")[0]
+    assert "/" in k["images"][0]["newName"]           # never a bare name pulled from Docker Hub
+
+
+def test_the_model_claim_is_read_only_many_and_is_the_one_workers_mount(rs):
+    (pvc,) = _load("models-pvc.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [pvc["metadata"]["name"]]
+
+
+def test_api_keys_come_from_a_secret_mounted_on_every_pod(rs):
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["api_keys_file"] == rayservice.API_KEYS_FILE     # a path; no key in the config
+    for group in _pods(rs):
+        spec = group["template"]["spec"]
+        secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+        assert secrets == [Variant().api_keys_secret]
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts[rayservice.API_KEYS_MOUNT]["readOnly"] is True
+    assert "sk-" not in rs["spec"]["serveConfigV2"]
+
+
+def test_the_ingress_asks_for_cpu_the_head_does_not_offer(rs):
+    # Serve's SPREAD may place a replica on any node with room for it; the head offers no CPU and
+    # has no model volume, so the ingress (which loads the tokenizer from `model`) must need CPU.
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    args = AppArgs.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert build_app(args)._bound_deployment.ray_actor_options["num_cpus"] > 0
 
 
 def test_variant_scales_gpus_and_replicas(tmp_path):
     argv = ["--out-dir", str(tmp_path), "--workers", "2", "--gpus-per-worker", "4", "--model-path",
-            "/models/llama-8b", "--model-claim", "", "--node-selector", "pool=a100", "--upgrade-strategy", "None"]
+            "/models/llama-8b", "--model-claim", "", "--node-selector", "pool=a100", "--upgrade-strategy",
+            "None", "--api-keys-secret", ""]
     assert generate.main(argv) == 0
     text = (tmp_path / "rayservice.yaml").read_text()
     assert "--workers 2 --gpus-per-worker 4" in text.splitlines()[0]
@@ -168,4 +202,5 @@ def test_variant_scales_gpus_and_replicas(tmp_path):
     assert [v["name"] for v in spec["volumes"]] == ["dshm"]
     args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert (args["num_replicas"], args["model"]) == (8, "/models/llama-8b")
+    assert "api_keys_file" not in args and not (tmp_path / "models-pvc.yaml").exists()
     assert doc["spec"]["upgradeStrategy"]["type"] == "None"

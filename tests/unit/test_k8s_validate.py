@@ -159,3 +159,15 @@ def test_cli_exit_status(crds, capsys):
     assert validate.main(["--crds", str(CRD_DIR), str(DATA / "bad-rayservice.yaml")]) == 1
     out = capsys.readouterr().out
     assert "OK   " in out and "FAIL " in out
+
+
+def test_pvc_and_kustomization_mistakes_are_caught(crds, tmp_path):
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+           "spec": {"accessModes": ["ReadOnly"], "resources": {"requests": {"storage": "100GB"}},
+                    "storageClass": "fast"}}
+    errors = _errors(pvc, crds)
+    assert any("accessModes" in e for e in errors) and any("storage" in e for e in errors)
+    assert any("storageClass" in e for e in errors)
+    kust = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "images": [{"name": "graphserve", "newTag": "0.1.0"}]}
+    assert any("has no registry" in e for e in _errors(kust, crds))

@@ -36,7 +36,8 @@ def prefill_then_decode_batch(core, prompts, params):
         core.scheduler.postprocess(batch, *core.runner.collect(inflight))
         core._inflight = None
     batch = core.scheduler.schedule([])
-    assert not batch.mixed and len(batch.decode) == len(prompts), "expected a pure decode step"
+    assert not batch.mixed and len(batch.decode) == len(prompts), \
+        f"expected a pure decode step of {len(prompts)} rows, got {len(batch.decode)} rows + {len(batch.chunks)} chunks"
     return batch
 
 
@@ -45,18 +46,23 @@ def replay_vs_eager(core, prompts, params):
     static inputs eagerly. Returns (InFlight, (tokens, logits) replayed, (tokens, logits) eager)."""
     import torch
 
+    assert params.ignore_eos, "a sequence that stops on EOS leaves the decode batch: use ignore_eos"
     r = core.runner
-    batch = prefill_then_decode_batch(core, prompts, params)
-    b = len(batch.decode)
-    with torch.inference_mode():
-        step = r.launch(batch)
-        r.collect(step)
-        width = step.bucket
-        replay = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
-        mode = "greedy" if params.plain_greedy else "full"
-        r.decode.run(width, mode)   # same static inputs, no graph; rewrites the same KV entries
-        if r.device.type == "cuda":
-            torch.cuda.synchronize()
-        eager = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
-    core.abort_all()
+    try:
+        batch = prefill_then_decode_batch(core, prompts, params)
+        b = len(batch.decode)
+        with torch.inference_mode():
+            counts = r.tables.counts.clone()      # the step adds its tokens to the penalty counts
+            step = r.launch(batch)
+            r.collect(step)
+            width = step.bucket
+            replay = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
+            mode = "greedy" if params.plain_greedy else "full"
+            r.tables.counts.copy_(counts)
+            r.decode.run(width, mode)   # same static inputs, no graph; rewrites the same KV entries
+            if r.device.type == "cuda":
+                torch.cuda.synchronize()
+            eager = (r.out.tokens[:b].clone(), r.decode.logits[:b].float().clone())
+    finally:
+        core.abort_all()
     return step, replay, eager

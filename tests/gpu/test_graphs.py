@@ -45,9 +45,9 @@ def _prompts(b, gen):
 def test_replay_matches_eager_for_every_bucket(core, bucket, mode):
     assert core.runner.graphs.captured_buckets == BUCKETS
     gen = torch.Generator().manual_seed(bucket)
-    params = SamplingParams(max_tokens=50, temperature=0.0) if mode == "greedy" else \
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True) if mode == "greedy" else \
         SamplingParams(max_tokens=50, temperature=0.9, top_p=0.95, top_k=20, seed=1, logprobs=3,
-                       repetition_penalty=1.1)
+                       repetition_penalty=1.1, ignore_eos=True)
     step, (tok_g, log_g), (tok_e, log_e) = replay_vs_eager(core, _prompts(bucket, gen), params)
     assert step.kind == "graph" and step.bucket == bucket
     if core.runner.dtype == torch.float32:
@@ -65,7 +65,8 @@ def test_bf16_logits_track_float32_reference(tiny_llama_dir):
     prompts = _prompts(8, torch.Generator().manual_seed(7))
     for dtype in ("float32", "bfloat16"):
         c = EngineCore(_config(tiny_llama_dir[0], dtype))
-        _, (_, logits), _ = replay_vs_eager(c, prompts, SamplingParams(max_tokens=20, temperature=0.0))
+        _, (_, logits), _ = replay_vs_eager(c, prompts, SamplingParams(max_tokens=20, temperature=0.0,
+                                                                         ignore_eos=True))
         outs[dtype] = logits
     ref, got = outs["float32"], outs["bfloat16"]
     rel = (got - ref).norm() / ref.norm()
@@ -83,8 +84,11 @@ def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
     prompts = [[5, 17, 99], shared + [1, 2], [7], shared + list(range(100, 113)), shared, list(range(3, 40))]
     try:
         async def all_at_once():
-            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=40, temperature=0.0, ignore_eos=True)
-                                          for p in prompts])
+            # the shared prefix's blocks are registered first, so the later prompts can hit them
+            warm = await collect(eng, ids=prompts[4], max_tokens=40, temperature=0.0, ignore_eos=True)
+            rest = await asyncio.gather(*[collect(eng, ids=p, max_tokens=40, temperature=0.0, ignore_eos=True)
+                                          for p in prompts[:4] + prompts[5:]])
+            return rest[:4] + [warm] + rest[4:]
         results = run(all_at_once())
         for p, (toks, _, _) in zip(prompts, results):
             ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, min_new_tokens=40,
@@ -106,7 +110,7 @@ def test_addresses_stable_and_no_capture_after_startup(tiny_llama_dir):
         with mock.patch.object(torch.cuda.CUDAGraph, "capture_begin", autospec=True,
                                side_effect=AssertionError("capture after startup")) as begin:
             async def traffic():
-                return await asyncio.gather(*[collect(eng, ids=[i + 1] * (i + 2), max_tokens=12,
+                return await asyncio.gather(*[collect(eng, ids=[i + 1] * (i + 2), max_tokens=12, ignore_eos=True,
                                                       temperature=0.8 * (i % 2), seed=i) for i in range(24)])
             results = run(traffic())
             assert all(len(t) == 12 for t, _, _ in results)

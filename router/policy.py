@@ -146,7 +146,9 @@ def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], wor
 def _resolve_near_ties(scored: list[tuple[float, float, int]],
                        ests: Mapping[int, Estimate]) -> list[int]:
     """Order by score, except that the scores within `NEAR_TIE_REL` (+ `NEAR_TIE_ABS_S`) of the
-    best one not yet placed form a group ordered by graph fit, padding rows, score, then draw."""
+    best one not yet placed form a group ordered by graph fit, the batch's uncached prompt tokens
+    there (prefix affinity: a follow-up turn saves its history's prefill at its home replica, a
+    saving the whole batch's score can hide inside the tolerance), padding rows, score, then draw."""
     scored.sort()
     order: list[int] = []
     k = 0
@@ -155,7 +157,8 @@ def _resolve_near_ties(scored: list[tuple[float, float, int]],
         j = k
         while j < len(scored) and scored[j][0] <= limit:
             j += 1
-        group = sorted(scored[k:j], key=lambda x: (not ests[x[2]].graph, ests[x[2]].padding, *x))
+        group = sorted(scored[k:j], key=lambda x: (not ests[x[2]].graph, ests[x[2]].prefill_tokens,
+                                                   ests[x[2]].padding, *x))
         order.extend(i for _, _, i in group)
         k = j
     return order

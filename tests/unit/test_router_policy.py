@@ -271,6 +271,28 @@ def test_graph_fit_breaks_a_near_tie_and_only_a_near_tie():
     assert far.tiers[0] == ["eager"] and far.outcome == NO_FIT
 
 
+def test_a_chat_follow_up_goes_home_when_the_loads_are_a_near_tie():
+    """Turn 2 of a chat (a shared system prefix both replicas hold + this conversation's history):
+    the ~400 history tokens its home replica holds are ~10 ms of prefill, inside the near-tie band
+    of a batch whose score is dominated by its decode; the tie goes to the home replica, even
+    where its bucket pads more, because a follow-up's first token is what a chat user waits for."""
+    system, history = tokens(0, 640), tokens(5, 400)
+    turn2 = system + history + tokens(6, 80)
+    h = job([turn2], max_tokens=64)
+    home = ("home", paged(LATENCY, running=4, prefill_backlog_tokens=600,
+                          prefix_hashes=cached(system, system + history)))   # busier: affinity piles up
+    other = ("other", paged(LATENCY, running=2, prefix_hashes=cached(system)))
+    r = rank(h, [other, home])
+    sc = scores(r, h)
+    assert sc["other"] < sc["home"] <= sc["other"] * (1 + NEAR_TIE_REL)      # a near tie, home behind
+    assert r.estimates["home"].padding > r.estimates["other"].padding        # padding says "other"
+    assert r.tiers[0] == ["home"]
+    assert r.estimates["home"].prefill_tokens < r.estimates["other"].prefill_tokens
+    busier = ("home", paged(LATENCY, running=4, prefill_backlog_tokens=1_200,
+                            prefix_hashes=cached(system, system + history)))
+    assert rank(h, [other, busier]).tiers[0] == ["other"]                    # past the band: the estimate
+
+
 def test_padding_breaks_a_near_tie():
     # A: 3 running + 1 fills bucket 4; B: 2 + 1 pads a row but has 200 fewer tokens queued
     h = job([tokens(1, 256)], max_tokens=128)

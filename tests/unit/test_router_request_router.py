@@ -347,13 +347,16 @@ def test_a_prefix_heavy_burst_sticks_to_the_prefix_holder_until_the_estimate_say
     """Forty requests sharing a 1024-token prefix that only A holds: the first ones all go to A,
     each adding a little prefill and a row there, until A's growing load outweighs the 1024 tokens
     B would prefill; after B got one (so it holds the prefix too, as far as the router knows),
-    both share the rest."""
+    both share the rest. With nothing cached anywhere, the first request makes its replica the
+    holder (as far as the router knows), so near ties follow it in runs, and the load spreads as
+    the runs tip the estimate: both replicas get work early, and neither more than 65%."""
     hints = [job([SHARED + tokens(i, 64)], max_tokens=64) for i in range(1, 41)]
     chosen = "".join(route_burst([replica("A", paged(prefix_hashes=cached(SHARED))),
                                   replica("B", paged())], hints))
     assert chosen.startswith("AAAA") and chosen.count("A") > chosen.count("B") >= 8, chosen
     cold = "".join(route_burst([replica("A", paged()), replica("B", paged())], hints))
-    assert "AAAA" not in cold[:6] and "BBBB" not in cold[:6], cold     # no prefix: spread at once
+    assert set(cold[:10]) == {"A", "B"}, cold                          # no prefix: both start early
+    assert 14 <= cold.count("A") <= 26, cold
     # A's published backlog is past the benefit: nothing sticks
     behind = "".join(route_burst([replica("A", paged(prefix_hashes=cached(SHARED),
                                                      prefill_backlog_tokens=200_000)),

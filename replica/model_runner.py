@@ -151,11 +151,14 @@ class ModelRunner:
 
         def run():
             step.run(width, "full")
-            n = min(c.step_token_budget, c.max_seq_len)
-            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-            meta = K.PrefillMeta.build([n], [n], [probe_kv.scratch_row], self.device)
-            self.model.forward_mixed(zeros, torch.arange(n, device=self.device), zeros, meta, probe_kv,
-                                     torch.tensor([n - 1], device=self.device))
+            # a mixed step as the server runs them: one decode row (compiles the prefill kernel's
+            # decode-tile variant now, not mid-burst) and a prompt chunk filling the token budget
+            n = min(c.step_token_budget, c.max_seq_len - 1)
+            zeros = torch.zeros(n + 1, dtype=torch.long, device=self.device)
+            positions = torch.cat([torch.tensor([n], device=self.device), torch.arange(n, device=self.device)])
+            meta = K.PrefillMeta.build([1, n], [n + 1, n], [probe_kv.scratch_row] * 2, self.device)
+            self.model.forward_mixed(zeros, positions, zeros, meta, probe_kv,
+                                     torch.tensor([0, n], device=self.device))
         peak = sizing.measure_peak(run, self.device)
         del self.decode, self.kv
         return peak

@@ -118,7 +118,7 @@ class ModelRunner:
     def _plan(self, bytes_per_block: int) -> tuple[sizing.MemoryPlan, int]:
         """The memory plan; also allocates the sampling tables and output buffers (sized at the
         probed rows). Returns (plan, table rows)."""
-        c, s = self.config, self.model.shape
+        c = self.config
         if self.device.type != "cuda":
             plan = sizing.plan_cpu(c, bytes_per_block)
             self._alloc_row_state(max(plan.rows, plan.buckets[-1]))

@@ -11,7 +11,6 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build_app, replica_options
 from deployments.config import DEFAULT_ROUTER, AppArgs
-from replica.config import DEFAULT_BUCKETS
 from router_fakes import no_ray_init  # noqa: F401 - autouse guard
 
 APP_YAML = pathlib.Path(__file__).resolve().parents[2] / "deployments" / "app.yaml"

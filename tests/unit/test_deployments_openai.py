@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 
 from deployments.http_api import build_openai_app
 from replica.block_hash import prefix_summary
-from router.stats import RoutingHint
 from router_fakes import no_ray_init  # noqa: F401 - autouse guard
 from test_deployments_fakes import FAIL_AFTER_FIRST, HANG, REFUSE, make_frontend
 

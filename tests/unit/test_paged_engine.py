@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
-
 from engine_helpers import collect, run
 from replica import Engine, EngineConfig
 from test_engine_vs_hf import hf_greedy

@@ -92,8 +92,9 @@ class Scheduler:
         return batch
 
     def _plan_decode(self, batch: StepBatch) -> None:
-        """Every sequence whose next input is its last token and that stays within its limits
-        (`_decode_ready`, inlined: this loop runs for every row of every step)."""
+        """A row for every sequence whose next input is its last token (known, or in flight:
+        `num_computed == num_tokens + pending - 1`) and whose next token stays within max_tokens and
+        max_seq_len. Inlined checks: this loop runs for every row of every step."""
         rows, planned, bs, limit = batch.decode, set(), self.bs, self.max_seq_len
         for seq in list(self.running.values()):          # admission order
             if len(rows) >= self.max_decode_rows:
@@ -112,12 +113,6 @@ class Scheduler:
             planned.add(id(seq))
             seq.num_computed = p + 1
             seq.pending = pending + 1
-
-    def _decode_ready(self, seq: Sequence) -> bool:
-        """Its next input is its last token, and one more token stays within its limits."""
-        return (seq.num_computed == seq.num_tokens + seq.pending - 1
-                and seq.generated < seq.params.max_tokens
-                and seq.num_tokens + seq.pending < self.max_seq_len)
 
     def _grow(self, seq: Sequence, planned: set[int]) -> bool:
         """One more block for `seq`, preempting the youngest admitted sequences not yet in this

@@ -45,7 +45,9 @@ class _AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def respond(err: ApiError, request: Optional[Request] = None, user: Optional[str] = None) -> JSONResponse:
+def respond(err: ApiError, request: Optional[Request] = None,
+            user: Optional[str] = None) -> JSONResponse:
+    """The JSON answer for `err`, logged once: 4xx as one WARNING line, 5xx as ERROR."""
     where = f"{request.method} {request.url.path}" if request is not None else "-"
     who = f" user={user[:64]!r}" if user else ""
     if err.status >= 500 and err.code == "internal_error":

@@ -14,9 +14,9 @@ ingress answers through a handle (it tokenizes, so it found its model files), an
 replica is on the head, then deletes it. A control deployment of 16 trivial 0-CPU replicas (the
 old ingress setting) must put some on the head: the check can see the failure it guards against.
 
-Time: 5.4 min measured on the shared 2-core machine under a load average of ~18 (other jobs);
-nearly all of it is replica process start-up (each ingress imports torch and transformers through
-`replica.tokenizer`), so an idle 2-core CI runner needs a fraction of that.
+Time on the shared 2-core machine: 253 s in a full-suite run (load average ~3; the whole suite took
+6.9 min), 5.4 min under a load average of ~18. Nearly all of it is replica process start-up: each
+ingress imports torch and transformers through `replica.tokenizer` -> `replica.presets`.
 """
 from __future__ import annotations
 

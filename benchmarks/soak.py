@@ -235,8 +235,8 @@ def leak_report(c: dict, s: dict) -> dict:
              "free_slots_missing": s["max_num_seqs"] - s["free_slots"],
              "admitted_sequences": c["admitted_sequences"],
              "sequences_not_ended": received - ended}
-    if s.get("total_blocks"):
-        leaks["free_blocks_missing"] = s["total_blocks"] - s["free_blocks"]
+    if s.get("total_blocks"):   # block 0 is the engine's scratch block: never free, never leaked
+        leaks["free_blocks_missing"] = s["total_blocks"] - 1 - s["free_blocks"]
     return {"leaks": leaks, "zero": all(v == 0 for v in leaks.values()),
             "sequences_received": received, "finished": c["finished_requests"],
             "aborted": c["aborted_requests"], "refused_batches": c["refused_batches"],

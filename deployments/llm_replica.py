@@ -51,17 +51,14 @@ def _import(path: str) -> Any:
 
 
 def routing_stats(s: Any) -> ReplicaStats:
-    """What the router reads (router/stats.py) from an engine's EngineStats."""
+    """What the router reads (router/stats.py) from an engine's `EngineStats`."""
     return ReplicaStats(captured_buckets=tuple(s.captured_buckets), max_seq_len=s.max_seq_len,
                         max_num_seqs=s.max_num_seqs, running=s.running, free_slots=s.free_slots,
-                        queued=s.queued, graphs=s.graphs, fallback=s.fallback,
-                        block_size=getattr(s, "block_size", 0), total_blocks=getattr(s, "total_blocks", 0),
-                        free_blocks=getattr(s, "free_blocks", 0),
-                        prefill_backlog_tokens=getattr(s, "prefill_backlog_tokens", 0),
-                        decode_rows=getattr(s, "decode_rows", 0),
-                        prefill_tokens_per_s=getattr(s, "prefill_tokens_per_s", 0.0),
-                        decode_step_s=dict(getattr(s, "decode_step_s", {}) or {}),
-                        prefix_hashes=tuple(getattr(s, "prefix_hashes", ()) or ()))
+                        queued=s.queued, graphs=s.graphs, fallback=s.fallback, block_size=s.block_size,
+                        total_blocks=s.total_blocks, free_blocks=s.free_blocks,
+                        prefill_backlog_tokens=s.prefill_backlog_tokens, decode_rows=s.decode_rows,
+                        prefill_tokens_per_s=s.prefill_tokens_per_s, decode_step_s=dict(s.decode_step_s),
+                        prefix_hashes=tuple(s.prefix_hashes or ()))
 
 
 def _gpu_ids() -> list[str]:

@@ -213,3 +213,21 @@ def test_collect_gathers_logprobs_and_cached_tokens_per_sequence():
     assert c.cached_tokens == 1 and res.usage.cached_tokens == 2     # once per prompt
     plain = run(BatchRunner(FakeEngine()).collect(batch("a")))
     assert plain.completions[0].logprobs is None
+
+
+def test_routing_stats_carry_what_the_estimate_reads():
+    """EngineStats -> record_routing_stats dict -> the router's ReplicaStats: every v2 field the
+    estimate uses survives the trip (a field dropped here would silently fall back to defaults)."""
+    from deployments.llm_replica import routing_stats
+    from replica.stats import EngineStats
+    from router.stats import ReplicaStats
+
+    s = EngineStats(captured_buckets=(1, 2, 4), graphs=True, max_seq_len=4096, max_num_seqs=4, running=3,
+                    free_slots=1, queued=2, fallback="eager", block_size=16, total_blocks=900,
+                    free_blocks=700, prefill_backlog_tokens=1234, decode_rows=2, prefill_tokens_per_s=3.5e4,
+                    decode_step_s={1: 0.005, 4: 0.006}, prefix_hashes=(11, 22, 33))
+    back = ReplicaStats.from_dict(routing_stats(s).to_dict())
+    assert (back.block_size, back.total_blocks, back.free_blocks, back.prefill_backlog_tokens,
+            back.decode_rows, back.prefill_tokens_per_s) == (16, 900, 700, 1234, 2, 3.5e4)
+    assert back.decode_step_s == {1: 0.005, 4: 0.006} and back.prefix_hashes == (11, 22, 33)
+    assert routing_stats(EngineStats((1,), False, 64, 1, 0, 1, 0, "eager", prefix_hashes=None)).prefix_hashes == ()

@@ -280,8 +280,8 @@ def main() -> int:
     verdict = (leaks["zero"] and not soak.unexpected and bad_ok
                and all(m["flat"] is not False for m in memory.values()))
     record = {"benchmark": "soak", "issue": 9, "verdict": "ok" if verdict else "FAILED",
-              "engine_note": "pre-rewrite engine (slot KV, sampling extras ignored); rerun after the "
-                             "paged-KV rewrite",
+              "engine_note": ("paged KV (blocks reported and checked)" if leaks["leaks"].get("free_blocks_missing")
+                              is not None else "no KV blocks reported (slot-KV engine): block leaks not checked"),
               "config": {**vars(args), "app": app_args.model_dump(mode="json")},
               "env": {"python": sys.version.split()[0], "ray": ray.__version__,
                       "cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},

@@ -113,10 +113,10 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Decode steps/s by bucket and path", "Pure-decode steps. path=graph: CUDA graph replay; "
               "eager: a batch larger than every captured bucket (bucket = its row count).",
               _t(rate(m.DECODE_STEPS.exported_name, "bucket, path"), "bucket {{bucket}} {{path}}")),
-        Panel("Graph-hit (pure decode) and mixed-step share", "graph: replays over pure-decode steps; "
-              "mixed: steps that ran prefill chunks eagerly, over all steps.",
-              (Target(rate(m.DECODE_STEPS.exported_name, flt=GRAPH_PATH_FILTER) + " / "
-                      + rate(m.DECODE_STEPS.exported_name), "graph-hit"),
+        Panel("Graph-hit (pure decode) and mixed-step share", "graph: replays over pure-decode steps "
+              "(0 on CPU, where decode is eager); mixed: steps that ran prefill chunks eagerly, over all steps.",
+              (Target(f"({rate(m.DECODE_STEPS.exported_name, flt=GRAPH_PATH_FILTER)} or vector(0)) / "
+                      f"{rate(m.DECODE_STEPS.exported_name)}", "graph-hit"),
                Target(f"{rate(m.MIXED_STEPS.exported_name)} / ({rate(m.MIXED_STEPS.exported_name)} + "
                       f"{rate(m.DECODE_STEPS.exported_name)})", "mixed share")), "percentunit"),
         Panel("Padded rows per step, by bucket", "Rows replayed without a sequence, per decode step.",
@@ -140,10 +140,12 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
               _t(gauge(m.KV_BLOCKS_USED.exported_name, "replica", "max"), "{{replica}}"), "percentunit",
               width=6),
         Panel("Prefix cache hit rate", "Prompt tokens served from cached blocks over prompt tokens "
-              "looked up.", _t(f"{rate(m.PREFIX_HITS.exported_name)} / {rate(m.PREFIX_QUERIED.exported_name)}",
-                               "hit rate"), "percentunit", width=6),
-        Panel("Preemptions/s", "Sequences whose blocks were freed for recompute when the pool ran out.",
-              _t(rate(m.PREEMPTIONS.exported_name, "replica"), "{{replica}}"), "ops", width=6),
+              "looked up.", _t(f"({rate(m.PREFIX_HITS.exported_name)} or vector(0)) / "
+                               f"{rate(m.PREFIX_QUERIED.exported_name)}", "hit rate"), "percentunit", width=6),
+        Panel("Preemptions/s", "Sequences whose blocks were freed for recompute when the pool ran "
+              "out (0 until the first: Ray creates a counter at its first increment).",
+              _t(f"{rate(m.PREEMPTIONS.exported_name, 'replica')} or vector(0)", "{{replica}}"), "ops",
+              width=6),
         Panel("Prefill backlog", "Prompt tokens waiting to be prefilled, per replica.",
               _t(gauge(m.PREFILL_BACKLOG.exported_name, "replica"), "{{replica}}"), width=6),
     )),

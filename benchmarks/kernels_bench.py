@@ -1,7 +1,7 @@
 """Decode-kernel micro-benchmark: Triton vs reference, correctness then timing.
 
     python benchmarks/kernels_bench.py                 # CUDA: llama-8b shapes, B in 1/8/32/64
-    python benchmarks/kernels_bench.py --sweep         # + attention tuning sweep (split, tiles, warps)
+    python benchmarks/kernels_bench.py --sweep         # + paged decode split and prefill sweeps
     python benchmarks/kernels_bench.py --tiny          # tiny shapes, correctness only (CPU: re-execs
                                                        #   itself under TRITON_INTERPRET=1)
     python benchmarks/kernels_bench.py --paged-only    # only the paged-KV ops (and their sweeps)
@@ -9,8 +9,7 @@
 Per op and case: rel. error of the Triton kernel vs the reference on the same inputs, then the
 median time per call of each, measured by replaying a CUDA graph of CALLS back-to-back calls with
 CUDA events (warm-up and capture first; an op that fails to capture is timed eagerly, path
-"eager"), and achieved GB/s (bytes that must move / time). Attention rotates over distinct KV slot
-sets inside the graph so its K/V comes from HBM, not L2, as in a real decode step. Writes JSON to
+"eager"), and achieved GB/s (bytes that must move / time). Writes JSON to
 $OUT/kernels.json when OUT is set. Exit status 1 if any rel. error exceeds its tolerance.
 
 Paged-KV ops (block size BS = 16, shuffled block ids as in a fragmented pool, table width
@@ -121,18 +120,13 @@ def make_inputs(sh: Shapes, batch: int, ctx: int, max_len: int, dtype, device, r
     g = torch.Generator(device="cpu").manual_seed(batch * 7919 + ctx)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     hd, h, kvh = sh.head_dim, sh.heads, sh.kv_heads
-    slots_total = batch * rotations + 1  # +1: a never-used scratch slot, as in the engine
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
-    slot_sets = torch.randperm(slots_total - 1, generator=g).view(rotations, batch).to(device)
     return dict(
         x=rnd(batch, sh.hidden), residual=rnd(batch, sh.hidden), w=rnd(sh.hidden),
         gate_up=rnd(batch, 2 * sh.inter), qkv=rnd(batch, (h + 2 * kvh) * hd),
         cos=ang.cos().float().to(device), sin=ang.sin().float().to(device),
         q=rnd(batch, h, hd),
-        k_cache=(0.5 * torch.randn(slots_total, kvh, max_len, hd, device=device)).to(dtype),
-        v_cache=torch.randn(slots_total, kvh, max_len, hd, device=device).to(dtype),
-        slot_sets=slot_sets,                                    # [rotations, B]
         positions=torch.full((batch,), ctx - 1, dtype=torch.int64, device=device),
         seq_lens=torch.full((batch,), ctx, dtype=torch.int64, device=device))
 
@@ -140,22 +134,13 @@ def make_inputs(sh: Shapes, batch: int, ctx: int, max_len: int, dtype, device, r
 def op_table(sh: Shapes, inp: dict, impl, eps=1e-5):
     """name -> (fn(i) -> output tensor, bytes moved per call)."""
     e = inp["x"].element_size()
-    b, hd, h, kvh = inp["x"].shape[0], sh.head_dim, sh.heads, sh.kv_heads
-    rot = inp["slot_sets"].shape[0]
-    qkv_cols = (h + 2 * kvh) * hd
-    ctx = int(inp["seq_lens"][0])
+    b = inp["x"].shape[0]
     return {
         "rms_norm": (lambda i: impl.rms_norm(inp["x"], inp["w"], eps),
                      (2 * b + 1) * sh.hidden * e),
         "add_rms_norm": (lambda i: impl.add_rms_norm(inp["x"], inp["residual"], inp["w"], eps)[0],
                          (4 * b + 1) * sh.hidden * e),
         "silu_mul": (lambda i: impl.silu_mul(inp["gate_up"]), 3 * b * sh.inter * e),
-        "rope_store_kv": (lambda i: impl.rope_store_kv(
-            inp["qkv"], inp["cos"], inp["sin"], inp["positions"], inp["slot_sets"][i % rot],
-            inp["k_cache"], inp["v_cache"], h, kvh), 2 * b * qkv_cols * e + 4 * b * hd),
-        "decode_attention": (lambda i: impl.decode_attention(
-            inp["q"], inp["k_cache"], inp["v_cache"], inp["slot_sets"][i % rot], inp["seq_lens"],
-            1.0 / math.sqrt(hd)), b * (ctx * kvh * hd * 2 + 2 * h * hd) * e),
     }
 
 
@@ -399,35 +384,6 @@ def bench_case(sh, batch, ctx, max_len, dtype, device, triton_impl, ref_impl, ti
     return rows, inp
 
 
-def sweep_attention(sh, inp, dtype, device, attention_mod):
-    """Time decode_attention over tuning knobs on one case's inputs; returns rows sorted by time."""
-    b, h, hd = inp["q"].shape
-    max_len, ctx = inp["k_cache"].shape[2], int(inp["seq_lens"][0])
-    rot = inp["slot_sets"].shape[0]
-    nbytes = b * (ctx * sh.kv_heads * hd * 2 + 2 * h * hd) * inp["q"].element_size()
-    out = []
-    for split in (32, 64, 128, 256, 512):
-        for block_n, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)):
-            if split % block_n or split > max(max_len, block_n):
-                continue
-            kw = dict(split=split, block_n=block_n, num_warps=warps, num_stages=stages)
-            fn = lambda i: attention_mod.decode_attention(  # noqa: E731
-                inp["q"], inp["k_cache"], inp["v_cache"], inp["slot_sets"][i % rot],
-                inp["seq_lens"], 1.0 / math.sqrt(hd), **kw)
-            try:
-                t, _ = time_us(fn, device, max(CALLS, rot))
-            except Exception as e:  # e.g. out of shared memory for a config
-                print(f"  sweep {kw}: {type(e).__name__}")
-                continue
-            out.append(dict(batch=b, ctx=ctx, max_len=max_len, us=t, gbs=nbytes / t / 1e3, **kw))
-    out.sort(key=lambda r: r["us"])
-    for r in out[:3]:
-        print(f"  sweep B={b} ctx={ctx} L={max_len}: {r['us']:8.2f} us {r['gbs']:7.1f} GB/s  "
-              f"split={r['split']} block_n={r['block_n']} warps={r['num_warps']} "
-              f"stages={r['num_stages']}")
-    return out
-
-
 def format_row(r: dict) -> str:
     head = f"{r['op']:<23} B={r['batch']:<3} ctx={r['ctx']:<5} L={r['max_len']:<5}"
     err = f"err={r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'}"
@@ -440,8 +396,8 @@ def format_row(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, correctness only")
-    ap.add_argument("--sweep", action="store_true", help="also sweep attention tuning knobs")
-    ap.add_argument("--paged-only", action="store_true", help="only the paged-KV ops")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the paged kernels' tuning knobs")
+    ap.add_argument("--paged-only", action="store_true", help="only the paged-KV ops (no norms, silu)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -450,11 +406,10 @@ def main() -> int:
     import triton
 
     import replica.kernels.reference as ref_impl
-    from replica.kernels import PrefillMeta, attention, fused, paged_attention
+    from replica.kernels import PrefillMeta, fused, paged_attention
 
     class TritonImpl:  # the Triton wrappers, called directly (the dispatcher picks ref on CPU)
         rms_norm, add_rms_norm, silu_mul = fused.rms_norm, fused.add_rms_norm, fused.silu_mul
-        rope_store_kv, decode_attention = fused.rope_store_kv, attention.decode_attention
         rope_store_kv_paged = fused.rope_store_kv_paged
         paged_decode_attention = paged_attention.paged_decode_attention
 
@@ -473,13 +428,11 @@ def main() -> int:
         checks = selfcheck.run("cuda", dtype)
         failed = {k: v for k, v in checks.items() if v != "ok"}
         print(f"selfcheck: {len(checks) - len(failed)}/{len(checks)} ok  {failed or ''}")
-    rows, sweeps, paged_sweeps, specs = [], [], {}, {}
+    rows, paged_sweeps, specs = [], {}, {}
     for batch, ctx, max_len in cases:
         case_rows, inp = bench_case(sh, batch, ctx, max_len, dtype, device, TritonImpl, ref_impl,
                                     timing=not tiny, paged_only=args.paged_only)
         rows += case_rows
-        if args.sweep and not tiny and not args.paged_only:
-            sweeps += sweep_attention(sh, inp, dtype, device, attention)
         del inp
         if cuda:
             torch.cuda.empty_cache()
@@ -499,7 +452,7 @@ def main() -> int:
         specs.update(decode_specializations(sh, dtype, device, paged_attention))
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__, shapes=sh.name,
                   dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, rows=rows,
-                  selfcheck=checks, attention_sweep=sweeps, paged_sweep=paged_sweeps,
+                  selfcheck=checks, paged_sweep=paged_sweeps,
                   paged_decode_specializations=specs, paged_cold_jit_s=jit)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "kernels.json"

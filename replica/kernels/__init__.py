@@ -14,12 +14,8 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     paged_prefill_attention(q, k_cache, v_cache, block_tables, meta, scale) -> out
         # q [T, H, hd]: chunks back to back, causal with a cached prefix; meta = PrefillMeta.build(
         #   q_lens, kv_lens, table_rows, device) once per step (prefill_meta.py)
-  Slot-major KV cache ([S, KVH, L, hd], one slot per sequence), kept until the engine moves to
-  the block pool:
-    rope_store_kv(qkv, cos, sin, positions, slot_ids, k_cache, v_cache, num_heads, num_kv_heads) -> q
-    decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale) -> out
 
-Dispatch: the Triton kernel (`fused.py`, `attention.py`, `paged_attention.py`) when `use_triton(x)`
+Dispatch: the Triton kernel (`fused.py`, `paged_attention.py`) when `use_triton(x)`
 and the kernel supports the shapes, else `reference.py`. Reference fallbacks on CUDA: attention
 with head_dim < 16 or > 256 (the tiny test model's hd=16 is supported), H % KVH != 0, a block size
 that is not a power of two, or any tensor whose last dim is not contiguous (for the paged decode
@@ -42,17 +38,15 @@ try:
     if os.environ.get("TRITON_INTERPRET") == "1":
         from replica.kernels import _interpreter
         _interpreter.patch()
-    from replica.kernels import attention as _attention
     from replica.kernels import fused as _fused
     from replica.kernels import paged_attention as _paged
     HAS_TRITON = True
 except ImportError:  # no triton (e.g. a minimal CPU install): reference only
-    _attention = _fused = _paged = None
+    _fused = _paged = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "decode_attention",
-           "paged_decode_attention", "paged_prefill_attention", "rms_norm", "rope_store_kv",
-           "rope_store_kv_paged", "silu_mul", "use_triton"]
+__all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "paged_decode_attention",
+           "paged_prefill_attention", "rms_norm", "rope_store_kv_paged", "silu_mul", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -77,23 +71,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate_up) and _fused.silu_mul_supported(gate_up):
         return _fused.silu_mul(gate_up)
     return reference.silu_mul(gate_up)
-
-
-def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, slot_ids: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    args = (qkv, cos, sin, positions, slot_ids, k_cache, v_cache, num_heads, num_kv_heads)
-    if use_triton(qkv) and _fused.rope_supported(qkv, cos, sin, k_cache, v_cache, num_heads,
-                                                 num_kv_heads):
-        return _fused.rope_store_kv(*args)
-    return reference.rope_store_kv(*args)
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_ids: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    if use_triton(q) and _attention.supported(q, k_cache, v_cache):
-        return _attention.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
-    return reference.decode_attention(q, k_cache, v_cache, slot_ids, seq_lens, scale)
 
 
 def rope_store_kv_paged(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

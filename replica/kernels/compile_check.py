@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 import torch
 
-from replica.kernels import attention, fused, paged_attention
+from replica.kernels import fused, paged_attention
 from replica.kernels.prefill_meta import TILE_TOKENS
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -58,54 +58,6 @@ def _resources(kernel) -> dict:
                 spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0))
 
 
-def _attention_configs(full: bool):
-    # name: (dtype, heads, group, head_dim, block_n, num_warps, num_stages, aligned strides).
-    # The first group is what decode_attention launches by default; `full` adds sweep variants.
-    configs = {
-        "8b_bf16": ("bf16", 32, 4, 128, 64, 4, 2, True),
-        "8b_fp32": ("fp32", 32, 4, 128, 16, 4, 2, True),
-        "tiny_hd16": ("bf16", 4, 2, 16, 64, 4, 2, True),
-        "hd80": ("bf16", 3, 1, 80, 64, 4, 2, True),
-        "hd72_unaligned": ("fp16", 2, 1, 72, 64, 4, 2, False),
-        "group32_hd64": ("bf16", 64, 32, 64, 64, 4, 2, True),
-    }
-    if full:
-        configs.update({
-            "8b_bf16_bn32": ("bf16", 32, 4, 128, 32, 4, 2, True),
-            "8b_bf16_bn64_s3": ("bf16", 32, 4, 128, 64, 4, 3, True),
-            "8b_bf16_bn64_w8": ("bf16", 32, 4, 128, 64, 8, 2, True),
-            "8b_bf16_bn128_w8": ("bf16", 32, 4, 128, 128, 8, 2, True),
-            "8b_fp16": ("fp16", 32, 4, 128, 64, 4, 2, True),
-        })
-    return configs
-
-
-def _attention(arch: int, full: bool) -> dict:
-    out = {}
-    ints = ["stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_kn", "stride_vs",
-            "stride_vh", "stride_vn", "stride_ob", "stride_oh"]
-    for name, (dt, h, g, hd, bn, warps, stages, aligned) in _attention_configs(full).items():
-        p = "*" + dt
-        types = dict(q_ptr=p, k_ptr=p, v_ptr=p, slot_ptr="*i64", len_ptr="*i64", out_ptr=p,
-                     po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
-                     **{n: "i32" for n in ints})
-        block_d = max(16, triton.next_power_of_2(hd))
-        for direct in (False, True):
-            consts = dict(NUM_HEADS=h, GROUP=g, HEAD_DIM=hd, NUM_SPLITS=1 if direct else 8,
-                          SPLIT=256, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=bn,
-                          BLOCK_D=block_d, DIRECT=direct,
-                          PRECISION="ieee" if dt == "fp32" else "tf32")
-            k = _compile(attention._split_kernel, types, consts, arch, warps, stages, aligned)
-            out[f"attn_split.{name}{'.direct' if direct else ''}"] = _resources(k)
-        types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", len_ptr="*i64", out_ptr=p,
-                     stride_ob="i32", stride_oh="i32")
-        consts = dict(NUM_HEADS=h, HEAD_DIM=hd, NUM_SPLITS=64, SPLIT=64, SPLITS_POW2=64, CHUNK=16,
-                      BLOCK_D=block_d)
-        k = _compile(attention._combine_kernel, types, consts, arch, 1 if hd <= 64 else 2)
-        out[f"attn_combine.{name}"] = _resources(k)
-    return out
-
-
 def _fused(arch: int) -> dict:
     out = {}
     for dt, d in (("bf16", 4096), ("fp32", 64)):
@@ -127,12 +79,10 @@ def _fused(arch: int) -> dict:
         types = dict(qkv_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                      slot_ptr="*i64", q_ptr=p, k_ptr=p, v_ptr=p, **{n: "i32" for n in ints})
         half = triton.next_power_of_2(hd // 2)
-        for bs in (0, 16):  # 0: slot-major rope_store_kv; 16: rope_store_kv_paged
-            consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half,
-                          BLOCK_SIZE=bs)
-            k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
-                         aligned=hd % 16 == 0)
-            out[f"rope_store_kv{'_paged' if bs else ''}.{dt}_hd{hd}"] = _resources(k)
+        consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half, BLOCK_SIZE=16)
+        k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
+                     aligned=hd % 16 == 0)
+        out[f"rope_store_kv_paged.{dt}_hd{hd}"] = _resources(k)
     return out
 
 
@@ -204,7 +154,7 @@ def _paged(arch: int, full: bool) -> dict:
 
 
 def compile_all(arch: int = 90, full: bool = False) -> dict:
-    return {**_fused(arch), **_attention(arch, full), **_paged(arch, full)}
+    return {**_fused(arch), **_paged(arch, full)}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton kernels for the element-wise ops: rms_norm, add_rms_norm, silu_mul, rope_store_kv(_paged).
+"""Triton kernels for the element-wise ops: rms_norm, add_rms_norm, silu_mul, rope_store_kv_paged.
 
 Contract: same semantics as `reference.py` (fp32 math, one rounding to the output dtype,
 `add_rms_norm` updates `residual` in place). Each op is ONE kernel launch, allocates its output with
@@ -8,8 +8,7 @@ eagerly before capture so Triton's JIT does not compile inside the capture).
 
 `*_supported(...)` say which inputs these kernels take; `replica.kernels` falls back to the reference
 for the rest: the last dim of every tensor must be contiguous (stride 1); rms rows up to 65536
-elements; rope needs an even head_dim; paged rope a power-of-two block size. `rope_store_kv` and
-`rope_store_kv_paged` share one kernel (the BLOCK_SIZE constexpr picks the cache addressing).
+elements; rope needs an even head_dim and a power-of-two block size.
 """
 from __future__ import annotations
 
@@ -109,12 +108,11 @@ def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# rope_store_kv / rope_store_kv_paged: grid (N, H + KVH). Program (n, j): j < H rotates q head j
-# into q_out; j >= H rotates k head j-H into the k cache and copies v head j-H into the v cache.
-# In qkv the k head kh lives at column (H + kh) * hd, i.e. at j * hd, like the q heads.
-# BLOCK_SIZE picks the cache layout: 0 = slot-major [S, KVH, L, hd], written at [slot, :, pos];
-# BS > 0 = paged [num_blocks, KVH, BS, hd], slot is a flat token address written at
-# [slot // BS, :, slot % BS] (positions then only drive the rotation).
+# rope_store_kv_paged: grid (N, H + KVH). Program (n, j): j < H rotates q head j into q_out;
+# j >= H rotates k head j-H into the k cache and copies v head j-H into the v cache. In qkv the k
+# head kh lives at column (H + kh) * hd, i.e. at j * hd, like the q heads. The caches are paged
+# [num_blocks, KVH, BLOCK_SIZE, hd]; slot is a flat token address written at
+# [slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] (positions only drive the rotation).
 @triton.jit
 def _rope_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                           stride_qkv, stride_cos, stride_sin, stride_qn, stride_qh,
@@ -142,10 +140,7 @@ def _rope_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k
     else:
         kvh = head - NUM_HEADS
         slot = tl.load(slot_ptr + row)  # int64: slot * stride may exceed 2**31
-        if BLOCK_SIZE == 0:
-            blk, off = slot, pos
-        else:
-            blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         kdst = k_ptr + blk * stride_ks + kvh * stride_kh + off * stride_kl
         tl.store(kdst + offs, o1.to(k_ptr.dtype.element_ty), mask=mask)
         tl.store(kdst + half + offs, o2.to(k_ptr.dtype.element_ty), mask=mask)
@@ -191,15 +186,6 @@ def _launch_rope(qkv, cos, sin, positions, slots, k_cache, v_cache, num_heads, n
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=hd, HALF_BLOCK=half_block,
         BLOCK_SIZE=block_size, num_warps=1 if half_block <= 64 else 2)
     return out
-
-
-def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, slot_ids: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # qkv [N, (H + 2 KVH) hd] -> q [N, H, hd]; writes k/v_cache[slot, :, pos, :]
-    return _launch_rope(qkv, cos, sin, positions, slot_ids, k_cache, v_cache, num_heads,
-                        num_kv_heads, out, block_size=0)
 
 
 def rope_store_kv_paged(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

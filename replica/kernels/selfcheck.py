@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import replica.kernels  # noqa: F401  (applies the interpreter shim when TRITON_INTERPRET=1)
-from replica.kernels import attention, fused, paged_attention, reference
+from replica.kernels import fused, paged_attention, reference
 from replica.kernels.prefill_meta import PrefillMeta
 
 NAN = float("nan")
@@ -74,53 +74,6 @@ def check_silu(device, dtype, n: int, inter: int) -> None:
     gate_up = (3 * torch.randn(n, 2 * inter, generator=g)).to(device, dtype)
     out = torch.full((n, inter), NAN, dtype=dtype, device=device)
     _check("silu_mul", fused.silu_mul(gate_up, out=out), reference.silu_mul(gate_up), dtype)
-
-
-def check_rope(device, dtype, h: int, kvh: int, hd: int, prefill: bool) -> None:
-    n, slots_total, max_len = (6, 4, 32) if prefill else (3, 7, 32)
-    g = torch.Generator().manual_seed(h * 100 + kvh * 10 + hd + prefill)
-    qkv = torch.randn(n, (h + 2 * kvh) * hd, generator=g).to(device, dtype)
-    cos, sin = rope_tables(max_len, hd, device)
-    if prefill:  # one sequence, consecutive positions, one slot
-        positions = torch.arange(9, 9 + n, device=device)
-        slots = torch.full((n,), 2, dtype=torch.int64, device=device)
-    else:        # decode batch: non-contiguous slots, arbitrary positions incl. 0 and L-1
-        positions = torch.tensor([0, 17, max_len - 1], device=device)
-        slots = torch.tensor([5, 0, 3], device=device)
-    caches = [torch.full((slots_total, kvh, max_len, hd), NAN, dtype=dtype, device=device)
-              for _ in range(4)]
-    out = torch.full((n, h, hd), NAN, dtype=dtype, device=device)
-    q = fused.rope_store_kv(qkv, cos, sin, positions, slots, caches[0], caches[1], h, kvh, out=out)
-    q_ref = reference.rope_store_kv(qkv, cos, sin, positions, slots, caches[2], caches[3], h, kvh)
-    _check("rope.q", q, q_ref, dtype)
-    for name, tri, ref in (("k", caches[0], caches[2]), ("v", caches[1], caches[3])):
-        if not torch.equal(tri.isnan(), ref.isnan()):
-            raise AssertionError(f"rope.{name}_cache: written positions differ from reference")
-        _check(f"rope.{name}_cache", tri[slots, :, positions], ref[slots, :, positions], dtype)
-
-
-def check_attention(device, dtype, h: int, kvh: int, hd: int, max_len: int, lens: list[int],
-                    split: int | None, block_n: int | None) -> None:
-    b, slots_total = len(lens), len(lens) + 3
-    g = torch.Generator().manual_seed(h * 1000 + hd * 10 + max_len + b)
-    q = torch.randn(b, h, hd, generator=g).to(device, dtype)
-    k_cache = torch.randn(slots_total, kvh, max_len, hd, generator=g).to(device, dtype)
-    v_cache = torch.randn(slots_total, kvh, max_len, hd, generator=g).to(device, dtype)
-    slots = torch.randperm(slots_total, generator=g)[:b].to(device)  # non-contiguous slots
-    seq_lens = torch.tensor(lens, dtype=torch.int64, device=device)
-    for i, n in enumerate(lens):  # rows past seq_len must never be read
-        k_cache[slots[i], :, n:] = NAN
-        v_cache[slots[i], :, n:] = NAN
-    out = torch.full((b, h, hd), NAN, dtype=dtype, device=device)
-    scale = 1.0 / math.sqrt(hd)
-    saved, attention._empty = attention._empty, _nan_empty  # poison the split scratch
-    try:
-        o = attention.decode_attention(q, k_cache, v_cache, slots, seq_lens, scale, out=out,
-                                       split=split, block_n=block_n)
-    finally:
-        attention._empty = saved
-    _check("decode_attention", o, reference.decode_attention(q, k_cache, v_cache, slots,
-                                                             seq_lens, scale), dtype)
 
 
 def _nan_empty(shape, dtype, device):
@@ -236,24 +189,12 @@ def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_b
 
 def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     """Named checks; names are stable (tests parametrize over them)."""
-    a, pd, pp = check_attention, check_paged_decode, check_paged_prefill
+    pd, pp = check_paged_decode, check_paged_prefill
     return {
         "rms_norm.n1": lambda: check_norms(device, dtype, 1, 64, 64),
         "rms_norm.n5_d100_strided": lambda: check_norms(device, dtype, 5, 100, 128),
         "silu_mul.n1_i48": lambda: check_silu(device, dtype, 1, 48),
         "silu_mul.n3_i2100": lambda: check_silu(device, dtype, 3, 2100),
-        "rope.decode_gqa_hd16": lambda: check_rope(device, dtype, 4, 2, 16, prefill=False),
-        "rope.prefill_gqa_hd16": lambda: check_rope(device, dtype, 4, 2, 16, prefill=True),
-        "rope.decode_mha_hd128": lambda: check_rope(device, dtype, 2, 2, 128, prefill=False),
-        "rope.prefill_hd24": lambda: check_rope(device, dtype, 3, 1, 24, prefill=True),
-        "attn.b1_direct": lambda: a(device, dtype, 4, 2, 16, 64, [37], None, None),
-        "attn.gqa4_direct_len1_full": lambda: a(device, dtype, 8, 2, 16, 64, [1, 64, 33], None, None),
-        "attn.gqa2_splits": lambda: a(device, dtype, 4, 2, 16, 64, [1, 64, 33, 17], 16, 16),
-        "attn.mha_splits_ragged_L": lambda: a(device, dtype, 2, 2, 16, 200, [200, 1, 129], 64, 32),
-        "attn.many_splits_chunks": lambda: a(device, dtype, 4, 1, 32, 512, [512, 300, 5], 16, 16),
-        "attn.hd128_gqa4": lambda: a(device, dtype, 8, 2, 128, 96, [96, 40], 32, 16),
-        "attn.hd80_group1_padded": lambda: a(device, dtype, 3, 3, 80, 48, [48, 2], 16, 16),
-        "attn.group8_default": lambda: a(device, dtype, 16, 2, 64, 128, [128, 65, 1], None, None),
         "rope_paged.decode_gqa_hd16_bs8": lambda: check_rope_paged(device, dtype, 4, 2, 16, 8, False),
         "rope_paged.prefill_gqa_hd16_bs16": lambda: check_rope_paged(device, dtype, 4, 2, 16, 16, True),
         "rope_paged.decode_mha_hd128_bs32": lambda: check_rope_paged(device, dtype, 2, 2, 128, 32, False),

@@ -226,6 +226,27 @@ def roofline(name: str, requests: Sequence[tuple[int, int]], kv_tokens: int, gem
             "mean_context": ctx, "prompt_tokens": P, "output_tokens": O}
 
 
+def work_floor(name: str, requests: Sequence[tuple[int, int]], gemm_Fps: float, copy_Bps: float) -> dict:
+    """What the same requests cost at the measured rates whatever the schedule, for an engine that
+    runs matmuls and attention as separate kernels (as every engine here does):
+
+        matmul FLOPs of every token (prompt and output: layers, lm_head) / F + KV bytes decode attention reads / BW
+
+    The roofline's decode term assumes a decode step is bandwidth-bound at R rows. Past
+    R ~ F x weight bytes / (2 x params x BW) rows (~100 for llama-8b on an H200) a step's matmuls
+    take longer than reading the weights, so at R = 500 T_roof undercounts decode; this floor does
+    not: T_roof / floor is the roofline_fraction a perfect engine of that kind would reach. Mean
+    context as in roofline()."""
+    n = len(requests)
+    P = sum(q for q, _ in requests)
+    O = sum(o for _, o in requests)
+    ctx = P / n + O / n / 2
+    flops = prefill_flops(name, P, n) + prefill_flops(name, O, O)     # an output token = a 1-token prefill
+    compute_s = flops / gemm_Fps
+    attention_s = O * ctx * kv_bytes_per_token(name) / copy_Bps
+    return {"floor_s": compute_s + attention_s, "matmul_s": compute_s, "attention_s": attention_s}
+
+
 # ---------------------------------------------------------------- statistics and tables
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

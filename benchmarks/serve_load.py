@@ -9,7 +9,7 @@ For each router (default = `ray.serve._private.request_router:PowerOfTwoChoicesR
 ours = `router.request_router:BucketAwareRequestRouter`; only the router class differs) it
 deploys the app (`deployments.app:build_app`), warms it up (one small job of every kind, not
 measured) and runs, seed-major, for each seed and trace (benchmarks/serve_traces.py: mix, heavy,
-chat):
+chat, chat-long):
   burst  the trace's burst, all at t=0 (capacity), stopped at --burst-cap-s;
   lo/hi  open loop: Poisson arrivals over --window-s offering --rates (0.4, 0.8) x the trace's
          capacity in output tokens/s (at least that fraction of --min-jobs arrivals), stopped
@@ -59,7 +59,7 @@ TAIL_S = 15.0          # kept at the end of the budget: the last save, the table
 PHASE_OVERHEAD_S = 1.5  # counters, waiting for idle replicas, saving: first a guess, then measured
 # (flag, GPU default, CPU smoke default, help)
 SIZES = [("model", "random:llama-8b", "random:tiny", "engine model of every replica"),
-         ("max-seq-len", 4096, 512, "AppArgs max_seq_len (the longest heavy and chat sequences fit)"),
+         ("max-seq-len", 8192, 512, "AppArgs max_seq_len (the longest heavy and chat-long sequences fit)"),
          ("window-s", 6.0, 1.0, "open-loop arrival window"),
          ("drain-s", 1.5, 0.5, "open loop: stop this long after the window (what runs then is cut)"),
          ("burst-cap-s", 7.0, 3.0, "a burst is stopped (cut) this long after its start"),
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="ladder")
     C.add_sized_args(ap, SIZES)
     ap.add_argument("--routers", default="default,ours", help="in run order; the first sets the rates")
-    ap.add_argument("--traces", default="mix,heavy,chat")
+    ap.add_argument("--traces", default="mix,heavy,chat,chat-long")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--phases", default="burst,lo,hi")
     ap.add_argument("--rates", default="0.4,0.8", help="open-loop lo,hi as fractions of the capacity")

@@ -1,4 +1,4 @@
-"""serve_load's workloads (issue 10): three seeded traces, each drawn as a burst or as an open loop.
+"""serve_load's workloads (issue 10): four seeded traces, each drawn as a burst or as an open loop.
 
 Traces (GPU sizes; `TRACES["cpu"]` holds the CPU smoke test's, a few times smaller):
   mix    today's mix (issue 3): interactive requests over HTTP streaming, prompt U[64,512] tokens,
@@ -11,6 +11,11 @@ Traces (GPU sizes; `TRACES["cpu"]` holds the CPU smoke test's, a few times small
          previous turn's prompt + the model's output token ids + a new user message U[32,128];
          4 turns, output U[24,96] each, no think time. 4 system prefixes of U[256,1024] tokens per
          seed; a conversation uses one of them with probability 3/4 (shared prefixes), else none.
+  chat-long  the same conversations over a private context each (a document or a long earlier
+         session: U[1536,3072] tokens after the system prefix, never shared between
+         conversations), first message U[64,256], later messages U[32,128], output U[32,128]. Where
+         a turn lands decides whether its history is prefilled again (~2-4k tokens, 50-100 ms of
+         8B compute): the shape prefix affinity exists for. `chat` is its short-history control.
 A burst puts `burst` jobs of the trace at t=0 (mix 12 batch jobs + 48 interactive, heavy 4 + 32,
 chat 48 conversations; x --burst-scale): a few seconds of work for 2 llama-8b replicas. An open
 loop draws Poisson arrivals over a window at given rates (interactive, batch jobs, conversations
@@ -66,6 +71,7 @@ class Chat:
     user: Range                   # later user messages
     output: Range                 # tokens per turn
     turns: int
+    context: Range = (0, 0)       # private tokens per conversation, after the system prefix
 
 
 TRACES: dict[str, dict[str, Trace]] = {
@@ -73,11 +79,15 @@ TRACES: dict[str, dict[str, Trace]] = {
         "mix": Trace("mix", (64, 512), (32, 128), (8, 64), (128, 512), (64, 128), 8 / 9, (12, 48)),
         "heavy": Trace("heavy", (1024, 2048), (256, 512), (4, 16), (1024, 2048), (256, 512), 4 / 5, (4, 32)),
         "chat": Trace("chat", burst=(48, 0), chat=Chat((256, 1024), 4, 0.75, (128, 512), (32, 128), (24, 96), 4)),
+        "chat-long": Trace("chat-long", burst=(48, 0), chat=Chat((256, 1024), 4, 0.75, (64, 256), (32, 128),
+                                                                 (32, 128), 4, context=(1536, 3072))),
     },
     "cpu": {
         "mix": Trace("mix", (16, 64), (4, 12), (4, 16), (16, 64), (4, 12), 8 / 9, (3, 8)),
         "heavy": Trace("heavy", (128, 256), (16, 32), (2, 6), (128, 256), (16, 32), 4 / 5, (1, 4)),
         "chat": Trace("chat", burst=(8, 0), chat=Chat((32, 96), 2, 0.75, (16, 64), (8, 24), (4, 12), 4)),
+        "chat-long": Trace("chat-long", burst=(8, 0), chat=Chat((32, 96), 2, 0.75, (16, 32), (8, 24), (4, 12), 4,
+                                                                context=(96, 192))),
     },
 }
 
@@ -86,7 +96,7 @@ def longest_sequence(t: Trace) -> int:
     """Tokens the longest sequence of the trace can reach (prompt + output): must fit max_seq_len."""
     if t.chat:
         c = t.chat
-        return c.system[1] + c.first[1] + (c.turns - 1) * c.user[1] + c.turns * c.output[1]
+        return c.system[1] + c.context[1] + c.first[1] + (c.turns - 1) * c.user[1] + c.turns * c.output[1]
     return max(t.interactive_prompt[1] + t.interactive_output[1], t.batch_prompt[1] + t.batch_output[1])
 
 
@@ -150,7 +160,8 @@ class Draw:
                        rng.randint(*t.batch_output))
         c = t.chat
         system = self.systems[rng.randrange(len(self.systems))] if rng.random() < c.shared else ()
-        first = system + _tokens(rng, rng.randint(*c.first))
+        context = _tokens(rng, rng.randint(*c.context)) if c.context[1] else ()
+        first = system + context + _tokens(rng, rng.randint(*c.first))
         later = tuple((_tokens(rng, rng.randint(*c.user)), rng.randint(*c.output)) for _ in range(c.turns - 1))
         return Job("chat", at, (first,), rng.randint(*c.output), later)
 

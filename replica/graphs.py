@@ -117,10 +117,15 @@ class DecodeGraphs:
         if not self.use_graphs:
             return
         fill_padding(self.step.rows)
+        # One side stream for warm-up and capture: its cuBLAS workspace is allocated once, in the
+        # warm-up, outside the graphs' pool (a fresh stream per capture would pay one per graph).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
         t0 = time.perf_counter()
-        for b in reversed(self.buckets):   # compile first (Triton JIT, cuBLAS handles) so capture is capture
-            for mode in MODES:
-                self.step.run(b, mode)
+        with torch.cuda.stream(side):
+            for b in reversed(self.buckets):   # compile first (Triton JIT, cuBLAS) so capture is capture
+                for mode in MODES:
+                    self.step.run(b, mode)
         torch.cuda.synchronize()
         self.warmup_seconds = time.perf_counter() - t0
         free_before = torch.cuda.mem_get_info()[0]
@@ -129,11 +134,13 @@ class DecodeGraphs:
         gc.collect()
         gc.freeze()  # a gc pass during capture is slow and can free tensors the graph still uses
         try:
-            for b in reversed(self.buckets):
-                for mode in MODES:
-                    self.graphs[(b, mode)] = self._capture_one(b, mode, pool)
+            with torch.cuda.stream(side):
+                for b in reversed(self.buckets):      # largest first: the pool grows once
+                    for mode in MODES:
+                        self.graphs[(b, mode)] = self._capture_one(b, mode, pool)
         finally:
             gc.unfreeze()
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.graph_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
@@ -142,12 +149,12 @@ class DecodeGraphs:
             f"{self.graph_bytes / 2**20:.1f} MiB")
 
     def _capture_one(self, b: int, mode: str, pool) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step.run(b, mode)  # one run on the capture stream so its allocations are pooled
-        torch.cuda.current_stream().wait_stream(side)
+        """Capture on the current (side) stream, already warm. capture_begin/end directly rather
+        than `torch.cuda.graph`, whose __enter__ syncs and empties both allocator caches per graph."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        graph.capture_begin(pool=pool)
+        try:
             self.step.run(b, mode)
+        finally:
+            graph.capture_end()
         return graph

@@ -74,8 +74,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = c = config
         self.device = resolve_device(c.device)
+        t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.empty(1, device=self.device)          # creates the context here, timed
+        init_s = time.perf_counter() - t0
         self.dtype = resolve_dtype(c.dtype, self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -107,7 +110,8 @@ class ModelRunner:
         self.startup = StartupReport(
             weights_bytes=self.model.weight_bytes(), kv_cache_bytes=self.kv.nbytes,
             graph_bytes=self.graphs.graph_bytes, graph_bytes_estimate=plan.activation_bytes,
-            load_seconds=load_s, sizing_seconds=size_s, warmup_seconds=self.graphs.warmup_seconds,
+            device_init_seconds=init_s, load_seconds=load_s, sizing_seconds=size_s,
+            warmup_seconds=self.graphs.warmup_seconds,
             capture_seconds=self.graphs.capture_seconds)
 
     def _sync(self) -> None:

@@ -18,6 +18,8 @@ class StartupReport:
     graph_bytes: int = 0
     graph_bytes_estimate: int = 0   # reserved before sizing the KV pool (measured activation peak)
     process_seconds: float = 0.0    # process start until the engine core begins building (process backend)
+    imports_seconds: float = 0.0    # of which the engine process's imports (torch, triton, replica)
+    device_init_seconds: float = 0.0  # CUDA context on the engine's device
     load_seconds: float = 0.0       # weights
     sizing_seconds: float = 0.0     # activation probe + KV allocation
     warmup_seconds: float = 0.0     # Triton JIT + first runs, before capture

@@ -9,7 +9,7 @@ from benchmarks import serve_traces as T
 
 @pytest.mark.parametrize("device", ["gpu", "cpu"])
 def test_traces_are_seeded_fit_their_context_and_offer_the_asked_rate(device):
-    limit = {"gpu": 4096, "cpu": 512}[device]       # serve_load's --max-seq-len defaults
+    limit = {"gpu": 8192, "cpu": 512}[device]       # serve_load's --max-seq-len defaults
     for t in T.TRACES[device].values():
         assert T.longest_sequence(t) <= limit
         assert T.burst(t, 1) == T.burst(t, 1) != T.burst(t, 2)
@@ -96,3 +96,25 @@ def test_summary_pools_seeds_over_the_phases_both_routers_ran_and_judges_the_bar
     R.headline(res, s)
     assert res["burst_tokens_per_s_ours_over_default"] == pytest.approx(1.25)
     assert res["padding_waste"] == {"ours": 0.0, "default": 0.0}
+
+
+def test_chat_long_conversations_carry_a_private_context_that_fits_max_seq_len():
+    t = T.TRACES["gpu"]["chat-long"]
+    jobs = T.burst(t, 0)
+    systems = T.Draw(t, 0, "burst").systems
+    for j in jobs:
+        first = j.prompts[0]
+        system = next((s for s in systems if first[:len(s)] == s), ())
+        assert len(first) - len(system) >= t.chat.context[0] + t.chat.first[0]
+    heads = {j.prompts[0][:4096] for j in jobs}          # contexts differ between conversations
+    assert len(heads) == len(jobs)
+    assert T.longest_sequence(t) <= 8192
+
+
+def test_multi_turn_bar_covers_every_chat_trace():
+    def summ(o, d):
+        return {"burst": {"ratio": {}}, "open": {"ours": {"chat_ttft_ms_p50": o}, "default": {"chat_ttft_ms_p50": d}}}
+    res = {"routers": {}}
+    b = R.bars(res, {"chat": summ(40.0, 50.0), "chat-long": summ(20.0, 60.0), "mix": summ(None, None)})
+    assert b == {"multi_turn_ttft_p50_ours<=0.5x_default[chat]": False,
+                 "multi_turn_ttft_p50_ours<=0.5x_default[chat-long]": True}

@@ -40,17 +40,34 @@ def block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
     return list(iter_block_hashes(tokens, block_size))
 
 
+SUMMARY_STRIDE = 8        # blocks: besides powers of two, every 8th depth (128 tokens at block 16)
+HINT_STRIDE_DEPTHS = 48   # a hint carries the deepest 48 stride depths of a prompt (~6k tokens)
+
+
+def is_summary_depth(depth: int) -> bool:
+    """Depths (in blocks) whose block a replica publishes in its prefix summary: powers of two,
+    for a coarse match at any length, and multiples of `SUMMARY_STRIDE`, so that a follow-up turn
+    that resends a history finds it to within 128 tokens (with powers of two alone a 3k-token
+    history matches at 2k: the router would see a third of the saving)."""
+    return depth > 0 and (depth & (depth - 1) == 0 or depth % SUMMARY_STRIDE == 0)
+
+
 def summary_depths(num_blocks: int) -> list[int]:
-    """The block counts a prefix summary samples: 1, 2, 4, 8, ... up to `num_blocks` (and
-    `num_blocks` itself). Published summaries and routing hints both use these depths, so a router
-    can bound a cached prefix within a factor of two from a few hashes per prompt."""
-    out, d = [], 1
+    """The depths a routing hint samples for a prompt of `num_blocks` full blocks: powers of two,
+    the deepest `HINT_STRIDE_DEPTHS` multiples of `SUMMARY_STRIDE`, and `num_blocks` itself, in
+    increasing order (at most ~12 + 48 + 1 per prompt; router/hint.py keeps 64). Published
+    summaries hold the blocks at `is_summary_depth` depths, so every sampled depth but the last
+    can match."""
+    pow2, d = [], 1
     while d <= num_blocks:
-        out.append(d)
+        pow2.append(d)
         d *= 2
-    if num_blocks and out[-1] != num_blocks:
-        out.append(num_blocks)
-    return out
+    top = num_blocks - num_blocks % SUMMARY_STRIDE
+    stride = range(max(top - (HINT_STRIDE_DEPTHS - 1) * SUMMARY_STRIDE, SUMMARY_STRIDE), top + 1, SUMMARY_STRIDE)
+    out = set(pow2) | set(stride)
+    if num_blocks:
+        out.add(num_blocks)
+    return sorted(out)
 
 
 def prefix_summary(tokens: Sequence[int], block_size: int) -> tuple[tuple[int, int], ...]:

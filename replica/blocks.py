@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from replica.block_hash import ROOT, block_hash
+from replica.block_hash import ROOT, block_hash, is_summary_depth
 
 SCRATCH_BLOCK = 0
 
@@ -46,7 +46,7 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[Optional[int]] = [None] * num_blocks
         self._tokens: dict[int, tuple[int, ...]] = {}        # registered block -> its tokens
-        self._summarised: dict[int, None] = {}                 # registered blocks at power-of-two depth
+        self._summarised: dict[int, None] = {}                 # registered blocks at summary depths
         self._by_hash: dict[int, int] = {}
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))   # pop() hands out low ids first
         self._evictable: OrderedDict[int, None] = OrderedDict()     # LRU first
@@ -104,7 +104,7 @@ class BlockPool:
             self._by_hash[h] = block
             self._hash[block] = h
             self._tokens[block] = tuple(tokens)
-            if depth & (depth - 1) == 0:
+            if is_summary_depth(depth):
                 self._summarised[block] = None
         return h
 
@@ -151,7 +151,7 @@ class BlockPool:
 
     # -- reporting ------------------------------------------------------------------------------
     def summary(self, limit: int) -> tuple[int, ...]:
-        """Hashes of cached prefixes at power-of-two depths (1, 2, 4, ... blocks): blocks in use
+        """Hashes of cached prefixes at summary depths (block_hash.is_summary_depth): blocks in use
         first, then idle (evictable) ones, newest registered first; at most `limit`. O(blocks at
         those depths), not O(pool): it runs in the GPU loop's process."""
         newest = list(reversed(self._summarised))

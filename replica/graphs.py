@@ -127,6 +127,10 @@ class DecodeGraphs:
                 for mode in MODES:
                     self.step.run(b, mode)
         torch.cuda.synchronize()
+        # The caching allocator keeps blocks per stream: what the warm-up freed on the side stream
+        # would stay reserved and unusable by the eager (default-stream) steps. Return it, so that
+        # graph_bytes below counts the graphs' pool alone.
+        torch.cuda.empty_cache()
         self.warmup_seconds = time.perf_counter() - t0
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 from router.stats import RoutingHint
 
 MAX_HINT_PROMPTS = 4096   # prompts whose prefix summary is kept (a batch beyond: the rest uncached)
-MAX_HINT_DEPTHS = 64      # (depth, hash) pairs per prompt (1, 2, 4, ..: 64 covers any real length)
+MAX_HINT_DEPTHS = 64      # (depth, hash) pairs per prompt (summary_depths: <= 63 up to 128k tokens)
 MAX_COUNT = 1 << 50       # counts are clamped here so float arithmetic stays finite
 
 Prefixes = tuple[tuple[tuple[int, int], ...], ...]

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from replica.block_hash import ROOT, block_hash, block_hashes, prefix_summary, summary_depths
+from replica.block_hash import (HINT_STRIDE_DEPTHS, ROOT, SUMMARY_STRIDE, block_hash, block_hashes,
+                                is_summary_depth, prefix_summary, summary_depths)
 from replica.blocks import SCRATCH_BLOCK, BlockPool, OutOfBlocksError
 
 
@@ -30,6 +31,18 @@ def test_hashes_are_chained_and_stable():
     assert block_hash(ROOT, [1, 2, 3]) == 7734876972953562849   # stable across processes and versions
     assert summary_depths(5) == [1, 2, 4, 5] and summary_depths(8) == [1, 2, 4, 8]
     assert prefix_summary(a, 8) == ((1, ha[0]), (2, ha[1]), (4, ha[3]), (5, ha[4]))
+
+
+def test_summary_depths_sample_powers_of_two_and_the_deepest_stride_multiples():
+    assert summary_depths(30) == [1, 2, 4, 8, 16, 24, 30]
+    deep = summary_depths(1000)
+    stride = [d for d in deep if d % SUMMARY_STRIDE == 0 and d & (d - 1)]
+    assert len(stride) <= HINT_STRIDE_DEPTHS and stride[-1] == 1000 and stride[0] == 1000 - 47 * SUMMARY_STRIDE
+    assert deep[-1] == 1000 and deep == sorted(set(deep)) and len(deep) <= 63
+    assert len(summary_depths(8192)) <= 63                            # 128k tokens at block 16: fits a hint
+    # every sampled depth but the prompt's own length is one a replica publishes
+    assert all(is_summary_depth(d) for d in summary_depths(203)[:-1])
+    assert not is_summary_depth(203) and is_summary_depth(64) and is_summary_depth(200)
 
 
 def test_allocate_release_and_scratch_never_handed_out():
@@ -109,3 +122,14 @@ def test_random_churn_keeps_the_invariants():
     pool.check()
     assert pool.leaked() == 0 and pool.counters.evicted_blocks > 0
     assert all(isinstance(h, int) for h in pool.summary(100))
+
+
+def test_summary_publishes_every_stride_depth_so_a_resent_history_matches_nearly_whole():
+    bs = 4
+    pool = BlockPool(64, bs)
+    history = list(range(1000, 1000 + 30 * bs + 3))          # 30 full blocks + a partial one
+    _fill(pool, history)
+    follow_up = history + [7] * (3 * bs)                      # the next turn resends it and adds more
+    held = set(pool.summary(1000))
+    matched = max(d for d, h in prefix_summary(follow_up, bs) if h in held)
+    assert matched == 24 == 30 - 30 % SUMMARY_STRIDE          # powers of two alone: 16

@@ -225,7 +225,7 @@ def bench_prefill(sh, chunks_by_name, dtype, device, triton_mod, ref_impl, meta_
         rows.append(row)
         print(format_row(row) + (f"  {row['triton_tflops']:6.1f} TFLOP/s" if timing else ""),
               flush=True)
-        del inp
+        inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
     return rows
 
 
@@ -257,7 +257,7 @@ def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
                   f"{best['us']:8.2f} us; default split={dflt['split']} {dflt['us']:8.2f} us "
                   f"({dflt['gbs']:6.1f} GB/s)")
             out += case
-            del inp
+            inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
             torch.cuda.empty_cache()
     return out
 
@@ -274,7 +274,7 @@ def sweep_prefill(sh, dtype, device, paged_mod, meta_cls):
             out.append(dict(case=name, num_stages=stages, us=t, tflops=flops / t / 1e6))
             print(f"  prefill sweep {name:<16} stages={stages}: {t:9.2f} us "
                   f"{flops / t / 1e6:6.1f} TFLOP/s")
-        del inp
+        inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
     for name in ("128+32k_prefix", "4x512+200dec", "2048+30k_prefix"):  # key segments
         chunks = PREFILL_CASES_8B[name]
         inp, _, flops = prefill_inputs(sh, chunks, dtype, device, meta_cls)
@@ -290,7 +290,7 @@ def sweep_prefill(sh, dtype, device, paged_mod, meta_cls):
                             merges=meta.num_prefill_merges + meta.num_decode_merges))
             print(f"  prefill sweep {name:<16} segment={seg:<12}{'(default)' if segment is None else '':9}"
                   f" {t:9.2f} us {flops / t / 1e6:6.1f} TFLOP/s  merges={out[-1]['merges']}")
-        del inp
+        inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
     return out
 
 
@@ -430,10 +430,9 @@ def main() -> int:
         print(f"selfcheck: {len(checks) - len(failed)}/{len(checks)} ok  {failed or ''}")
     rows, paged_sweeps, specs = [], {}, {}
     for batch, ctx, max_len in cases:
-        case_rows, inp = bench_case(sh, batch, ctx, max_len, dtype, device, TritonImpl, ref_impl,
-                                    timing=not tiny, paged_only=args.paged_only)
+        case_rows, _ = bench_case(sh, batch, ctx, max_len, dtype, device, TritonImpl, ref_impl,
+                                  timing=not tiny, paged_only=args.paged_only)   # inputs dropped here
         rows += case_rows
-        del inp
         if cuda:
             torch.cuda.empty_cache()
     prefill_kernels = (paged_attention._prefill_kernel, paged_attention._prefill_merge_kernel)

@@ -24,12 +24,13 @@ Time: every phase is bounded (bursts by --burst-cap-s, open loops by window + dr
 costs at most its bound + ~1 s. --budget-s (from the script's start) splits what is left between
 the routers still to run; a phase that would not fit its router's share is skipped and recorded
 (`skipped`), and a later router runs only the phases the first one ran. GPU defaults (2x H200,
-llama-8b): ray start ~10 s, each deploy ~30 s, 27 phases per router of <= 7-7.5 s + ~1 s (bursts
-sized to ~3-6 s of work; heavy's 512-token outputs may reach the cap) -> ~8.5 min in all, and the
-budget (530 s) stops it before 9.5 minutes.
+llama-8b): ray start ~10 s, each deploy ~30 s, 36 phases per router of <= 7-7.5 s + ~1 s (bursts
+sized to ~3-6 s of work; heavy's 512-token outputs and chat's turns may reach the cap): pass
+`--window-s 5 --drain-s 1 --burst-cap-s 6` to keep one layout at ~8 min; the budget (530 s) stops
+it before 9.5 minutes either way.
 
-  . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --out $OUT/serve_load-ladder.json
-  . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --burst-cap-s 6 --out $OUT/serve_load-tiers.json
+  . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-ladder.json
+  . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-tiers.json
   python benchmarks/serve_load.py --device cpu --port 8123            # CPU smoke, ~1.5 min, numbers mean nothing
 """
 from __future__ import annotations

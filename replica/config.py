@@ -68,7 +68,8 @@ class EngineConfig:
     # chunks. Bounds how long a step holds the running decodes back.
     step_token_budget: int = 2048
     # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
-    # caller's GIL, the setting for servers), "thread" (in-process), "auto" (process on CUDA).
+    # caller's GIL, the setting for servers; the caller then never imports torch), "thread"
+    # (in-process), "auto" (process when a CUDA driver and visible GPUs exist: engine._use_process).
     engine_process: Literal["auto", "thread", "process"] = "auto"
     # Requests waiting for admission beyond the running rows; a submit past it raises
     # EngineOverloadedError. None: no bound.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import uuid
 from collections import defaultdict
@@ -45,13 +46,19 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_name = config.model
-        self.tokenizer = load_tokenizer(config.model)
         self._requests: dict[str, _Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
         self._stopped = False
+        # The engine process starts first: its imports and capture overlap the tokenizer's load here.
         worker = ProcessWorker if _use_process(config) else ThreadWorker
         self._backend = worker(config, self._on_events, self._on_failure)
+        try:
+            self.tokenizer = load_tokenizer(config.model)
+            self._backend.wait_ready()
+        except BaseException:
+            self._backend.shutdown()
+            raise
         self.info = self._backend.info
 
     @property
@@ -161,10 +168,20 @@ class Engine:
 
 
 def _use_process(config: EngineConfig) -> bool:
+    """Process backend for CUDA devices. Decided without importing torch, so that a front end
+    running the process backend never loads it (3.5 s of import on an H200 host, and its memory):
+    for `device="auto"`, CUDA counts as present when the NVIDIA driver's control device exists and
+    CUDA_VISIBLE_DEVICES does not hide every GPU. A wrong guess costs speed, not correctness (the
+    child resolves the device with torch); `engine_process` overrides it."""
     if config.engine_process != "auto":
         return config.engine_process == "process"
-    from replica.model_runner import resolve_device
-    return resolve_device(config.device).type == "cuda"
+    device = (config.device or "auto").lower()
+    if device != "auto":
+        return device.startswith("cuda")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl")
 
 
 def _coalesce(first, queue: asyncio.Queue):

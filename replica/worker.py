@@ -37,12 +37,13 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from replica.batch import StepBatch
 from replica.blocks import BlockPool
 from replica.config import EngineConfig
-from replica.model_runner import InFlight, ModelRunner   # torch: a child process imports it at once
+if TYPE_CHECKING:   # torch: imported by EngineCore, never by a parent that only runs ProcessWorker
+    from replica.model_runner import InFlight
 from replica.scheduler import EngineOverloadedError, Scheduler
 from replica.sequence import Event, Sequence
 from replica.stats import EngineStats
@@ -76,6 +77,7 @@ class EngineCore:
     """Scheduler + model runner + the step in flight. Single-threaded but for `submit`/`abort`."""
 
     def __init__(self, config: EngineConfig):
+        from replica.model_runner import ModelRunner   # torch
         self.config = c = config
         self.runner = r = ModelRunner(config)
         eos = set(load_tokenizer(c.model).eos_token_ids)
@@ -85,7 +87,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, r.rows, r.max_decode_rows, c.max_seq_len, c.step_token_budget,
                                    eos, c.max_queued_requests)
         self.info = EngineInfo(r.vocab_size, c.max_seq_len, c.block_size)
-        self._inflight: Optional[tuple[StepBatch, InFlight]] = None
+        self._inflight: Optional[tuple[StepBatch, "InFlight"]] = None
         self._last_done = time.perf_counter()
         self.steps = collections.Counter()          # (bucket, path) -> decode steps
         self.padded = collections.Counter()         # bucket -> padding rows
@@ -121,7 +123,7 @@ class EngineCore:
         self._inflight = launched
         return events
 
-    def _account(self, batch: StepBatch, step: InFlight) -> None:
+    def _account(self, batch: StepBatch, step: "InFlight") -> None:
         """Counters and measured rates of a step that just finished."""
         now = time.perf_counter()
         seconds, self._last_done = max(now - max(self._last_done, step.launched_at), 1e-6), now
@@ -186,6 +188,9 @@ class ThreadWorker:
         self._thread = threading.Thread(target=self._run, name="graphserve-step", daemon=True)
         self._thread.start()
 
+    def wait_ready(self) -> None:
+        """Ready once constructed (the core is built in the constructor)."""
+
     def submit(self, seq: Sequence) -> None:
         self.core.scheduler.submit(seq)     # raises EngineOverloadedError past the queue bound
         self._notify()
@@ -249,9 +254,15 @@ class ProcessWorker:
         self._send_lock = threading.Lock()
         self.error: Optional[BaseException] = None
         self._stopping = False
+        self._reader: Optional[threading.Thread] = None     # started by wait_ready
         self._send(("config", config))
+        self._t0 = t0
+
+    def wait_ready(self) -> None:
+        """Block until the engine process has built its core (imports, weights, capture); the
+        caller may do its own start-up work between the constructor and this call."""
         try:
-            kind, *payload = self._conn.recv()  # blocks through imports, weight load and graph capture
+            kind, *payload = self._conn.recv()
         except EOFError:
             raise EngineDeadError(f"the engine process exited during startup (code {self._proc.wait()}); "
                                   "its log is above") from None
@@ -259,7 +270,7 @@ class ProcessWorker:
             self._proc.wait(timeout=30)
             raise payload[0]
         self.info, self._stats = payload
-        self._ready_s = time.perf_counter() - t0
+        self._ready_s = time.perf_counter() - self._t0
         self._last_message = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="graphserve-engine-reader", daemon=True)
         self._reader.start()
@@ -292,6 +303,11 @@ class ProcessWorker:
         if self._stopping:
             return
         self._stopping = True
+        if self._reader is None:        # never became ready (or the caller gave up): no goodbye
+            self._proc.kill()
+            self._proc.wait(timeout=30)
+            self._conn.close()
+            return
         try:
             self._send(("stop",))
         except EngineDeadError:
@@ -385,6 +401,7 @@ def _send_loop(conn: Connection, outbox: "queue.SimpleQueue") -> None:
 
 
 if __name__ == "__main__":
+    import replica.model_runner  # noqa: F401 - torch and the kernels, before the config arrives
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Run the importable module's copy, so pickles name `replica.worker.EngineInfo`, not `__main__.`
     from replica.worker import _child_main as child_main

@@ -171,6 +171,47 @@ def test_engine_in_its_own_process_matches_the_thread_engine():
     assert stats.generated_tokens == 18 and stats.free_slots == stats.max_num_seqs
 
 
+def test_a_process_backend_front_end_never_imports_torch():
+    """The serving replica's process only relays requests: torch stays in the engine process (its
+    import is 3.5 s on an H200 host), and the auto backend choice is made without it."""
+    import subprocess
+    import sys
+    code = ("import sys, asyncio\n"
+            "from replica import Engine, EngineConfig, GenerationRequest, SamplingParams\n"
+            "e = Engine(EngineConfig(model='random:tiny', device='cpu', engine_process='process', max_seq_len=64))\n"
+            "async def go():\n"
+            "    return [c async for c in e.generate(GenerationRequest(prompt_token_ids=[1, 2],"
+            " params=SamplingParams(max_tokens=3, ignore_eos=True)))]\n"
+            "chunks = asyncio.run(go())\n"
+            "e.shutdown()\n"
+            "assert sum(len(c.token_ids) for c in chunks) == 3, chunks\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_an_engine_process_that_fails_to_start_raises_its_error_in_the_caller():
+    from replica import ConfigError
+
+    with pytest.raises(ConfigError, match="KV budget"):
+        Engine(EngineConfig(model="random:tiny", device="cpu", engine_process="process", max_seq_len=64,
+                            kv_cache_bytes=1000))
+
+
+def test_auto_backend_is_decided_from_the_device_and_the_driver_without_torch(monkeypatch):
+    from replica.engine import _use_process
+
+    def use(device="auto", mode="auto"):
+        return _use_process(EngineConfig(model="random:tiny", device=device, engine_process=mode))
+    assert use("cuda:1") and not use("cpu") and use("cpu", "process") and not use("cuda", "thread")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not use()                                     # every GPU hidden: in-process
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr("os.path.exists", lambda p: p == "/dev/nvidiactl")
+    assert use()                                         # a driver and visible GPUs: own process
+
+
 def test_a_dead_engine_process_fails_its_requests_and_its_health_check():
     from replica.worker import EngineDeadError
 

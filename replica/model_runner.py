@@ -216,8 +216,14 @@ class ModelRunner:
         cols = [d.tokens + c.tokens, d.positions + c.positions, d.slots + c.slots, tok_rows, d.src,
                 logit_rows, d.table_rows + [c.table_rows[i] for i in picked],
                 d.steps + [c.steps[i] for i in picked]]
-        flat = self._to_device(list(itertools.chain.from_iterable(cols)))
-        tokens, positions, slots, rows, src, logit_rows_t, samp_rows, steps = flat.split([len(x) for x in cols])
+        # Each column starts 16-byte aligned in the one H2D buffer (int64: an even offset): Triton
+        # compiles a pointer's 16-byte alignment into the kernel, so a column at an odd offset (an
+        # odd token count) would need a second variant of the rope kernel, JIT-compiled mid-run.
+        sizes = [len(x) for x in cols]
+        flat = self._to_device(list(itertools.chain.from_iterable(x + [0] * (len(x) % 2) for x in cols)))
+        pieces = flat.split([n + n % 2 for n in sizes])
+        tokens, positions, slots, rows, src, logit_rows_t, samp_rows, steps = (
+            piece[:n] for piece, n in zip(pieces, sizes))
         if nd:   # decode rows whose input is still on the device
             tokens = tokens.clone()
             tokens[:nd] = torch.where(src >= 0, self.out.tokens[src.clamp(min=0)], tokens[:nd])

@@ -47,6 +47,21 @@ TILE_TOKENS = 32     # query tokens per prefill tile (power of two)
 TARGET_TILES = 512   # split keys into segments until a kind has about this many tile programs
 MIN_SEGMENT = 4096   # keys per segment at least (a power of two, a multiple of every BLOCK_N)
 COLS = 7
+# Each section of `packed` starts on a multiple of 4 rows (4 x 7 int32 = 112 B, a multiple of 16):
+# Triton specializes pointer arguments on 16-byte alignment, so a section at an odd offset would
+# need a second compiled variant of its kernel, compiled mid-run the first time the prefill tile
+# count is not a multiple of 4 (a cold JIT stall inside a loaded step).
+ALIGN_ROWS = 4
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN_ROWS) * ALIGN_ROWS
+
+
+def _pad(section: list) -> list:
+    """`section` followed by zero rows up to a multiple of ALIGN_ROWS (never read: every launch's
+    grid is its section's true length)."""
+    return section + [(0,) * COLS] * (_aligned(len(section)) - len(section))
 
 
 def _next_pow2(x: int) -> int:
@@ -88,29 +103,27 @@ class PrefillMeta:
     num_decode_parts: int
     prefill_segment: int          # keys per segment of each kind
     decode_segment: int
-    packed: torch.Tensor          # int32 [tiles + merges, 7] on `device`: the one H2D copy
+    packed: torch.Tensor          # int32 [sections, 7] on `device`, each section ALIGN_ROWS-aligned: one H2D copy
 
     @property
-    def tiles(self) -> torch.Tensor:  # [num_prefill_tiles + num_decode_tiles, 7]
-        return self.packed[: self.num_prefill_tiles + self.num_decode_tiles]
-
-    @property
-    def prefill_tiles(self) -> torch.Tensor:
+    def prefill_tiles(self) -> torch.Tensor:   # int32 [num_prefill_tiles, 7], 16-byte aligned
         return self.packed[: self.num_prefill_tiles]
 
     @property
     def decode_tiles(self) -> torch.Tensor:
-        return self.packed[self.num_prefill_tiles: self.num_prefill_tiles + self.num_decode_tiles]
+        start = _aligned(self.num_prefill_tiles)
+        return self.packed[start: start + self.num_decode_tiles]
 
     @property
     def prefill_merges(self) -> torch.Tensor:
-        start = self.num_prefill_tiles + self.num_decode_tiles
+        start = _aligned(self.num_prefill_tiles) + _aligned(self.num_decode_tiles)
         return self.packed[start: start + self.num_prefill_merges]
 
     @property
     def decode_merges(self) -> torch.Tensor:
-        start = self.num_prefill_tiles + self.num_decode_tiles + self.num_prefill_merges
-        return self.packed[start:]
+        start = (_aligned(self.num_prefill_tiles) + _aligned(self.num_decode_tiles)
+                 + _aligned(self.num_prefill_merges))
+        return self.packed[start: start + self.num_decode_merges]
 
     @classmethod
     def build(cls, q_lens: Sequence[int], kv_lens: Sequence[int], table_rows: Sequence[int],
@@ -141,7 +154,7 @@ class PrefillMeta:
                 prefill.append((t0 + off, min(tile_tokens, ql - off), kl - ql + off, row))
         p_tiles, p_merges, p_parts, p_seg = _segment_tiles(prefill, segment)
         d_tiles, d_merges, d_parts, d_seg = _segment_tiles(decode, segment)
-        rows = p_tiles + d_tiles + p_merges + d_merges
+        rows = [r for section in (p_tiles, d_tiles, p_merges) for r in _pad(section)] + d_merges
         packed = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), COLS)
         device = torch.device(device)
         if device.type == "cuda":  # pinned source: the copy is async (no wait on the stream)

@@ -279,8 +279,11 @@ def test_prefill_meta_tile_map_covers_every_query_row_once():
     meta = K.PrefillMeta.build(q_lens, kv_lens, rows, "cpu", tile_tokens=16)
     assert (meta.q_lens, meta.kv_lens, meta.table_rows) == (tuple(q_lens), tuple(kv_lens), tuple(rows))
     assert meta.num_tokens == 140 and meta.max_kv_len == 100 and meta.tile_tokens == 16
-    assert meta.packed.dtype == torch.int32 and meta.tiles.shape == (meta.num_prefill_tiles
-                                                                     + meta.num_decode_tiles, 7)
+    assert meta.packed.dtype == torch.int32
+    assert meta.prefill_tiles.shape == (meta.num_prefill_tiles, 7) and meta.decode_tiles.shape == (2, 7)
+    # every section starts 16-byte aligned (Triton compiles a pointer's alignment into the kernel)
+    for section in (meta.prefill_tiles, meta.decode_tiles, meta.prefill_merges, meta.decode_merges):
+        assert (section.data_ptr() - meta.packed.data_ptr()) % 16 == 0
     assert meta.num_decode_tiles == 2 and meta.num_prefill_tiles == 5 + 1 + 2 + 3
     assert meta.num_prefill_merges == meta.num_decode_merges == 0  # short: no key segments
     starts = [0, 1, 71, 74, 75, 107]

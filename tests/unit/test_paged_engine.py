@@ -70,10 +70,20 @@ def test_preemption_and_recompute_match_hf(tiny_llama_dir):
 
 def test_mixed_steps_and_growth_to_max_seq_len_match_hf(tiny_llama_dir):
     path, hf = tiny_llama_dir
-    eng = _engine(path, max_seq_len=64, step_token_budget=12)
+    eng = _engine(path, max_seq_len=64, step_token_budget=13)
     try:
         prompts = [list(range(1, 51)), [3, 1, 4, 1, 5], list(range(100, 131))]
+        model, seen = eng.core.runner.model, []
+        forward = model.forward_mixed
+
+        def watched(tokens, positions, slots, *rest):       # what the rope kernel gets pointers to
+            seen.append((tokens.numel(), positions.data_ptr() % 16, slots.data_ptr() % 16))
+            return forward(tokens, positions, slots, *rest)
+        model.forward_mixed = watched
         got = _greedy_all(eng, prompts, 40)                  # the first reaches max_seq_len at 14 tokens
+        # every mixed step's columns start 16-byte aligned, odd token counts included (Triton
+        # compiles pointer alignment into a kernel: one variant, compiled at startup)
+        assert any(n % 2 for n, _, _ in seen) and all(a == b == 0 for _, a, b in seen), seen
         assert got[0] == hf_greedy(hf, prompts[0], 14)
         assert got[1] == hf_greedy(hf, prompts[1], 40) and got[2] == hf_greedy(hf, prompts[2], 33)
         s = eng.stats()

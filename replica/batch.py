@@ -26,6 +26,8 @@ from replica.sequence import Sequence
 
 @dataclass
 class DecodeRows:
+    """One row per decoding sequence, as parallel columns (filled by Scheduler._plan_decode, which
+    appends to every column for each row: the hottest loop of the host)."""
     seqs: list[Sequence] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)       # input token (unused where src >= 0)
     src: list[int] = field(default_factory=list)          # previous step's output row, or -1
@@ -36,15 +38,6 @@ class DecodeRows:
 
     def __len__(self) -> int:
         return len(self.seqs)
-
-    def add(self, seq: Sequence, token: int, src: int, position: int, slot: int) -> None:
-        self.seqs.append(seq)
-        self.tokens.append(token)
-        self.src.append(src)
-        self.positions.append(position)
-        self.table_rows.append(seq.row)
-        self.slots.append(slot)
-        self.steps.append(seq.generated)
 
 
 @dataclass

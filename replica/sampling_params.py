@@ -21,6 +21,7 @@ Order: bias -> penalties -> temperature -> top-k / top-p / min-p -> draw. Greedy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Sequence
 
 MAX_LOGPROBS = 20
@@ -80,7 +81,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property       # read for every row of every step; the params never change
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes or reports the distribution: argmax of the raw logits."""
         return (self.greedy and self.logprobs is None and not self.logit_bias

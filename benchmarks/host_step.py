@@ -1,0 +1,84 @@
+"""The engine's host time per step at many decode rows, with the model stubbed out (CPU, seconds).
+
+On a GPU the step loop must hide its Python (schedule step k+1, launch it, read step k's tokens,
+postprocess them, pickle the events) behind the GPU step in flight; for a small model at 512 rows
+that GPU step is ~3 ms, so this number decides whether the engine is host-bound. The model's
+`decode` and `forward_mixed` are replaced by stubs that return fixed logits, so what is timed is the
+scheduler, the runner's host work and the event traffic, on whatever CPU runs it.
+
+    python benchmarks/host_step.py                   # 500 requests, prompt U[200,400], 100 decode steps
+    python benchmarks/host_step.py --rows 256 --steps 200
+
+Prints ms per step of `EngineCore.step()` once every request decodes, and the cost of pickling one
+step's events and stats (the process worker's sender thread does that under the same GIL).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from replica import EngineConfig, SamplingParams  # noqa: E402
+from replica.sequence import Sequence  # noqa: E402
+from replica.worker import EngineCore  # noqa: E402
+
+
+def stub_model(core: EngineCore) -> None:
+    """Replace the forwards by constant logits (token 65 decoded, 66 after a prefill chunk)."""
+    model = core.runner.model
+    vocab = model.shape.vocab_size
+
+    def decode(*args, **kw):
+        logits = args[-1]
+        logits.zero_()
+        logits[:, 65] = 1.0
+
+    def forward_mixed(tokens, positions, slots, meta, kv, logit_rows):
+        out = torch.zeros(logit_rows.shape[0], vocab)
+        out[:, 66] = 1.0
+        return out
+    model.decode, model.forward_mixed = decode, forward_mixed
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=500, help="requests, all decoding at once")
+    ap.add_argument("--steps", type=int, default=100, help="decode steps timed")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < a.rows) + (a.rows,)
+    for r in range(a.repeats):
+        core = EngineCore(EngineConfig(model="random:tiny", device="cpu", max_seq_len=1024,
+                                       max_num_seqs=a.rows, batch_buckets=buckets, step_token_budget=8192))
+        stub_model(core)
+        rng = random.Random(r)
+        for i in range(a.rows):
+            prompt = [rng.randrange(256) for _ in range(rng.randint(200, 400))]
+            params = SamplingParams(max_tokens=a.steps + 200, temperature=0.0, ignore_eos=True)
+            core.scheduler.submit(Sequence(f"r{i}", prompt, params, i))
+        while core.scheduler.waiting or core.scheduler._incoming or core.tokens["mixed_steps"] == 0 \
+                or any(s.num_computed < len(s.prompt_ids) for s in core.scheduler.running.values()):
+            core.step()                                   # admit and prefill everything
+        core.step()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            events = core.step()
+            stats = core.stats(core.summary_due())
+        per_step = (time.perf_counter() - t0) / a.steps
+        t0 = time.perf_counter()
+        for _ in range(20):
+            blob = pickle.dumps(("events", events, stats), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle_s = (time.perf_counter() - t0) / 20
+        print(f"repeat {r}: {len(events)} rows, host {per_step * 1e3:.2f} ms/step, "
+              f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -260,3 +260,19 @@ def test_a_lagging_consumer_gets_queued_tokens_in_one_chunk():
     assert merged.token_ids == (1, 2, 3, 4) and merged.finish_reason == "length"
     assert [x.token_id for x in merged.logprobs] == [1, 2, 3, 4] and left == 1
     assert first.token_ids == (7,) and isinstance(after, RuntimeError)
+
+
+def test_prefill_rate_is_measured_on_steps_that_prefill_enough_tokens():
+    """Short prompts beside decode rows measure the rows, not the prefill: the published rate (the
+    router's `rate`) is left alone by them and set by a step that prefills >= 256 tokens."""
+    from replica.worker import MIN_RATE_PREFILL_TOKENS
+
+    eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2, 4), max_seq_len=512,
+                              step_token_budget=512, engine_process="thread"))
+    try:
+        run(collect(eng, ids=list(range(1, 40)), max_tokens=3, ignore_eos=True))
+        assert eng.stats().mixed_steps > 0 and eng.stats().prefill_tokens_per_s == 0.0
+        run(collect(eng, ids=[7] * (MIN_RATE_PREFILL_TOKENS + 20), max_tokens=3, ignore_eos=True))
+        assert eng.stats().prefill_tokens_per_s > 0.0
+    finally:
+        eng.shutdown()

@@ -25,7 +25,8 @@ from replica.sampling_params import GenerationChunk, GenerationRequest, InvalidR
 from replica.sequence import Event, Sequence
 from replica.stats import EngineStats
 from replica.tokenizer import load_tokenizer
-from replica.worker import OVERLOADED, EngineDeadError, EngineOverloadedError, ProcessWorker, ThreadWorker
+from replica.process_worker import ProcessWorker
+from replica.worker import OVERLOADED, EngineDeadError, EngineOverloadedError, ThreadWorker
 
 log = logging.getLogger("replica")
 __all__ = ["Engine", "EngineDeadError", "EngineOverloadedError"]

@@ -219,7 +219,7 @@ class Scheduler:
         append, check stops and limits, emit an event; inlined, like `_plan_decode`."""
         events: list[Event] = []
         emit, bs, limit, eos = events.append, self.bs, self.max_seq_len, self.eos
-        running, finished, accepted = Status.RUNNING, Status.FINISHED, 0
+        finished, accepted = Status.FINISHED, 0
         for j, (seq, tok) in enumerate(zip(batch.sampled, tokens)):
             seq.pending -= 1
             if seq.status is finished:             # stopped or aborted since the launch: drop it

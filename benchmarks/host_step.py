@@ -9,8 +9,9 @@ scheduler, the runner's host work and the event traffic, on whatever CPU runs it
     python benchmarks/host_step.py                   # 500 requests, prompt U[200,400], 100 decode steps
     python benchmarks/host_step.py --rows 256 --steps 200
 
-Prints ms per step of `EngineCore.step()` once every request decodes, and the cost of pickling one
-step's events and stats (the process worker's sender thread does that under the same GIL).
+Prints ms per step of `EngineCore.step()` once every request decodes, and the cost of packing and
+pickling one step's events and stats as the process worker sends them (its sender thread does that
+under the same GIL).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from replica import EngineConfig, SamplingParams  # noqa: E402
+from replica.process_worker import pack_events  # noqa: E402
 from replica.sequence import Sequence  # noqa: E402
 from replica.worker import EngineCore  # noqa: E402
 
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
         per_step = (time.perf_counter() - t0) / a.steps
         t0 = time.perf_counter()
         for _ in range(20):
-            blob = pickle.dumps(("events", events, stats), protocol=pickle.HIGHEST_PROTOCOL)
+            blob = pickle.dumps(("events", pack_events(events), stats), protocol=pickle.HIGHEST_PROTOCOL)
         pickle_s = (time.perf_counter() - t0) / 20
         print(f"repeat {r}: {len(events)} rows, host {per_step * 1e3:.2f} ms/step, "
               f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes)")

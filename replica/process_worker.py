@@ -9,7 +9,10 @@ worker runs without torch too). Same contract as `ThreadWorker` (replica/worker.
 Process protocol (pickled tuples over a socketpair, `multiprocessing.connection.Connection`):
 parent -> child: ("config", EngineConfig), then ("submit", Sequence), ("abort", id), ("stop",)
 child -> parent: ("ready", EngineInfo, EngineStats) | ("failed", exception),
-                 then ("events", [Event], EngineStats) per step, ("stopped", [Event], EngineStats).
+                 then ("events", packed events, EngineStats) per step, ("stopped", ..., EngineStats).
+Events travel packed (`pack_events`): the common one-token event as two columns (request ids,
+tokens), the rest as `Event`s. 500 NamedTuples pickle in 0.41 ms, the columns in 0.02 ms (dev
+CPU), and that pickling runs under the engine loop's GIL.
 The child starts importing torch before the config arrives; the constructor returns once the
 process is spawned and `wait_ready()` blocks until the core is built, so the caller can load its
 tokenizer meanwhile.
@@ -129,7 +132,8 @@ class ProcessWorker:
     def _read(self) -> None:
         try:
             while True:
-                kind, events, stats = self._conn.recv()
+                kind, packed, stats = self._conn.recv()
+                events = unpack_events(packed)
                 if stats.prefix_hashes is None:   # sent only when refreshed: keep the last one
                     stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes)
                 self._stats, self._last_message = stats, time.monotonic()
@@ -193,9 +197,30 @@ def _child_main(fd: int, spawned_at: float, imports_s: float = 0.0) -> None:
             outbox.put(("events", events, core.stats(core.summary_due())))
 
 
+def pack_events(events: list[Event]) -> tuple[list[str], list[int], list[Event]]:
+    """(request ids, tokens) of the plain one-token events, and every other event whole. A step
+    has at most one event per request, so the order between the two groups carries nothing."""
+    ids, toks, rest = [], [], []
+    for e in events:
+        if (len(e.token_ids) == 1 and e.finish_reason is None and e.logprobs is None
+                and not e.cached_tokens and not e.stopped_on_token):
+            ids.append(e.request_id)
+            toks.append(e.token_ids[0])
+        else:
+            rest.append(e)
+    return ids, toks, rest
+
+
+def unpack_events(packed: tuple[list[str], list[int], list[Event]]) -> list[Event]:
+    ids, toks, rest = packed
+    return [Event(r, (t,)) for r, t in zip(ids, toks)] + rest
+
+
 def _send_loop(conn: Connection, outbox: "queue.SimpleQueue") -> None:
     try:
         while (msg := outbox.get()) is not None:
+            if msg[0] in ("events", "stopped"):
+                msg = (msg[0], pack_events(msg[1]), msg[2])
             conn.send(msg)
     except OSError:
         pass               # the parent is gone: the main loop sees this thread end and exits

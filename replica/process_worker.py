@@ -47,7 +47,6 @@ log = logging.getLogger("replica")
 
 class ProcessWorker:
     def __init__(self, config: EngineConfig, on_events: OnEvents, on_failure: OnFailure):
-        t0 = time.perf_counter()
         self._on_events, self._on_failure = on_events, on_failure
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -60,7 +59,6 @@ class ProcessWorker:
         self._stopping = False
         self._reader: Optional[threading.Thread] = None     # started by wait_ready
         self._send(("config", config))
-        self._t0 = t0
 
     def wait_ready(self) -> None:
         """Block until the engine process has built its core (imports, weights, capture); the
@@ -74,7 +72,6 @@ class ProcessWorker:
             self._proc.wait(timeout=30)
             raise payload[0]
         self.info, self._stats = payload
-        self._ready_s = time.perf_counter() - self._t0
         self._last_message = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="graphserve-engine-reader", daemon=True)
         self._reader.start()

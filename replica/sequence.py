@@ -41,14 +41,10 @@ class Sequence:
     cached_tokens: int = 0               # prompt tokens served by the prefix cache at first admission
     pending: int = 0                     # tokens launched on the device, not yet read back
     preemptions: int = 0
-    num_tokens: int = -1                 # len(prompt_ids) + len(output_ids), kept by `append`
+    num_tokens: int = -1                 # len(prompt_ids) + len(output_ids), kept by Scheduler.postprocess
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_ids) + len(self.output_ids)
-
-    def append(self, token: int) -> None:
-        self.output_ids.append(token)
-        self.num_tokens += 1
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_ids)

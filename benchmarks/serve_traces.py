@@ -17,7 +17,11 @@ Traces (GPU sizes; `TRACES["cpu"]` holds the CPU smoke test's, a few times small
          a turn lands decides whether its history is prefilled again (~2-4k tokens, 50-100 ms of
          8B compute): the shape prefix affinity exists for. `chat` is its short-history control.
 A burst puts `burst` jobs of the trace at t=0 (mix 12 batch jobs + 48 interactive, heavy 4 + 32,
-chat 48 conversations; x --burst-scale): a few seconds of work for 2 llama-8b replicas. An open
+chat 160 conversations, chat-long 64; x --burst-scale): a few seconds of work for 2 llama-8b
+replicas, which it must saturate to measure capacity. A conversation's turns run one after another,
+so a chat burst needs many conversations: at 48, both routers ran at the turn chain's pace (two
+H200s mostly idle, 1.7k tokens/s), not the GPUs'. chat-long's are fewer, as each first turn
+prefills ~3k tokens (64 x 3k = ~2.5 s of 8B compute on two H200s). An open
 loop draws Poisson arrivals over a window at given rates (interactive, batch jobs, conversations
 per second). Prompts are random byte tokens (valid in every vocabulary); greedy, ignore_eos, so
 every sequence runs its full max_tokens. Every draw is fixed by (trace, seed, phase), so both
@@ -78,8 +82,8 @@ TRACES: dict[str, dict[str, Trace]] = {
     "gpu": {
         "mix": Trace("mix", (64, 512), (32, 128), (8, 64), (128, 512), (64, 128), 8 / 9, (12, 48)),
         "heavy": Trace("heavy", (1024, 2048), (256, 512), (4, 16), (1024, 2048), (256, 512), 4 / 5, (4, 32)),
-        "chat": Trace("chat", burst=(48, 0), chat=Chat((256, 1024), 4, 0.75, (128, 512), (32, 128), (24, 96), 4)),
-        "chat-long": Trace("chat-long", burst=(48, 0), chat=Chat((256, 1024), 4, 0.75, (64, 256), (32, 128),
+        "chat": Trace("chat", burst=(160, 0), chat=Chat((256, 1024), 4, 0.75, (128, 512), (32, 128), (24, 96), 4)),
+        "chat-long": Trace("chat-long", burst=(64, 0), chat=Chat((256, 1024), 4, 0.75, (64, 256), (32, 128),
                                                                  (32, 128), 4, context=(1536, 3072))),
     },
     "cpu": {

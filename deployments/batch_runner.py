@@ -8,6 +8,10 @@ Contract:
   whole batch: the error is raised to the caller and the other sequences are aborted;
 - when the consumer stops iterating or is cancelled, every sequence still running is cancelled,
   which makes the engine abort it and free its KV slot before its next step;
+- pacing: `run(batch, paced=True)` (a stream that leaves the replica as Ray items) sends an item
+  no sooner than `stream_pacing.interval_s(open paced streams, stream_items_per_s)` after its
+  previous one, each sequence's chunks merged; a sequence's first and last chunks go at once
+  (deployments/stream_pacing.py);
 - backpressure: with `max_sequences` set, a batch that would raise the sequences admitted here
   (running or waiting in the engine, counted until each one ends) above it is refused with
   `ServerOverloadedError` before any of it reaches the engine (an idle runner admits any batch).
@@ -27,13 +31,15 @@ from typing import Any, AsyncIterator, Optional
 
 from deployments.errors import DEFAULT_RETRY_AFTER_S, ServerOverloadedError
 from deployments.protocol import BatchResult, Completion, PromptBatch, StreamChunk, usage_of
+from deployments.stream_pacing import Pacer, interval_s, merge_chunks
 
 _DONE = object()
 
 
 class BatchRunner:
     def __init__(self, engine: Any, metrics: Optional[Any] = None, replica: str = "",
-                 max_sequences: Optional[int] = None, retry_after_s: float = DEFAULT_RETRY_AFTER_S):
+                 max_sequences: Optional[int] = None, retry_after_s: float = DEFAULT_RETRY_AFTER_S,
+                 stream_items_per_s: float = 0.0):
         self.engine = engine
         self.metrics = metrics           # has observe_ttft(s) / observe_tpot(s), or None
         self.replica = replica
@@ -42,6 +48,8 @@ class BatchRunner:
         self.admitted = 0                    # sequences admitted and not yet ended
         self.refused_batches = 0             # batches refused by the bound
         self.batch_sizes: Counter[int] = Counter()   # sequences per batch -> batches received
+        self.stream_items_per_s = stream_items_per_s  # all paced streams together; 0: no pacing
+        self.paced_streams = 0                        # paced `run` calls open now
 
     def _admit(self, n: int) -> None:
         if self.max_sequences is not None and self.admitted and self.admitted + n > self.max_sequences:
@@ -54,18 +62,22 @@ class BatchRunner:
     def _release(self, _task: Any = None) -> None:
         self.admitted -= 1
 
-    async def run(self, batch: PromptBatch) -> AsyncIterator[list[StreamChunk]]:
+    async def run(self, batch: PromptBatch, paced: bool = False) -> AsyncIterator[list[StreamChunk]]:
         requests = batch.requests()      # validates; raises InvalidRequestError
         self._admit(len(requests))       # raises ServerOverloadedError
         self.batch_sizes[len(requests)] += 1
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(k, k // batch.n, r, queue))
+        pacer = Pacer() if paced and self.stream_items_per_s > 0 else None
+        tasks = [asyncio.create_task(self._pump(k, k // batch.n, r, queue, pacer))
                  for k, r in enumerate(requests)]
         for t in tasks:   # a done callback runs even for a task cancelled before it started
             t.add_done_callback(self._release)
+        self.paced_streams += pacer is not None
         try:
             remaining = len(tasks)
             while remaining:
+                if pacer is not None:
+                    await pacer.wait()
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
@@ -78,8 +90,12 @@ class BatchRunner:
                     else:
                         ready.append(item)
                 if ready:
+                    if pacer is not None:
+                        pacer.sent(interval_s(self.paced_streams, self.stream_items_per_s))
+                        ready = merge_chunks(ready)
                     yield ready
         finally:  # done, failed, or the consumer went away: abort whatever still runs
+            self.paced_streams -= pacer is not None
             for t in tasks:
                 t.cancel()
 
@@ -107,22 +123,28 @@ class BatchRunner:
         return BatchResult(completions, usage_of(completions, batch.n), self.engine.model_name,
                            self.replica)
 
-    async def _pump(self, index: int, prompt_index: int, request: Any, queue: asyncio.Queue) -> None:
-        """Feed one sequence's chunks into the batch's queue, then _DONE (or the exception)."""
+    async def _pump(self, index: int, prompt_index: int, request: Any, queue: asyncio.Queue,
+                    pacer: Optional[Pacer] = None) -> None:
+        """Feed one sequence's chunks into the batch's queue, then _DONE (or the exception); wake
+        a paced stream for the sequence's first and last chunks."""
         t_last, first = time.perf_counter(), True
         try:
             async for c in self.engine.generate(request):
                 now = time.perf_counter()
                 self._observe(first, now - t_last, len(c.token_ids))
-                t_last, first = now, False
                 queue.put_nowait(StreamChunk(index, prompt_index, c.text, tuple(c.token_ids),
                                              c.finish_reason, c.prompt_tokens, c.completion_tokens,
                                              c.logprobs, c.cached_tokens))
+                if pacer is not None and (first or c.finish_reason is not None):
+                    pacer.wake()
+                t_last, first = now, False
             queue.put_nowait(_DONE)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - handed to the batch, which fails as a whole
             queue.put_nowait(e)
+        if pacer is not None:   # the end (or a failure) is never held either
+            pacer.wake()
 
     def _observe(self, first: bool, seconds: float, tokens: int) -> None:
         if self.metrics is None:

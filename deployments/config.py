@@ -113,6 +113,12 @@ class AppArgs(BaseModel):
     replica_wait_s: float = Field(3.0, ge=0)
     # The Retry-After of 429 and 503 answers.
     retry_after_s: float = Field(2.0, gt=0)
+    # Ray items per second one replica's token streams send in all (handle and HTTP streams): each
+    # stream sends at most one item per (open streams / this) seconds, capped at 0.2 s, carrying
+    # every token made meanwhile; first and last tokens are never held. Ray moves a few thousand
+    # items/s per hop, one token each at one item per step (deployments/stream_pacing.py). 0: one
+    # item per decode step per stream.
+    stream_items_per_s: float = Field(500.0, ge=0)
     # Largest request body (bytes); larger is a 413.
     max_request_bytes: int = Field(16 * 2**20, ge=1024)
     # A file of API keys (one per line; a mounted Kubernetes Secret). Keys can also come from the

@@ -83,7 +83,8 @@ class LLMReplica:
         self._metrics.update(stats)
         bound = stats.max_num_seqs + args.queued_sequences(stats.max_num_seqs)
         self._runner = BatchRunner(self._engine, self._metrics, self._replica, max_sequences=bound,
-                                   retry_after_s=args.retry_after_s)
+                                   retry_after_s=args.retry_after_s,
+                                   stream_items_per_s=args.stream_items_per_s)
         self._metrics_task = asyncio.get_running_loop().create_task(self._export_metrics())
 
     # -- Serve hooks ----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class LLMReplica:
 
     async def stream(self, batch: PromptBatch, *, routing_hint: Any = None
                      ) -> AsyncIterator[list[StreamChunk]]:
-        async with aclosing(self._runner.run(batch)) as stream:
+        async with aclosing(self._runner.run(batch, paced=True)) as stream:
             async for chunks in stream:
                 yield chunks
 

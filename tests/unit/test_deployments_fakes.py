@@ -12,7 +12,8 @@ Prompt token ids steer failures: `REFUSE` anywhere in a prompt makes the engine 
 
 With `params.logprobs = k` every chunk carries one `TokenLogprob` per token: the chosen token with
 log-probability -0.5, and k alternatives (token + 1 + j, -1 - j). `cached_tokens` (a constructor
-argument) is reported on every chunk.
+argument) is reported on every chunk; `step_s` (a constructor argument) is the time between a
+sequence's chunks (0: one event-loop turn).
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ REFUSE, FAIL_AFTER_FIRST, HANG = 250, 251, 252
 class FakeEngine:
     model_name = "random:tiny"
 
-    def __init__(self, cached_tokens: int = 0) -> None:
+    def __init__(self, cached_tokens: int = 0, step_s: float = 0.0) -> None:
         self.started: list[str] = []
         self.finished: list[str] = []
         self.aborted: list[str] = []
         self.requests: list = []          # every GenerationRequest received, refused ones too
         self.cached_tokens = cached_tokens
+        self.step_s = step_s
         self.tokenizer = ByteTokenizer()
 
     async def generate(self, request) -> Any:
@@ -49,7 +51,7 @@ class FakeEngine:
         done = False
         try:
             for i in range(n):
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.step_s)
                 if HANG in ids:
                     await asyncio.Event().wait()
                 if FAIL_AFTER_FIRST in ids and i == 1:

@@ -1,13 +1,8 @@
-"""Shared helpers of the benchmarks: model shapes, the bandwidth floor, the run record, tables.
+"""Shared helpers of the benchmarks: the run record, the time budget, timing, tables.
 
 Contract
-- `PRESETS` are the shapes of the engine's `random:<name>` models (replica/presets.py), which the
-  HF baselines build too, so both sides read the same bytes per step.
-- `step_bytes(name, batch, context)` counts the bytes one decode step must read: each weight matrix
-  once (q/k/v/o, gate/up/down, norms, lm_head), an untied embedding only for the `batch` rows used (a
-  tied embedding IS the lm_head and is counted once, fully), plus the KV cache actually attended
-  (batch x context positions x layers x K and V). `floor_ms = step_bytes / copy bandwidth`, where the
-  bandwidth is a measured device-to-device copy counting bytes read + written (`copy_bandwidth`).
+- The bounds results are read against (the decode floor, the roofline, the work floor) and the
+  device rates they use are in benchmarks/roofline.py.
 - `Budget` guards the 10-minute GPU command: `ok(reserve_s)` is False once less than `reserve_s` is left.
 - `served_window(engine, requests)` times an in-process `replica.Engine` the way a server sees it:
   the window from the last request's first token to the first request's last token (all rows
@@ -22,12 +17,10 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-from replica.presets import PRESETS  # the engine's random:<name> shapes; the HF twins use them too
 
 T0 = time.time()
 
@@ -110,25 +103,6 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read + written; median of reps."""
-    import torch
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    sync(device)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    del a, b
-    free_device_memory(device)
-    return 2 * nbytes / statistics.median(ts)
-
-
 def free_device_memory(device) -> None:
     gc.collect()
     import torch
@@ -140,111 +114,6 @@ def free_device_memory(device) -> None:
 def cuda_mem_gb(device) -> Optional[float]:
     import torch
     return round(torch.cuda.memory_allocated() / 1e9, 2) if str(device).startswith("cuda") else None
-
-
-# ---------------------------------------------------------------- the floor
-
-def weight_bytes(name: str, batch: int, dtype_bytes: int = 2) -> int:
-    """Weight bytes one decode step must read (see module docstring)."""
-    p = PRESETS[name]
-    h, i, nl = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
-    hd = p.get("head_dim") or h // p["num_attention_heads"]
-    q = p["num_attention_heads"] * hd
-    kv = p["num_key_value_heads"] * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
-    vocab_read = p["vocab_size"] * h                       # lm_head (= the tied embedding)
-    if not p.get("tie_word_embeddings", False):
-        vocab_read += min(batch, p["vocab_size"]) * h      # only the embedding rows used
-    return (nl * per_layer + h + vocab_read) * dtype_bytes
-
-
-def kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:
-    p = PRESETS[name]
-    hd = p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
-    return p["num_hidden_layers"] * 2 * p["num_key_value_heads"] * hd * dtype_bytes
-
-
-def step_bytes(name: str, batch: int, context: float, dtype_bytes: int = 2) -> dict:
-    w = weight_bytes(name, batch, dtype_bytes)
-    kv = int(batch * context * kv_bytes_per_token(name, dtype_bytes))
-    return {"weights": w, "kv": kv, "total": w + kv}
-
-
-def floor_ms(name: str, batch: int, context: float, copy_Bps: float, dtype_bytes: int = 2) -> float:
-    return step_bytes(name, batch, context, dtype_bytes)["total"] / copy_Bps * 1e3
-
-
-# ---------------------------------------------------------------- the roofline of a loaded replica
-
-def gemm_rate(device, n: int = 8192, reps: int = 10) -> float:
-    """FLOP/s of an n x n x n bf16 matmul on random data (median of reps, after warm-up)."""
-    import torch
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    del a, b
-    free_device_memory(device)
-    return 2 * n ** 3 / statistics.median(ts)
-
-
-def prefill_flops(name: str, prompt_tokens: int, prompts: int) -> float:
-    """Matmul FLOPs of prefilling: every layer's weight matrices for every prompt token, the lm_head
-    once per prompt (only the last position's logits are needed). Attention FLOPs are left out, as
-    in the roofline's definition, which makes the bound conservative for long prompts."""
-    p = PRESETS[name]
-    layers = weight_bytes(name, 0, 1) - p["vocab_size"] * p["hidden_size"] - p["hidden_size"]
-    layers -= p["num_hidden_layers"] * 2 * p["hidden_size"]            # norms are not matmuls
-    return 2.0 * layers * prompt_tokens + 2.0 * p["vocab_size"] * p["hidden_size"] * prompts
-
-
-def roofline(name: str, requests: Sequence[tuple[int, int]], kv_tokens: int, gemm_Fps: float,
-             copy_Bps: float) -> dict:
-    """T_roof of a set of requests (prompt, output) on one GPU:
-
-        prefill FLOPs / F + (sum(output) / R) x (weight bytes + R x mean context x KV bytes/token) / BW
-
-    R = rows the KV budget (`kv_tokens`) holds at the mean sequence length, capped by the number of
-    requests; mean context = mean prompt + half the mean output (the average decode position)."""
-    n = len(requests)
-    P = sum(p for p, _ in requests)
-    O = sum(o for _, o in requests)
-    mean_seq = (P + O) / n
-    R = max(1, min(n, int(kv_tokens // mean_seq)))
-    ctx = P / n + O / n / 2
-    prefill_s = prefill_flops(name, P, n) / gemm_Fps
-    step_s = (weight_bytes(name, R) + R * ctx * kv_bytes_per_token(name)) / copy_Bps
-    decode_s = O / R * step_s
-    return {"t_roof_s": prefill_s + decode_s, "prefill_s": prefill_s, "decode_s": decode_s, "rows": R,
-            "mean_context": ctx, "prompt_tokens": P, "output_tokens": O}
-
-
-def work_floor(name: str, requests: Sequence[tuple[int, int]], gemm_Fps: float, copy_Bps: float) -> dict:
-    """What the same requests cost at the measured rates whatever the schedule, for an engine that
-    runs matmuls and attention as separate kernels (as every engine here does):
-
-        matmul FLOPs of every token (prompt and output: layers, lm_head) / F + KV bytes decode attention reads / BW
-
-    The roofline's decode term assumes a decode step is bandwidth-bound at R rows. Past
-    R ~ F x weight bytes / (2 x params x BW) rows (~100 for llama-8b on an H200) a step's matmuls
-    take longer than reading the weights, so at R = 500 T_roof undercounts decode; this floor does
-    not: T_roof / floor is the roofline_fraction a perfect engine of that kind would reach. Mean
-    context as in roofline()."""
-    n = len(requests)
-    P = sum(q for q, _ in requests)
-    O = sum(o for _, o in requests)
-    ctx = P / n + O / n / 2
-    flops = prefill_flops(name, P, n) + prefill_flops(name, O, O)     # an output token = a 1-token prefill
-    compute_s = flops / gemm_Fps
-    attention_s = O * ctx * kv_bytes_per_token(name) / copy_Bps
-    return {"floor_s": compute_s + attention_s, "matmul_s": compute_s, "attention_s": attention_s}
 
 
 # ---------------------------------------------------------------- statistics and tables

@@ -10,10 +10,10 @@ server builds it (process worker, default buckets and sizing) and driven through
 - b1: batch-1 decode step time (common.served_window), next to the pre-rewrite engine's in a
   subprocess when its tree is given (--baseline-tree), so both are timed on the same card in one run.
 Per phase: output tokens/s, TTFT and TPOT p50/p99, `roofline_fraction` = T_roof / wall (first
-arrival to last token; T_roof from common.roofline with the GEMM rate and copy bandwidth measured
+arrival to last token; T_roof from roofline.roofline with the GEMM rate and copy bandwidth measured
 at the start of this run), rows per step, graph-hit over pure-decode steps, mixed-step share,
 preemptions, prefix hit rate, and the engine's startup phases. Next to it, `work_floor`
-(common.work_floor): every token's matmuls at F plus decode attention's KV reads at BW, the
+(roofline.work_floor): every token's matmuls at F plus decode attention's KV reads at BW, the
 schedule-free cost of the same requests; `roofline_fraction_ceiling` = T_roof / that floor is the
 roofline_fraction an engine with perfect kernels and no host time would reach on that phase.
 
@@ -33,9 +33,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common as C  # noqa: E402
+from benchmarks import common as C  # noqa: E402
+from benchmarks import roofline as RF  # noqa: E402
 
 from replica import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -118,12 +118,12 @@ def phase_report(name: str, model: str, recs: list[dict], before, after, wall: f
            "prefill_tokens_per_s_engine": after.prefill_tokens_per_s,
            "prefix_hit_rate": (d("prefix_hit_tokens") / d("prefix_queried_tokens")) if d("prefix_queried_tokens") else None,
            "decode_buckets": {f"{b}:{p}": v for (b, p), v in sorted(decode.items()) if v}}
-    if gemm and bw and model in C.PRESETS and recs:
+    if gemm and bw and model in RF.PRESETS and recs:
         kv_tokens = (after.total_blocks - 1) * after.block_size
-        roof = C.roofline(model, [(r["prompt"], r["tokens"]) for r in recs], kv_tokens, gemm, bw)
+        roof = RF.roofline(model, [(r["prompt"], r["tokens"]) for r in recs], kv_tokens, gemm, bw)
         rep["roofline"] = roof
         rep["roofline_fraction"] = roof["t_roof_s"] / wall
-        floor = C.work_floor(model, [(r["prompt"], r["tokens"]) for r in recs], gemm, bw)
+        floor = RF.work_floor(model, [(r["prompt"], r["tokens"]) for r in recs], gemm, bw)
         rep["work_floor"] = {**floor, "fraction": floor["floor_s"] / wall,
                              "roofline_fraction_ceiling": roof["t_roof_s"] / floor["floor_s"]}
     return rep
@@ -185,7 +185,7 @@ def baseline_b1(tree: str, model: str, prompt: int, new: int, timeout: float) ->
 # ---------------------------------------------------------------- one engine configuration
 
 def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
-    preset = f"random:{model}" if model in C.PRESETS else model
+    preset = f"random:{model}" if model in RF.PRESETS else model
     cfg = EngineConfig(model=preset, max_seq_len=msl, device=a.device, **a.engine_kw)
     t0 = time.perf_counter()
     eng = Engine(cfg)
@@ -274,7 +274,7 @@ def main() -> None:
            "configs": []}
     gemm = bw = None
     if cuda:
-        bw, gemm = C.copy_bandwidth(a.device), C.gemm_rate(a.device)
+        bw, gemm = RF.copy_bandwidth(a.device), RF.gemm_rate(a.device)
         C.log(f"copy {bw / 1e9:.0f} GB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s")
     rec.update(copy_GBps=bw and bw / 1e9, gemm_TFLOPs=gemm and gemm / 1e12)
     for mi, model in enumerate(a.models):

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks import common as C  # noqa: E402
+from benchmarks import roofline as RF  # noqa: E402
 
 PHASE_RESERVE_S = {"llama-8b": 75.0, "llama-1b": 40.0, "tiny": 5.0}  # per phase still to come
 # (flag, GPU default, CPU smoke default, help)
@@ -283,8 +284,8 @@ def add_row(res, name, B, P, method, r, a):
     ctx = P + a.new_tokens / 2  # mean context of a 128-step decode window after the prompt
     row = {"model": name, "batch": B, "context": P, "method": method, **r}
     if res.get("copy_GBps"):
-        row["floor_ms"] = C.floor_ms(name, B, ctx, res["copy_GBps"] * 1e9)
-        row["floor_bytes"] = C.step_bytes(name, B, ctx)
+        row["floor_ms"] = RF.floor_ms(name, B, ctx, res["copy_GBps"] * 1e9)
+        row["floor_bytes"] = RF.step_bytes(name, B, ctx)
         if r.get("ms_per_step"):
             row["floor_frac"] = row["floor_ms"] / r["ms_per_step"]
     res["rows"].append(row)
@@ -348,7 +349,7 @@ def main(argv=None):
     res = {"env": C.env_info(a.device), "args": vars(a), "rows": [], "startup": {}, "skipped": []}
     save = lambda: C.write_json(path, res)  # noqa: E731
     nbytes = (1 << 30) if dev.type == "cuda" else (1 << 26)
-    res["copy_GBps"] = round(C.copy_bandwidth(dev, nbytes) / 1e9, 1)
+    res["copy_GBps"] = round(RF.copy_bandwidth(dev, nbytes) / 1e9, 1)
     C.log("copy bandwidth GB/s", res["copy_GBps"], "on", res["env"]["card"])
     rows, models = plan_rows(a), a.models.split(",")
     phases = [(m, kind) for m in models for kind in ("hf", "engine")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import common as C
+from benchmarks import roofline as RF
 
 F, BW = 786e12, 4134e9          # an H200's measured GEMM rate and copy bandwidth (results/)
 
 
 def _matmul_params(name: str) -> int:
-    p = C.PRESETS[name]
+    p = RF.PRESETS[name]
     h, i, nl = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
     hd = p.get("head_dim") or h // p["num_attention_heads"]
     q, kv = p["num_attention_heads"] * hd, p["num_key_value_heads"] * hd
@@ -19,13 +19,13 @@ def _matmul_params(name: str) -> int:
 
 def test_work_floor_is_every_tokens_matmuls_plus_the_kv_decode_reads():
     name, reqs = "llama-8b", [(300, 200)] * 10 + [(100, 400)] * 10
-    p = C.PRESETS[name]
+    p = RF.PRESETS[name]
     P, O, n = 300 * 10 + 100 * 10, 200 * 10 + 400 * 10, 20
     lm_head = 2.0 * p["vocab_size"] * p["hidden_size"]
     matmul = (2.0 * _matmul_params(name) * (P + O) + lm_head * (n + O)) / F
     ctx = P / n + O / n / 2
-    attention = O * ctx * C.kv_bytes_per_token(name) / BW
-    got = C.work_floor(name, reqs, F, BW)
+    attention = O * ctx * RF.kv_bytes_per_token(name) / BW
+    got = RF.work_floor(name, reqs, F, BW)
     assert got["matmul_s"] == pytest.approx(matmul, rel=1e-12)
     assert got["attention_s"] == pytest.approx(attention, rel=1e-12)
     assert got["floor_s"] == pytest.approx(matmul + attention, rel=1e-12)
@@ -33,8 +33,8 @@ def test_work_floor_is_every_tokens_matmuls_plus_the_kv_decode_reads():
 
 def test_the_roofline_undercounts_decode_at_many_rows_and_overcounts_it_at_one():
     burst = [(300, 300)] * 500                      # R = 500: decode steps are compute-bound
-    roof = C.roofline("llama-8b", burst, 10**7, F, BW)
+    roof = RF.roofline("llama-8b", burst, 10**7, F, BW)
     assert roof["rows"] == 500
-    assert roof["t_roof_s"] / C.work_floor("llama-8b", burst, F, BW)["floor_s"] < 0.8
+    assert roof["t_roof_s"] / RF.work_floor("llama-8b", burst, F, BW)["floor_s"] < 0.8
     one = [(300, 300)]                              # R = 1: every step reads all weights
-    assert C.roofline("llama-8b", one, 10**7, F, BW)["t_roof_s"] > C.work_floor("llama-8b", one, F, BW)["floor_s"]
+    assert RF.roofline("llama-8b", one, 10**7, F, BW)["t_roof_s"] > RF.work_floor("llama-8b", one, F, BW)["floor_s"]

@@ -7,7 +7,7 @@ prompt, and batch 8 at 4096) it reports ms per decode step of
   engine    replica.Engine as a server sees it: B concurrent requests (prompt P, 128 new tokens,
             greedy, ignore_eos); ms/step = time between the last request's first token and the first
             request's last token / decode steps run in that window (all B rows decoding, one bucket)
-with the fraction of the floor (benchmarks/common.py: bytes a step must read / measured copy
+with the fraction of the floor (benchmarks/roofline.py: bytes a step must read / measured copy
 bandwidth, at the mean context of a 128-token decode window) and the speedup hf_graph_ms / ms.
 Also the startup cost (weight load, compile, capture), graph memory, and the engine's own decode-step
 counters of the window by (bucket, path) proving the steps ran by graph replay.

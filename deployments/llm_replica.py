@@ -58,6 +58,7 @@ def routing_stats(s: Any) -> ReplicaStats:
                         total_blocks=s.total_blocks, free_blocks=s.free_blocks,
                         prefill_backlog_tokens=s.prefill_backlog_tokens, decode_rows=s.decode_rows,
                         prefill_tokens_per_s=s.prefill_tokens_per_s, decode_step_s=dict(s.decode_step_s),
+                        mean_output_tokens=s.mean_output_tokens, min_remaining_steps=s.min_remaining_steps,
                         prefix_hashes=tuple(s.prefix_hashes or ()))
 
 

@@ -14,6 +14,8 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
 back (one step after its launch: the worker keeps one step in flight), applies stops and limits,
 frees finished sequences, registers newly full blocks in the prefix cache, and returns `Event`s.
+What the router reads of how rows free: `mean_output_tokens` (finished sequences, moving average)
+and `min_remaining_steps()`.
 
 Thread model: `submit` and `abort` may be called from any thread; everything else runs on the one
 thread (or process) that owns the model runner.
@@ -30,6 +32,8 @@ from replica.blocks import BlockPool
 from replica.block_hash import ROOT
 from replica.sampling_params import TokenLogprob
 from replica.sequence import Event, Sequence, Status
+
+OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
 
 
 class EngineOverloadedError(RuntimeError):
@@ -54,6 +58,7 @@ class Scheduler:
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._out_row: dict[int, int] = {}                # id(seq) -> output row in the step in flight
         self.counters = collections.Counter()
+        self.mean_output_tokens = 0.0                     # moving average over finished sequences
 
     # -- any thread -----------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -250,7 +255,12 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        self.counters["aborted_requests" if reason == "abort" else "finished_requests"] += 1
+        if reason == "abort":
+            self.counters["aborted_requests"] += 1
+        else:
+            self.counters["finished_requests"] += 1
+            n, m = len(seq.output_ids), self.mean_output_tokens
+            self.mean_output_tokens = m + (n - m) * OUTPUT_EMA if m else float(n)
         events.append(Event(seq.request_id, tuple(toks), reason, stopped_on_token, lp, cached))
 
     def _drain_inbox(self, events: list[Event]) -> None:
@@ -279,6 +289,12 @@ class Scheduler:
         running = sum(s.num_tokens - s.num_computed for s in self.running.values()
                       if s.num_computed < s.num_tokens - 1)
         return running + sum(s.num_tokens for s in self.waiting) + sum(len(s.prompt_ids) for s in self._incoming)
+
+    def min_remaining_steps(self) -> int:
+        """Decode steps until the first running sequence reaches its max_tokens (or max_seq_len):
+        a lower bound on when a row frees, 0 with nothing running. O(running)."""
+        return min((min(s.params.max_tokens - s.generated, self.max_seq_len - s.num_tokens)
+                    for s in self.running.values()), default=0)
 
     def decode_rows(self) -> int:
         return sum(1 for s in self.running.values() if s.num_computed >= s.num_tokens - 1)

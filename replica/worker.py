@@ -84,6 +84,7 @@ class EngineCore:
         self._summary: tuple[int, ...] = ()
         self._summary_at = 0.0
         self._backlog = self._decode_rows = 0           # O(rows) to count: refreshed with the summary
+        self._min_remaining = 0
         self.startup = r.startup
 
     def mark_ready(self, process_s: float, ready_s: float, imports_s: float = 0.0) -> None:
@@ -139,6 +140,7 @@ class EngineCore:
         if summary and self.summary_due():
             self._summary, self._summary_at = pool.summary(MAX_SUMMARY), time.monotonic()
             self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
+            self._min_remaining = sch.min_remaining_steps()
         return EngineStats(
             captured_buckets=r.graphs.captured_buckets if r.graphs.use_graphs else r.plan.buckets,
             graphs=r.graphs.use_graphs, max_seq_len=c.max_seq_len, max_num_seqs=r.rows,
@@ -154,6 +156,7 @@ class EngineCore:
             preemptions=sch.counters["preemptions"], finished_requests=sch.counters["finished_requests"],
             aborted_requests=sch.counters["aborted_requests"],
             prefill_tokens_per_s=self.prefill_tokens_per_s, decode_step_s=dict(self.decode_step_s),
+            mean_output_tokens=sch.mean_output_tokens, min_remaining_steps=self._min_remaining,
             prefix_hashes=self._summary if summary else None, startup=self.startup)
 
 

@@ -9,6 +9,7 @@ the formula with the source of every input.
 
     rows   = max(running + queued - finished + recent, sequences_in_flight) + n
     backlog = published backlog x (running + queued - finished) / (running + queued) + recent tokens
+    wait   = steps until a row frees for its last sequence (`wait_steps`) x step
     t_first = max(backlog / rate, wait) + (prompt_tokens - cached) / rate
     t_last  = t_first + decode_steps * step(min(rows, row_limit))
     score   = t_last + FIRST_TOKEN_WEIGHT / n * t_first
@@ -40,8 +41,8 @@ EAGER_STEP_FACTOR = 1.6
 DEFAULT_STEP_S = 0.0063
 DEFAULT_STEP_S_PER_ROW = 0.00003
 DEFAULT_PREFILL_TOKENS_PER_S = 30_000.0
-# A batch that must wait for rows waits at least this many steps per wave: the replica does not
-# publish how long its running sequences still have to go.
+# A batch that must wait for KV blocks (rows free) waits at least this many steps: the replica
+# does not publish how many blocks its sequences will free, nor when.
 MIN_WAIT_STEPS = 32
 # Weight of the first-token time next to the last-token time, divided by the batch's sequences:
 # a one-prompt request counts its TTFT twice, a 64-sequence batch ranks by its last token.
@@ -79,8 +80,9 @@ class Estimate(NamedTuple):
 
 
 def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding(),
-             prior: Prior = NO_PRIOR, recent: Container[int] = ()) -> Estimate:
-    """The batch's first- and last-token times on this replica (see the module docstring)."""
+             prior: Prior = NO_PRIOR, recent: Container[int] = (), age_s: float = 0.0) -> Estimate:
+    """The batch's first- and last-token times on this replica (see the module docstring);
+    `age_s`: how old the stats are (it shortens the published time to the first free row)."""
     own = batch.prompt_tokens - cached_tokens(batch, stats, recent)
     rate = prefill_rate(stats, prior)
     shown = _int(stats.running) + _int(stats.queued)
@@ -96,9 +98,24 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     waves = -(-total // cap)
     if waves == 1 and not _admits_now(batch, stats, ahead, own):
         waves = 2
-    wait = (waves - 1) * max(batch.decode_steps, MIN_WAIT_STEPS) * step
+    wait = wait_steps(batch, stats, total - cap, waves, _num(age_s) / step) * step
     first = max(backlog / rate, wait) + own / rate
     return Estimate(first, first + batch.decode_steps * step, rows, bucket, waves, own)
+
+
+def wait_steps(batch: Batch, stats: ReplicaStats, excess: int, waves: int, age_steps: float) -> float:
+    """Decode steps before the batch's last sequence is admitted. Past the row limit (`excess`
+    sequences, the batch's included, beyond `row_limit`): rows free at row_limit / L per step, L
+    the replica's mean output length (else the batch's own), and none before its first running
+    sequence ends (`min_remaining_steps`, less the steps run since the stats). Short of KV blocks
+    only: one wave of max(S, MIN_WAIT_STEPS) steps (the blocks sequences free are not published)."""
+    if waves == 1:
+        return 0.0
+    if excess <= 0:
+        return float(max(batch.decode_steps, MIN_WAIT_STEPS))
+    length = _num(stats.mean_output_tokens) or batch.decode_steps + 1
+    first_free = max(_num(stats.min_remaining_steps) - age_steps, 0.0)
+    return max(excess * length / row_limit(stats), first_free)
 
 
 def score(est: Estimate, batch: Batch) -> float:

@@ -114,7 +114,7 @@ def rank_replicas(hint: Optional[RoutingHint],
     unknown.sort(key=lambda i: (work(i).sequences, work(i).recent_prompt_tokens, draws[i]))
     if hint is None:
         return Ranking(_ranks(candidates, sorted(usable, key=by_load) + unknown), NO_HINT)
-    ranked, too_short, ests = _by_estimate(hint, candidates, usable, work, draws, recent_prefixes or {})
+    ranked, too_short, ests = _by_estimate(hint, candidates, usable, work, draws, recent_prefixes or {}, now)
     order = ranked + unknown + sorted(too_short, key=by_load)
     if ranked:
         first = ests[ranked[0]]
@@ -126,7 +126,7 @@ def rank_replicas(hint: Optional[RoutingHint],
 
 
 def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], work, draws: list[float],
-                 recent: Mapping) -> tuple[list[int], list[int], dict[int, Estimate]]:
+                 recent: Mapping, now: float) -> tuple[list[int], list[int], dict[int, Estimate]]:
     """Indices of usable candidates ordered by estimate (near ties resolved), the indices too
     short for the batch, and the estimates."""
     batch = batch_of(hint)
@@ -138,7 +138,8 @@ def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], wor
         if hint.max_total_tokens > stats.max_seq_len:
             too_short.append(i)
             continue
-        ests[i] = estimate(batch, stats, work(i), prior, recent.get(key) or ())
+        ests[i] = estimate(batch, stats, work(i), prior, recent.get(key) or (),
+                           age_s=max(now - stats.timestamp, 0.0))
         scored.append((score(ests[i], batch), draws[i], i))
     return _resolve_near_ties(scored, ests), too_short, ests
 

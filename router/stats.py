@@ -53,6 +53,8 @@ class ReplicaStats:
     decode_rows: int = 0                # sequences past prefill, decoding
     prefill_tokens_per_s: float = 0.0   # measured prefill rate (moving average; 0: not measured)
     decode_step_s: Mapping[int, float] = field(default_factory=dict)  # bucket -> step seconds (avg)
+    mean_output_tokens: float = 0.0     # finished sequences' output tokens (moving average; 0: none yet)
+    min_remaining_steps: int = 0        # decode steps until its first running sequence ends (0: none)
     prefix_hashes: tuple[int, ...] = () # cached prefix hashes at summary depths (bounded)
 
     @cached_property
@@ -92,6 +94,8 @@ class ReplicaStats:
                 decode_rows=int(d.get("decode_rows", 0)),
                 prefill_tokens_per_s=float(d.get("prefill_tokens_per_s", 0.0)),
                 decode_step_s={int(k): float(v) for k, v in dict(d.get("decode_step_s") or {}).items()},
+                mean_output_tokens=float(d.get("mean_output_tokens", 0.0)),
+                min_remaining_steps=int(d.get("min_remaining_steps", 0)),
                 prefix_hashes=tuple(int(h) for h in list(d.get("prefix_hashes") or ())[:MAX_PREFIX_HASHES]),
             )
         except (KeyError, TypeError, ValueError):

@@ -128,14 +128,41 @@ def test_the_backlog_of_sequences_that_finished_since_the_stats_is_gone():
         == pytest.approx(600 / 10_000)
 
 
-def test_a_batch_past_the_row_limit_waits_a_wave():
+def test_past_the_row_limit_a_batch_waits_for_rows_to_free_at_the_measured_pace():
+    """62 of 64 rows running, a 4-sequence batch: its last sequence needs 2 rows to free. Rows free
+    at 64 / L per step, L the replica's mean output length (else the batch's own, 41)."""
     b = batch_of(hint(4, 50, prompt_tokens=40, max_new_tokens=4 * 41))    # 40 decode steps
-    s = measured(running=62, max_num_seqs=64, free_slots=2)
-    e = estimate(b, s)
+    full = dict(running=62, max_num_seqs=64, free_slots=2)
+    step = step_time(measured(**full), 64)[0]
+    e = estimate(b, measured(**full, mean_output_tokens=96.0))
     assert (e.rows, e.waves) == (64, 2)
-    step = step_time(s, 64)[0]
-    assert e.first_token_s == pytest.approx(40 * step + 40 / 10_000)
+    assert e.first_token_s == pytest.approx(2 * 96 / 64 * step + 40 / 10_000)
     assert e.last_token_s == pytest.approx(e.first_token_s + 40 * step)
+    assert estimate(b, measured(**full)).first_token_s == pytest.approx(2 * 41 / 64 * step + 40 / 10_000)
+
+
+def test_no_row_frees_before_the_first_running_sequence_ends():
+    """The published steps until the first running row ends bound the wait from below (a burst's
+    rows all started together), less the steps run since the stats were taken."""
+    b = batch_of(hint(1, 50, prompt_tokens=10, max_new_tokens=20))
+    s = measured(running=64, max_num_seqs=64, free_slots=0, mean_output_tokens=64.0, min_remaining_steps=50)
+    step = step_time(s, 64)[0]
+    assert estimate(b, s).first_token_s == pytest.approx(50 * step + 10 / 10_000)
+    assert estimate(b, s, age_s=20 * step).first_token_s == pytest.approx(30 * step + 10 / 10_000)
+    flowing = estimate(b, s, age_s=60 * step)                       # it has ended since: the flow
+    assert flowing.first_token_s == pytest.approx(1 * 64 / 64 * step + 10 / 10_000)
+
+
+def test_a_long_queue_waits_in_proportion_to_it():
+    """A replica with few rows and a queue: each sequence ahead costs L / rows steps, so a 64-
+    sequence job behind a full 8-row replica waits as long as eight waves of L steps."""
+    s = stats((1, 2, 4, 8), running=8, queued=0, max_num_seqs=8, free_slots=0, mean_output_tokens=60.0,
+              decode_step_s={8: 0.005}, prefill_tokens_per_s=10_000.0)
+    one = estimate(batch_of(hint(1, 50, max_new_tokens=60)), s)
+    job64 = estimate(batch_of(hint(64, 50, max_new_tokens=64 * 60)), s)
+    assert one.first_token_s == pytest.approx(60 / 8 * 0.005)
+    assert job64.first_token_s == pytest.approx(64 * 60 / 8 * 0.005)
+    assert (one.waves, job64.waves) == (2, 9)
 
 
 def test_free_slots_and_free_blocks_gate_admission():

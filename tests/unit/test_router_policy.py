@@ -343,6 +343,19 @@ def test_an_interactive_request_takes_the_latency_tier_unless_it_is_behind_there
     assert rank(h, busy).tiers[0] == ["throughput"]
 
 
+def test_a_full_latency_tier_with_a_short_queue_beats_a_prefill_backlog_until_its_rows_free_late():
+    """A chat turn (60 output tokens) on tiers: the latency tier's 8 rows are all running with 2
+    sequences queued, its sequences average 60 tokens, so a row frees every 7.5 steps and the turn
+    waits ~22 steps (~0.15 s); the throughput tier has 0.25 s of prefill queued. The latency tier
+    wins, unless its running rows all started together and none ends for 100 steps."""
+    h = job([tokens(1, 256)], max_tokens=60)
+    full = dict(running=8, queued=2, max_num_seqs=8, free_slots=0, mean_output_tokens=60.0)
+    busy = paged(THROUGHPUT, running=40, prefill_backlog_tokens=10_000)
+    assert rank(h, [("latency", paged(LATENCY, **full)), ("throughput", busy)]).tiers[0] == ["latency"]
+    late = paged(LATENCY, **full, min_remaining_steps=100)
+    assert rank(h, [("latency", late), ("throughput", busy)]).tiers[0] == ["throughput"]
+
+
 # --- ranking without a hint ----------------------------------------------------------------------
 
 def test_without_hint_rank_by_load_only():

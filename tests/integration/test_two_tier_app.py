@@ -29,6 +29,7 @@ SMALL, LARGE = (1, 2, 4, 8), (16, 32, 64)
 MODEL = "random:tiny"
 MAX_SEQ_LEN = 256
 STATS_PERIOD_S = 0.5   # record_routing_stats period (the app.yaml default is 1 s)
+STREAM_ITEMS_PER_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,11 @@ def app(ray_cluster):
     # The concurrent-batch test sends 156 sequences at once, more than a replica admits by default
     # (capacity + as many queued); this module is about where batches land, so the queue bound
     # (429s: test_api_contract.py) is raised out of the way.
+    # Streams paced at the 0.2 s cap whatever their number (STREAM_ITEMS_PER_S): the pacing test
+    # below counts items; every other stream here still gets its first and last tokens at once.
     args = AppArgs(model=MODEL, bucket_sets=[list(SMALL), list(LARGE)], max_seq_len=MAX_SEQ_LEN,
-                   router={"request_routing_stats_period_s": STATS_PERIOD_S}, max_queued_sequences=256)
+                   router={"request_routing_stats_period_s": STATS_PERIOD_S}, max_queued_sequences=256,
+                   stream_items_per_s=STREAM_ITEMS_PER_S)
     handle = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     tiers = wait_for(lambda: len(replica_counters()) == 2 and replica_counters(), 60,
                      "both LLMReplica replicas to answer a broadcast")
@@ -220,6 +224,24 @@ def test_cancelling_a_stream_aborts_its_sequences(app):
         return aborted() - before == 3 and running() == 0
 
     wait_for(aborted_and_idle, 30, "the engine to abort the cancelled batch's 3 sequences")
+
+
+def test_a_paced_stream_carries_its_tokens_in_few_items(app):
+    """The replica's streams are paced (AppArgs.stream_items_per_s, wired into the replica's
+    BatchRunner): a 3-sequence batch of 60 tokens each arrives complete, its first tokens in the
+    first item, in far fewer items than the 60 steps that made them."""
+    items = list(app.options(stream=True).stream.remote(["pace"] * 3, max_tokens=60, ignore_eos=True))
+    tokens: Counter = Counter()
+    first_item, last = {}, {}
+    for k, chunks in enumerate(items):
+        for c in chunks:
+            tokens[c.index] += len(c.token_ids)
+            first_item.setdefault(c.index, k)
+            last[c.index] = c
+    assert tokens == {0: 60, 1: 60, 2: 60}
+    assert max(first_item.values()) <= 2          # first tokens are never held (one wake each)
+    assert all(c.finish_reason == "length" for c in last.values())
+    assert len(items) < 30                        # unpaced: one item per step, ~60
 
 
 def test_http_disconnect_mid_stream_frees_the_slots(app, ray_cluster):

@@ -10,7 +10,10 @@ TPOT = (last - first token) / (tokens - 1). Groups: `all`, `interactive` (HTTP r
 turns: what a person waits on), `batch`, `chat`, `chat_followup` (turns >= 2). From the replicas'
 counters: graph-hit = decode steps replayed / all decode steps; padding waste = padded rows /
 rows run in bucketed decode steps; prefix hit rate = prompt tokens served from the prefix cache /
-prompt tokens looked up at admission; per replica the sequences it received.
+prompt tokens looked up at admission; per replica the sequences it received; `replica_ttft_ms_*`
+and `replica_tpot_ms_*`, the replicas' own TTFT/TPOT histograms (from a request reaching the replica
+to its first token there; deployments/latency_histogram.py), whose gap to the client's TTFT is the
+path in front of the engine.
 Pooled (`summarize`): per trace and phase kind (burst, lo, hi, and open = lo + hi), the phases
 both routers ran, over all seeds: tokens / wall summed, percentiles over every sequence.
 """
@@ -22,6 +25,7 @@ from typing import Iterable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
+from deployments import latency_histogram as LH  # noqa: E402 - pure Python, no Ray
 
 GROUPS = {"all": None, "interactive": ("interactive", "chat"), "batch": ("batch",), "chat": ("chat",)}
 KINDS = ("burst", "lo", "hi")
@@ -51,8 +55,30 @@ def replica_delta(before: list[dict], after: list[dict]) -> dict:
             tot[k] += row[k]
         per.append(row)
     rows_run = sum(int(k.split(":")[0]) * n for k, n in steps_all.items() if not k.startswith("0:"))
+    lat = {what: _add_counts(LH.difference(r.get(what, []), prev.get(r["replica"], {}).get(what, []))
+                             for r in after) for what in LATENCY_COUNTS}
     return {"per_replica": per, "decode_steps": steps_all, "graph_hit": C.graph_hit_rate(steps_all),
-            "rows_run": rows_run, **tot, "split": [row["sequences"] for row in per]}
+            "rows_run": rows_run, **tot, **lat, "split": [row["sequences"] for row in per]}
+
+
+LATENCY_COUNTS = ("ttft_ms_counts", "tpot_ms_counts")   # the replicas' own histograms (counters())
+
+
+def _add_counts(lists: Iterable[list[int]]) -> list[int]:
+    """Element-wise sum of histogram counts; empty lists (not reported) are skipped."""
+    out: list[int] = []
+    for counts in lists:
+        if counts and not out:
+            out = list(counts)
+        elif counts and len(counts) == len(out):
+            out = [a + b for a, b in zip(out, counts)]
+    return out
+
+
+def replica_latency(delta: dict) -> dict:
+    """TTFT and TPOT p50/p99 (ms) as the replicas measured them (engine side; None: not reported)."""
+    return {f"replica_{what[:4]}_ms_p{q}": LH.percentile(delta.get(what) or [], q)
+            for what in LATENCY_COUNTS for q in (50, 99)}
 
 
 def _steps(counters: dict) -> dict:
@@ -105,7 +131,7 @@ def phase_metrics(recs: list[dict], t0: float, t_stop: float, delta: dict, gener
     m.update(wall_s=wall, tokens=tokens, tokens_per_s=tokens / wall, client_tokens_per_s=m["all"]["tokens"] / wall,
              graph_hit=delta["graph_hit"], padding_waste=_ratio(delta["padded_rows"], delta["rows_run"]),
              prefix_hit_rate=_ratio(delta["prefix_hit_tokens"], delta["prefix_queried_tokens"]),
-             split=delta["split"], replicas=delta,
+             split=delta["split"], replicas=delta, **replica_latency(delta),
              errors_seen=sorted({r["error"] for r in recs if r["error"]})[:5])
     m["samples"] = {"ttft_ms": _samples(recs, _ttft), "tpot_ms": _samples(recs, _tpot)}
     return m
@@ -136,7 +162,7 @@ def pool(phases: Iterable[dict]) -> dict:
     wall, toks = sum(p["wall_s"] for p in phases), sum(p["tokens"] for p in phases)
     samples: dict[str, dict[str, list]] = {"ttft_ms": {}, "tpot_ms": {}}
     steps, tot = {}, {"padded_rows": 0, "rows_run": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0}
-    split = None
+    split, lat = None, {}
     for p in phases:
         for what, by in p["samples"].items():
             for kind, v in by.items():
@@ -146,12 +172,15 @@ def pool(phases: Iterable[dict]) -> dict:
         for k in tot:
             tot[k] += p["replicas"][k]
         split = [a + b for a, b in zip(split, p["split"])] if split else list(p["split"])
+        for what in LATENCY_COUNTS:
+            lat[what] = _add_counts([lat.get(what, []), p["replicas"].get(what) or []])
     pick = lambda what, kinds: [x for k, v in samples[what].items() if k in kinds for x in v]  # noqa: E731
     every = ("interactive", "batch", "chat", "chat_followup")
     person = ("interactive", "chat", "chat_followup")
     out = {"phases": len(phases), "tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall,
            "graph_hit": C.graph_hit_rate(steps), "padding_waste": _ratio(tot["padded_rows"], tot["rows_run"]),
-           "prefix_hit_rate": _ratio(tot["prefix_hit_tokens"], tot["prefix_queried_tokens"]), "split": split}
+           "prefix_hit_rate": _ratio(tot["prefix_hit_tokens"], tot["prefix_queried_tokens"]), "split": split,
+           **replica_latency(lat)}
     for name, kinds in (("all", every), ("interactive", person), ("chat", ("chat", "chat_followup")),
                         ("chat_followup", ("chat_followup",))):
         for what in ("ttft_ms", "tpot_ms"):

@@ -30,6 +30,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from deployments.errors import DEFAULT_RETRY_AFTER_S, ServerOverloadedError
+from deployments.latency_histogram import LatencyHistogram
 from deployments.protocol import BatchResult, Completion, PromptBatch, StreamChunk, usage_of
 from deployments.stream_pacing import Pacer, interval_s, merge_chunks
 
@@ -50,6 +51,8 @@ class BatchRunner:
         self.batch_sizes: Counter[int] = Counter()   # sequences per batch -> batches received
         self.stream_items_per_s = stream_items_per_s  # all paced streams together; 0: no pacing
         self.paced_streams = 0                        # paced `run` calls open now
+        self.ttft = LatencyHistogram()                # engine-side, per sequence (also to `metrics`)
+        self.tpot = LatencyHistogram()                # per token of each later chunk
 
     def _admit(self, n: int) -> None:
         if self.max_sequences is not None and self.admitted and self.admitted + n > self.max_sequences:
@@ -147,9 +150,11 @@ class BatchRunner:
             pacer.wake()
 
     def _observe(self, first: bool, seconds: float, tokens: int) -> None:
-        if self.metrics is None:
-            return
         if first:
-            self.metrics.observe_ttft(seconds)
+            self.ttft.observe(seconds)
+            if self.metrics is not None:
+                self.metrics.observe_ttft(seconds)
         elif tokens:
-            self.metrics.observe_tpot(seconds / tokens)
+            self.tpot.observe(seconds / tokens)
+            if self.metrics is not None:
+                self.metrics.observe_tpot(seconds / tokens)

@@ -127,7 +127,8 @@ class LLMReplica:
                 "generated_tokens": s.generated_tokens, "prompt_tokens": s.prompt_tokens,
                 "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,
                 "aborted_requests": s.aborted_requests, "admitted_sequences": self._runner.admitted,
-                "refused_batches": self._runner.refused_batches}
+                "refused_batches": self._runner.refused_batches,
+                "ttft_ms_counts": list(self._runner.ttft.counts), "tpot_ms_counts": list(self._runner.tpot.counts)}
 
     async def _export_metrics(self) -> None:
         while True:

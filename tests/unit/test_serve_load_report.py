@@ -118,3 +118,44 @@ def test_multi_turn_bar_covers_every_chat_trace():
     b = R.bars(res, {"chat": summ(40.0, 50.0), "chat-long": summ(20.0, 60.0), "mix": summ(None, None)})
     assert b == {"multi_turn_ttft_p50_ours<=0.5x_default[chat]": False,
                  "multi_turn_ttft_p50_ours<=0.5x_default[chat-long]": True}
+
+
+def test_replica_side_latency_is_read_from_the_difference_of_two_counter_snapshots():
+    """The replicas' own TTFT histograms (counters()) minus the phase-start snapshot, summed over
+    replicas and pooled over phases; a replica that reports none (an old peer) adds nothing."""
+    from deployments.latency_histogram import BOUNDS_MS, LatencyHistogram
+
+    def hist(*ms):
+        h = LatencyHistogram()
+        for x in ms:
+            h.observe(x / 1e3)
+        return h.counts
+
+    base = counters("a", 0, [], {}, 0, 0, 0)
+    before = [{**base, "ttft_ms_counts": hist(5000.0)}, counters("b", 1, [], {}, 0, 0, 0)]
+    after = [{**base, "ttft_ms_counts": hist(5000.0, 10.0, 10.0, 10.0)},
+             {**counters("b", 1, [], {}, 0, 0, 0), "ttft_ms_counts": hist(100.0)}]
+    d = R.replica_delta(before, after)
+    assert sum(d["ttft_ms_counts"]) == 4 and d["tpot_ms_counts"] == []     # the 5 s one predates the phase
+    lat = R.replica_latency(d)
+    assert lat["replica_ttft_ms_p50"] == pytest.approx(10.0)
+    assert lat["replica_ttft_ms_p99"] == pytest.approx(100.0)
+    assert lat["replica_tpot_ms_p50"] is None
+    pooled = R.pool([{**phase(10, 1.0, [1.0]), "replicas": {**phase(10, 1.0, [1.0])["replicas"], **d}},
+                     {**phase(10, 1.0, [1.0]), "replicas": {**phase(10, 1.0, [1.0])["replicas"],
+                                                            "ttft_ms_counts": hist(*[1000.0] * 8)}}])
+    assert pooled["replica_ttft_ms_p50"] == pytest.approx(1000.0)        # 8 of 12 at 1 s
+    assert BOUNDS_MS[0] == pytest.approx(0.1) and BOUNDS_MS[-1] == pytest.approx(100_000.0)
+
+
+def test_latency_histogram_percentiles_are_bucket_upper_bounds():
+    from deployments.latency_histogram import LatencyHistogram, difference, percentile
+
+    h = LatencyHistogram()
+    assert percentile(h.counts, 50) is None
+    for ms in (1.0, 2.0, 3.0, 40.0, 1e9):                 # the last one overflows
+        h.observe(ms / 1e3)
+    assert percentile(h.counts, 50) == pytest.approx(10 ** 0.5)          # 3 ms -> the 3.16 ms bucket
+    assert percentile(h.counts, 80) == pytest.approx(10 ** 1.7)          # 40 ms -> 50.1 ms
+    assert percentile(h.counts, 100) == pytest.approx(100_000.0)         # overflow reads as the last bound
+    assert difference(h.counts, []) == h.counts and sum(difference(h.counts, h.counts)) == 0

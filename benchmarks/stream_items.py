@@ -75,8 +75,7 @@ async def _drain(streams, make) -> tuple[int, float, list[float], list[int]]:
         n_items, tokens, first = 0, 0, None
         async for item in make():
             n_items += 1
-            got = sum(len(c.token_ids) for c in item) if isinstance(item, list) and item and hasattr(item[0], "token_ids") else 1
-            tokens += got
+            tokens += _tokens_in(item)
             first = first or time.perf_counter() - t0
         firsts.append(first or 0.0)
         items.append(n_items)
@@ -84,6 +83,11 @@ async def _drain(streams, make) -> tuple[int, float, list[float], list[int]]:
 
     tokens = sum(await asyncio.gather(*(one() for _ in range(streams))))
     return tokens, time.perf_counter() - t0, firsts, items
+
+
+def _tokens_in(item) -> int:
+    """Tokens in one streamed item: the app's list of StreamChunks, or 1 for the raw part's items."""
+    return sum(len(c.token_ids) for c in item if hasattr(c, "token_ids")) or 1
 
 
 def raw_part(serve, counts: list[int], n: int) -> list[dict]:

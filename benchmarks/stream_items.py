@@ -87,7 +87,9 @@ async def _drain(streams, make) -> tuple[int, float, list[float], list[int]]:
 
 def _tokens_in(item) -> int:
     """Tokens in one streamed item: the app's list of StreamChunks, or 1 for the raw part's items."""
-    return sum(len(c.token_ids) for c in item if hasattr(c, "token_ids")) or 1
+    if item and hasattr(item[0], "token_ids"):
+        return sum(len(c.token_ids) for c in item)
+    return 1
 
 
 def raw_part(serve, counts: list[int], n: int) -> list[dict]:

@@ -139,3 +139,36 @@ def test_closing_a_held_stream_aborts_its_sequences_and_releases_the_count(monke
     assert first and first[0].token_ids
     assert runner.paced_streams == 0 and runner.admitted == 0
     assert sorted(engine.aborted) == ["b-0", "b-1"]
+
+
+def test_merged_chunks_keep_one_logprob_per_token_on_the_wire():
+    """A paced item merges a sequence's chunks; the SSE formatter must still emit one logprob
+    entry per token (completions: tokens/token_logprobs; chat: content), and usage counts all."""
+    import json
+
+    from deployments.http_stream import chat_events, completion_events
+    from deployments.openai_format import TokenText
+    from replica.tokenizer import ByteTokenizer
+
+    lp = lambda t: (TokenLogprob(t, -0.5, ((t + 1, -1.0),)),)  # noqa: E731
+    parts = [StreamChunk(0, 0, chr(97 + i), (97 + i,), "length" if i == 3 else None, 2, i + 1, lp(97 + i), 0)
+             for i in range(4)]
+    first, merged = merge_chunks(parts[:1]), merge_chunks(parts[1:])
+    assert len(merged) == 1 and merged[0].token_ids == (98, 99, 100)
+
+    async def rest():
+        yield merged
+
+    async def body(events):
+        return [json.loads(e[len("data: "):]) for e in [x async for x in events(first, rest())]
+                if e.startswith("data: {")]
+
+    tt = TokenText(ByteTokenizer())
+    comp = asyncio.run(body(completion_events("r", "m", True, tt)))
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in comp if e["choices"]) == 4
+    assert "".join(e["choices"][0]["text"] for e in comp if e["choices"]) == "abcd"
+    assert comp[-1]["usage"]["completion_tokens"] == 4
+    chat = asyncio.run(body(chat_events("r", "m", True, tt)))
+    assert sum(len(e["choices"][0]["logprobs"]["content"]) for e in chat
+               if e["choices"] and e["choices"][0]["logprobs"]) == 4
+    assert chat[-1]["usage"]["completion_tokens"] == 4

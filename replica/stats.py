@@ -56,8 +56,8 @@ class EngineStats:
     preemptions: int = 0
     finished_requests: int = 0
     aborted_requests: int = 0
-    prefill_tokens_per_s: float = 0.0               # moving average over mixed steps
-    decode_step_s: dict = field(default_factory=dict)  # bucket -> moving-average step seconds
+    prefill_tokens_per_s: float = 0.0               # median over mixed steps (replica/measured.py)
+    decode_step_s: dict = field(default_factory=dict)  # bucket -> step seconds (replica/measured.py)
     mean_output_tokens: float = 0.0                 # finished sequences' output tokens (moving average)
     min_remaining_steps: int = 0                    # decode steps until the first running row frees
     prefix_hashes: Optional[tuple[int, ...]] = ()   # cached prefix summary (router); None: unchanged

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from replica.batch import StepBatch
 from replica.blocks import BlockPool
 from replica.config import EngineConfig
+from replica.measured import Measured
 from replica.scheduler import EngineOverloadedError, Scheduler
 from replica.sequence import Event, Sequence
 from replica.stats import EngineStats
@@ -40,7 +41,6 @@ OnEvents = Callable[[list[Event]], None]
 OnFailure = Callable[[BaseException], None]
 OVERLOADED = "overloaded"      # finish_reason of an Event for a submit the child's queue refused
 SUMMARY_PERIOD_S = 0.5         # how often the prefix-cache summary in stats is rebuilt
-EMA = 0.2                      # weight of the newest step in the measured rates
 # A mixed step with fewer prompt tokens than this does not update the prefill rate: its time is
 # the decode rows' (a 100-token prompt beside 80 rows "measured" 12k tokens/s where a 2k-token
 # step measures 50k on llama-8b), and the router would over-value cache hits and empty replicas.
@@ -79,8 +79,8 @@ class EngineCore:
         self.steps = collections.Counter()          # (bucket, path) -> decode steps
         self.padded = collections.Counter()         # bucket -> padding rows
         self.tokens = collections.Counter()         # mixed_steps, prefill_tokens, mixed_decode_rows
-        self.decode_step_s: dict[int, float] = {}
-        self.prefill_tokens_per_s = 0.0
+        self.decode_step_s: dict[int, Measured] = collections.defaultdict(Measured)   # bucket ->
+        self.prefill_rate = Measured()                   # prompt tokens / s of mixed steps
         self._summary: tuple[int, ...] = ()
         self._summary_at = 0.0
         self._backlog = self._decode_rows = 0           # O(rows) to count: refreshed with the summary
@@ -120,11 +120,11 @@ class EngineCore:
             self.tokens["prefill_tokens"] += batch.prefill_tokens
             self.tokens["mixed_decode_rows"] += len(batch.decode)
             if batch.prefill_tokens >= MIN_RATE_PREFILL_TOKENS:
-                self.prefill_tokens_per_s = _ema(self.prefill_tokens_per_s, batch.prefill_tokens / seconds)
+                self.prefill_rate.add(batch.prefill_tokens / seconds)
         else:
             self.steps[(step.bucket, step.kind)] += 1
             self.padded[step.bucket] += step.bucket - len(batch.decode)
-            self.decode_step_s[step.bucket] = _ema(self.decode_step_s.get(step.bucket, 0.0), seconds)
+            self.decode_step_s[step.bucket].add(seconds)
 
     def abort_all(self) -> list[Event]:
         self._inflight = None
@@ -155,13 +155,10 @@ class EngineCore:
             prefix_queried_tokens=pool.counters.queried_tokens, prefix_hit_tokens=pool.counters.hit_tokens,
             preemptions=sch.counters["preemptions"], finished_requests=sch.counters["finished_requests"],
             aborted_requests=sch.counters["aborted_requests"],
-            prefill_tokens_per_s=self.prefill_tokens_per_s, decode_step_s=dict(self.decode_step_s),
+            prefill_tokens_per_s=self.prefill_rate.value,
+            decode_step_s={b: m.value for b, m in self.decode_step_s.items() if m.value},
             mean_output_tokens=sch.mean_output_tokens, min_remaining_steps=self._min_remaining,
             prefix_hashes=self._summary if summary else None, startup=self.startup)
-
-
-def _ema(old: float, new: float) -> float:
-    return new if old == 0.0 else (1 - EMA) * old + EMA * new
 
 
 class ThreadWorker:

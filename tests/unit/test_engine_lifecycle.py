@@ -264,7 +264,9 @@ def test_a_lagging_consumer_gets_queued_tokens_in_one_chunk():
 
 def test_prefill_rate_is_measured_on_steps_that_prefill_enough_tokens():
     """Short prompts beside decode rows measure the rows, not the prefill: the published rate (the
-    router's `rate`) is left alone by them and set by a step that prefills >= 256 tokens."""
+    router's `rate`) is left alone by them and set once MIN_SAMPLES steps prefilled >= 256 tokens
+    each (replica/measured.py); decode step times likewise appear per bucket after MIN_SAMPLES."""
+    from replica.measured import MIN_SAMPLES
     from replica.worker import MIN_RATE_PREFILL_TOKENS
 
     eng = Engine(EngineConfig(model="random:tiny", device="cpu", batch_buckets=(1, 2, 4), max_seq_len=512,
@@ -272,8 +274,13 @@ def test_prefill_rate_is_measured_on_steps_that_prefill_enough_tokens():
     try:
         run(collect(eng, ids=list(range(1, 40)), max_tokens=3, ignore_eos=True))
         assert eng.stats().mixed_steps > 0 and eng.stats().prefill_tokens_per_s == 0.0
-        run(collect(eng, ids=[7] * (MIN_RATE_PREFILL_TOKENS + 20), max_tokens=3, ignore_eos=True))
-        assert eng.stats().prefill_tokens_per_s > 0.0
+        for k in range(MIN_SAMPLES):
+            assert eng.stats().prefill_tokens_per_s == 0.0, k
+            run(collect(eng, ids=[7 + k] * (MIN_RATE_PREFILL_TOKENS + 20), max_tokens=MIN_SAMPLES + 2,
+                        ignore_eos=True))
+        stats = eng.stats()
+        assert stats.prefill_tokens_per_s > 0.0
+        assert set(stats.decode_step_s) == {1} and stats.decode_step_s[1] > 0.0
     finally:
         eng.shutdown()
 

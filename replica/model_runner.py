@@ -54,8 +54,9 @@ class InFlight:
     bucket: int                    # decode bucket run (0 for mixed steps)
     host: "HostBuffers"
     logprobs: bool
-    event: Optional[torch.cuda.Event]
-    launched_at: float = 0.0
+    event: Optional[torch.cuda.Event]   # None on CPU, where `launch` ran the step to completion
+    started_at: float = 0.0             # perf_counter() when `launch` began
+    launched_at: float = 0.0            # ... and when it returned
 
 
 class HostBuffers:
@@ -174,6 +175,7 @@ class ModelRunner:
     # -- a step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, batch: StepBatch) -> InFlight:
+        started_at = time.perf_counter()
         if batch.admitted:
             a = batch.admitted
             self.tables.write([s.row for s in a], [s.params for s in a], [s.seed for s in a],
@@ -190,7 +192,7 @@ class ModelRunner:
             self._run_mixed(batch, plain)
         else:
             kind, bucket = self._run_decode(batch, host, "greedy" if plain else "full")
-        return self._copy_out(len(sampled), kind, bucket, host, want_lp)
+        return self._copy_out(len(sampled), kind, bucket, host, want_lp, started_at)
 
     def _run_decode(self, batch: StepBatch, host: HostBuffers, mode: str) -> tuple[str, int]:
         d = batch.decode
@@ -237,7 +239,8 @@ class ModelRunner:
         else:
             self.tables.full(logits, samp_rows, steps, self.out.view(ns))
 
-    def _copy_out(self, n: int, kind: str, bucket: int, host: HostBuffers, want_lp: bool) -> InFlight:
+    def _copy_out(self, n: int, kind: str, bucket: int, host: HostBuffers, want_lp: bool,
+                  started_at: float) -> InFlight:
         nb = self.device.type == "cuda"
         host.tokens[:n].copy_(self.out.tokens[:n], non_blocking=nb)
         if want_lp:
@@ -247,7 +250,7 @@ class ModelRunner:
         event = self._events[self._host.index(host)]
         if event is not None:
             event.record()
-        return InFlight(n, kind, bucket, host, want_lp, event, time.perf_counter())
+        return InFlight(n, kind, bucket, host, want_lp, event, started_at, time.perf_counter())
 
     def collect(self, step: InFlight) -> tuple[list[int], Optional[list[TokenLogprob]]]:
         """The step's sampled tokens (and logprobs); the one host wait of a step."""

@@ -112,9 +112,16 @@ class EngineCore:
         return events
 
     def _account(self, batch: StepBatch, step: "InFlight") -> None:
-        """Counters and measured rates of a step that just finished."""
+        """Counters and measured rates of a step that just finished. Its time on CUDA: from when
+        the device could start it (launched, and the step before seen done) until the host saw it
+        done. On CPU `launch` ran it to completion, and `collect(k)` follows `launch(k+1)`, so the
+        time between two collects would be the *next* step's: there it is the launch itself."""
         now = time.perf_counter()
-        seconds, self._last_done = max(now - max(self._last_done, step.launched_at), 1e-6), now
+        if step.event is None:
+            seconds = step.launched_at - step.started_at
+        else:
+            seconds = now - max(self._last_done, step.launched_at)
+        seconds, self._last_done = max(seconds, 1e-6), now
         if step.kind == "mixed":
             self.tokens["mixed_steps"] += 1
             self.tokens["prefill_tokens"] += batch.prefill_tokens

@@ -6,12 +6,14 @@ else 0.0, which the router reads as "not measured here" (it then uses the fleet'
 its default: router/estimate.py `prefill_rate`, `step_time`).
 
 Why a median and a minimum count, not a moving average seeded by the first sample: one step
-timed while the host ran something else (another replica's prefill on a two-core CI box, a GC
-pause, a first-use allocation) can be 20x off. As the first value of a moving average it decided
-a follow-up chat turn's routing: one replica "measured" 3.3k prompt tokens/s beside the other's
-78k, so the router sent the turn to the replica without its 1,100 cached tokens
-(tests/integration/test_multi_turn_affinity.py, failed in CI). A median of nine ignores up to
-four such samples, and it tracks a real change of rate within five samples.
+timed while the host ran something else (another replica on the same cores, a GC pause, a
+first-use allocation) can be many times off, and as the first value of a moving average it
+decides routings until enough samples dilute it. In CI one replica published 3.3k prompt
+tokens/s beside the other's 78k, and the router sent a follow-up chat turn away from its 1,100
+cached tokens (tests/integration/test_multi_turn_affinity.py). That sample was mostly a timing
+bug (on CPU a step was charged the next step's time: replica/worker.py `EngineCore._account`),
+but the lesson holds for real outliers: a median of nine ignores up to four of them and follows a
+real change of rate within five samples.
 """
 from __future__ import annotations
 

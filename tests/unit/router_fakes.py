@@ -49,6 +49,16 @@ def current_loop():
     loop.close()
 
 
+def run(coro):
+    """Run `coro` on the test's current loop (the `current_loop` fixture)."""
+    return asyncio.get_event_loop().run_until_complete(coro)
+
+
+def choose(router, candidates, pr):
+    """`router.choose_replicas(candidates, pr)`, as Ray awaits it."""
+    return run(router.choose_replicas(candidates, pr))
+
+
 class FakeClock:
     """Wall clock under test control: call it for the time, `advance(s)` to move it."""
 

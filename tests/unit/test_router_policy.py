@@ -1,4 +1,4 @@
-"""The pure routing policy (router/policy.py) and bucket arithmetic (router/buckets.py).
+"""The pure routing policy (router/policy.py); bucket arithmetic is in test_router_buckets.py.
 
 The estimate's own arithmetic is tested in test_router_estimate.py; here, that the ranking follows
 it: the replica where the batch would finish first wins, near ties go to graph fit and padding,
@@ -14,7 +14,6 @@ import pytest
 from router_fakes import (BLOCK, NOW, cached, hint, job, no_ray_init,  # noqa: F401 (autouse)
                           stats, tokens)
 
-from router.buckets import bucket_for, padding_waste, validate_buckets
 from router.estimate import score
 from router.hint import batch_of
 from router.inflight import Outstanding
@@ -52,36 +51,6 @@ def paged(buckets=LADDER, **kw):
 def scores(r, h):
     b = batch_of(h)
     return {k: score(e, b) for k, e in r.estimates.items()}
-
-
-# --- buckets -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("n, expected", [(1, 1), (3, 4), (4, 4), (5, 8), (8, 8), (9, None)])
-def test_bucket_for_picks_smallest_fitting_bucket(n, expected):
-    assert bucket_for(n, (1, 2, 4, 8)) == expected
-
-
-def test_padding_waste():
-    assert padding_waste(5, (1, 2, 4, 8)) == 3
-    assert padding_waste(20, (16, 32, 64)) == 12
-    assert padding_waste(65, (16, 32, 64)) is None
-
-
-def test_bucket_for_rejects_empty_batch():
-    with pytest.raises(ValueError, match="at least 1"):
-        bucket_for(0, (1, 2))
-
-
-@pytest.mark.parametrize("bad, fix", [([4, 2, 2], r"use \[2, 4\]"), ([], "non-empty"),
-                                      ([0, 1], "positive"), ([1.5], "positive"),
-                                      ([True], "positive"), (None, "list of positive")])
-def test_validate_buckets_says_what_to_fix(bad, fix):
-    with pytest.raises(ValueError, match=fix):
-        validate_buckets(bad)
-
-
-def test_validate_buckets_returns_tuple():
-    assert validate_buckets([1, 2, 4]) == (1, 2, 4)
 
 
 # --- ranking with a hint -------------------------------------------------------------------------

@@ -40,18 +40,19 @@ def byte_tokenizer(chat_template: bool = True):
 
 
 def save_tiny_llama(path, *, vocab_size: int = 300, seed: int = 0, tie: bool = False,
-                    model_type: str = "llama") -> "torch.nn.Module":
-    """Save a random tiny model + tokenizer into `path`; returns the HF model (float32, eval)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+                    model_type: str = "llama", **config) -> "torch.nn.Module":
+    """Save a random tiny model + tokenizer into `path`; returns the HF model (float32, eval).
+    `model_type`: llama, mistral or qwen2; `config`: further config fields (rope_scaling, head_dim...)."""
+    import transformers as tf
 
+    classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=tie,
                 max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS, rms_norm_eps=1e-5)
-    if model_type == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**dims))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**dims))
+    model = model_cls(config_cls(**{**dims, **config}))
     with torch.no_grad():  # HF initialises weights with std 0.02: sharpen them so greedy paths differ
         for p in model.parameters():
             if p.dim() == 2:

@@ -108,3 +108,33 @@ def test_qwen2_layout_with_qkv_bias_matches_hf(tmp_path):
         assert toks == hf_greedy(hf, PROMPTS[3], 8)
     finally:
         eng.shutdown()
+
+
+LONG_PROMPT = [(7 * i + 3) % 250 for i in range(150)]   # positions past the original context below
+
+
+@pytest.mark.parametrize("model_type, config", [
+    # Llama 3.x rope: low frequencies scaled by `factor`, a smooth band between (positions here
+    # run past original_max_position_embeddings, where the scaling shows)
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                   rope_theta=500000.0)),
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("llama", dict(head_dim=32)),                       # head_dim != hidden_size / heads
+    ("llama", dict(num_key_value_heads=4)),             # MHA, no grouping
+    ("mistral", dict(sliding_window=None)),
+], ids=["llama3-rope", "linear-rope", "head-dim-32", "mha", "mistral"])
+def test_checkpoint_layouts_match_hf(tmp_path, model_type, config):
+    """Layouts a user loads from the Hub: the rope variants go through HF's own rotary tables, the
+    head dim and KV grouping through the paged kernels; tokens equal HF generate's."""
+    from hf_fixtures import save_tiny_llama
+
+    hf = save_tiny_llama(tmp_path, model_type=model_type, seed=5, **config)
+    eng = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", batch_buckets=(1, 2),
+                              max_seq_len=256, step_token_budget=64))
+    try:
+        for ids in (PROMPTS[1], LONG_PROMPT):
+            toks = run(collect(eng, ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+            assert toks == hf_greedy(hf, ids, 12), ids[:4]
+    finally:
+        eng.shutdown()

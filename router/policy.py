@@ -81,7 +81,8 @@ def rank_replicas(hint: Optional[RoutingHint],
     With a hint: replicas with usable stats (`is_usable`) whose `max_seq_len` holds the batch,
     by `score` of their `estimate` (router/estimate.py: the batch's last-token time plus its
     first-token time weighted by 1/n), scores within `NEAR_TIE_REL` of the best remaining one
-    forming a near tie decided by graph fit, then padding, then score; then unknown replicas (no,
+    forming a near tie decided by graph fit, then prefix affinity, then a first token within the
+    band, then padding, then score; then unknown replicas (no,
     stale or malformed stats), by what this router has in flight there; then usable replicas too
     short for the batch (they will refuse it: still listed, so a request that fits nowhere fails
     fast with the replica's error instead of hanging in Ray's backoff), by load.
@@ -149,7 +150,11 @@ def _resolve_near_ties(scored: list[tuple[float, float, int]],
     """Order by score, except that the scores within `NEAR_TIE_REL` (+ `NEAR_TIE_ABS_S`) of the
     best one not yet placed form a group ordered by graph fit, the batch's uncached prompt tokens
     there (prefix affinity: a follow-up turn saves its history's prefill at its home replica, a
-    saving the whole batch's score can hide inside the tolerance), padding rows, score, then draw."""
+    saving the whole batch's score can hide inside the tolerance), a first token no later than the
+    same tolerance past the group's earliest, padding rows, score, then draw. Padding packs rows
+    into fuller buckets, nearly free on the step-time curve; it must not buy that with a later
+    first token (a long decode, most of the score, hides tens of ms of prefill queue inside the
+    band: in benchmarks/route_sim.py such ties raised chat TTFT p99 up to 2x)."""
     scored.sort()
     order: list[int] = []
     k = 0
@@ -158,8 +163,10 @@ def _resolve_near_ties(scored: list[tuple[float, float, int]],
         j = k
         while j < len(scored) and scored[j][0] <= limit:
             j += 1
-        group = sorted(scored[k:j], key=lambda x: (not ests[x[2]].graph, ests[x[2]].prefill_tokens,
-                                                   ests[x[2]].padding, *x))
+        group = scored[k:j]
+        first = min(ests[i].first_token_s for _, _, i in group) * (1.0 + NEAR_TIE_REL) + NEAR_TIE_ABS_S
+        group.sort(key=lambda x: (not ests[x[2]].graph, ests[x[2]].prefill_tokens,
+                                  ests[x[2]].first_token_s > first, ests[x[2]].padding, *x))
         order.extend(i for _, _, i in group)
         k = j
     return order

@@ -262,14 +262,22 @@ def test_a_chat_follow_up_goes_home_when_the_loads_are_a_near_tie():
     assert rank(h, [other, busier]).tiers[0] == ["other"]                    # past the band: the estimate
 
 
-def test_padding_breaks_a_near_tie():
-    # A: 3 running + 1 fills bucket 4; B: 2 + 1 pads a row but has 200 fewer tokens queued
+def test_padding_breaks_a_near_tie_unless_it_costs_the_first_token():
+    """A: 3 running + 1 fills bucket 4; B: 2 + 1 pads a row. With 40 more tokens queued on A (1 ms
+    of prefill) the two are a near tie and padding packs A. With 200 more (5 ms, 16% of B's first
+    token) the scores are still a near tie, but A would pay for its fuller bucket with the first
+    token: B. Far apart, the estimate decides."""
     h = job([tokens(1, 256)], max_tokens=128)
-    cands = [("B", paged(LATENCY, running=2, prefill_backlog_tokens=1_000)),
-             ("A", paged(LATENCY, running=3, prefill_backlog_tokens=1_200))]
-    assert rank(h, cands).tiers == [["A"], ["B"]]
-    cands[1] = ("A", paged(LATENCY, running=3, prefill_backlog_tokens=8_000))
-    assert rank(h, cands).tiers == [["B"], ["A"]]
+    b = ("B", paged(LATENCY, running=2, prefill_backlog_tokens=1_000))
+
+    def first(a_backlog):
+        r = rank(h, [b, ("A", paged(LATENCY, running=3, prefill_backlog_tokens=a_backlog))])
+        sc = scores(r, h)
+        return r.tiers[0][0], max(sc.values()) <= min(sc.values()) * (1 + NEAR_TIE_REL)
+
+    assert first(1_040) == ("A", True)
+    assert first(1_200) == ("B", True)
+    assert first(8_000) == ("B", False)
 
 
 def test_a_fresh_replica_uses_the_fleets_measured_rates():

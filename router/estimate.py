@@ -8,7 +8,8 @@ an estimate into the number the policy ranks by, smaller first. docs/routing-est
 the formula with the source of every input.
 
     rows   = max(running + queued - finished + recent, sequences_in_flight) + n
-    backlog = published backlog x (running + queued - finished) / (running + queued) + recent tokens
+    backlog = published backlog x (running + queued - finished) / (running + queued), draining at
+              rate since the stats, + each recent request's prompt tokens from when it was sent
     wait   = steps until a row frees for its last sequence (`wait_steps`) x step
     t_first = max(backlog / rate, wait) + (prompt_tokens - cached) / rate
     t_last  = t_first + decode_steps * step(min(rows, row_limit))
@@ -87,9 +88,10 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     rate = prefill_rate(stats, prior)
     shown = _int(stats.running) + _int(stats.queued)
     published = max(shown - _int(ahead.finished_sequences), 0)
-    backlog = _num(stats.prefill_backlog_tokens) + _num(ahead.recent_prompt_tokens)
+    pending = _num(stats.prefill_backlog_tokens)
     if shown:   # the backlog of sequences seen finishing since the stats is gone: pro rata
-        backlog = _num(stats.prefill_backlog_tokens) * published / shown + _num(ahead.recent_prompt_tokens)
+        pending *= published / shown
+    backlog = queued_prefill(pending, ahead, rate, _num(age_s))
     held = max(published + _int(ahead.recent_sequences), _int(ahead.sequences))
     total = min(held + batch.sequences, MAX_COUNT)
     cap = row_limit(stats)
@@ -101,6 +103,24 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     wait = wait_steps(batch, stats, total - cap, waves, _num(age_s) / step) * step
     first = max(backlog / rate, wait) + own / rate
     return Estimate(first, first + batch.decode_steps * step, rows, bucket, waves, own)
+
+
+def queued_prefill(pending: float, ahead: Outstanding, rate: float, age_s: float) -> float:
+    """Prompt tokens still queued for prefill now, `age_s` after the stats: a FIFO queue that held
+    `pending` at the stats' time, drains at `rate`, and takes each request this router sent since
+    when it was sent (`ahead.recent_sends`). Without send times (a hand-built `Outstanding`), the
+    recent prompt tokens count whole. Counting them whole until the next publish kept a replica
+    looking busy with prefills done long ago: in benchmarks/route_sim.py a chat turn then went to a
+    replica with 2k tokens queued while the other, "holding" 3.6k already prefilled, was idle."""
+    sends = ahead.recent_sends if isinstance(ahead.recent_sends, tuple) else ()
+    if not sends:
+        return max(pending - rate * age_s, 0.0) + _num(ahead.recent_prompt_tokens)
+    queued, at = pending, 0.0
+    for offset, tokens in sends:
+        offset = min(max(_num(offset), at), age_s)
+        queued = max(queued - rate * (offset - at), 0.0) + _num(tokens)
+        at = offset
+    return max(queued - rate * (age_s - at), 0.0)
 
 
 def wait_steps(batch: Batch, stats: ReplicaStats, excess: int, waves: int, age_steps: float) -> float:

@@ -17,7 +17,8 @@ was first sent.
 - Views: `counts(now)` gives sequences per replica; `outstanding(now, since)` gives per replica an
   `Outstanding`: all sequences in flight there; the sequences and prompt tokens sent at or after
   `since[replica]` (the timestamp of the stats the ranking reads: what those stats cannot include
-  yet); the sequences sent before it that completed after it (what those stats still show);
+  yet), and those requests' send times and prompt tokens one by one; the sequences sent before it
+  that completed after it (what those stats still show);
   `prefixes(now, since)` gives per replica the hashes of prompts sent there.
 Pure Python, no clock of its own, never raises on unknown ids. Views cost O(live requests +
 replicas) plus, amortized, O(1) per completed request.
@@ -46,6 +47,9 @@ class Outstanding(NamedTuple):
     recent_sequences: int = 0      # of those, sent at or after the replica's stats timestamp
     recent_prompt_tokens: int = 0  # their prompt tokens (uncached there, as estimated when sent)
     finished_sequences: int = 0    # sent before the stats timestamp, completed after it
+    # The recent requests one by one, in send order: (seconds after the stats timestamp, prompt
+    # tokens), so the estimate can drain the prefill queue over time (router/estimate.py).
+    recent_sends: tuple[tuple[float, int], ...] = ()
 
 
 class _Done(NamedTuple):
@@ -133,21 +137,23 @@ class InFlight:
         `since[replica]` (every live request counts as recent for a replica not in `since`); the
         sequences sent before `since[replica]` and completed after it."""
         self._prune(now, since)
-        out: dict[Hashable, list[int]] = {}
+        out: dict[Hashable, list] = {}
         for e in self._at.values():
-            o = out.setdefault(e.replica, [0, 0, 0, 0])
+            o = out.setdefault(e.replica, [0, 0, 0, 0, []])
             o[0] += e.work.sequences
             t = since.get(e.replica)
             if t is None or not e.sent_at < t:   # NaN timestamps count as "not covered"
                 o[1] += e.work.sequences
                 o[2] += e.work.prompt_tokens
+                if t is not None and t == t:
+                    o[4].append((e.sent_at - t, e.work.prompt_tokens))
         for replica, done in self._done.items():
             t = since.get(replica)
             if t is not None:   # what is left here completed after t (`_prune`)
                 gone = sum(d.sequences for d in done if d.sent_at < t)
                 if gone:
-                    out.setdefault(replica, [0, 0, 0, 0])[3] += gone
-        return {rep: Outstanding(*o) for rep, o in out.items()}
+                    out.setdefault(replica, [0, 0, 0, 0, []])[3] += gone
+        return {rep: Outstanding(*o[:4], tuple(sorted(o[4]))) for rep, o in out.items()}
 
     def prefixes(self, now: float, since: Mapping[Hashable, float]) -> Mapping[Hashable, Counter]:
         """Per replica, the prefix hashes (with multiplicity) of prompts sent there that its stats

@@ -8,7 +8,8 @@ from router_fakes import BLOCK, cached, hint, job, no_ray_init, stats, tokens  #
 
 from router.estimate import (DEFAULT_PREFILL_TOKENS_PER_S, EAGER_STEP_FACTOR, MAX_STEP_S,
                              MIN_WAIT_STEPS, NO_PRIOR, Prior, _default_step, cached_tokens,
-                             estimate, fleet_prior, prefill_rate, row_limit, score, step_time)
+                             estimate, fleet_prior, prefill_rate, queued_prefill, row_limit, score,
+                             step_time)
 from router.hint import batch_of
 from router.inflight import Outstanding
 
@@ -114,6 +115,36 @@ def test_recent_work_adds_to_the_stats_and_all_in_flight_bounds_rows_from_below(
     assert estimate(b, s, Outstanding(sequences=9)).rows == 10   # stats lag what it sent
     assert estimate(b, s, Outstanding(finished_sequences=2)).rows == 3 - 2 + 1   # done since
     assert estimate(b, s, Outstanding(finished_sequences=7)).rows == 1
+
+
+@pytest.mark.parametrize("pending, sends, recent, age, left", [
+    (10_000, (), 0, 0.5, 5_000),                        # the published backlog drains with age
+    (10_000, (), 700, 2.0, 700),                        # ... to empty; unknown send times count whole
+    (0, ((0.1, 3_000),), 3_000, 0.9, 0),                # sent long enough ago: prefilled by now
+    (0, ((0.9, 3_000),), 3_000, 0.9, 3_000),            # sent just now: all of it waits
+    (5_000, ((0.2, 3_000),), 3_000, 0.5, 3_000),        # FIFO: 5k - 2k + 3k at 0.2 s, less 3k since
+    (0, ((0.0, 1_000), (0.5, 1_000)), 2_000, 0.55, 500),  # the first drained before the second came
+])
+def test_the_prefill_queue_drains_at_the_rate_since_the_stats(pending, sends, recent, age, left):
+    ahead = Outstanding(recent_sequences=len(sends) or 1, recent_prompt_tokens=recent, recent_sends=sends)
+    assert queued_prefill(pending, ahead, 10_000.0, age) == pytest.approx(left)
+
+
+def test_a_replica_busy_only_with_prefills_done_since_its_stats_is_not_behind():
+    """What the simulator showed (benchmarks/route_sim.py): 0.5 s after its stats, B "holds" 3.6k
+    prompt tokens this router sent right after them (prefilled 0.4 s ago at 10k tokens/s), A
+    published 2k queued just now. The turn goes to B, whose queue is empty."""
+    b = batch_of(hint(1, 300, prompt_tokens=200, max_new_tokens=64))
+    a_stats = measured(running=10, prefill_backlog_tokens=2_000)
+    b_stats = measured(running=10, timestamp=a_stats.timestamp - 0.5)
+    sent = Outstanding(sequences=4, recent_sequences=4, recent_prompt_tokens=3_600,
+                       recent_sends=((0.01, 900), (0.02, 900), (0.03, 900), (0.04, 900)))
+    on_a = estimate(b, a_stats)
+    on_b = estimate(b, b_stats, sent, age_s=0.5)
+    assert on_b.first_token_s == pytest.approx(200 / 10_000)
+    assert on_a.first_token_s == pytest.approx((2_000 + 200) / 10_000)
+    assert estimate(b, b_stats, sent._replace(recent_sends=()), age_s=0.5).first_token_s \
+        == pytest.approx((3_600 + 200) / 10_000)                     # counted whole: B looked behind
 
 
 def test_the_backlog_of_sequences_that_finished_since_the_stats_is_gone():

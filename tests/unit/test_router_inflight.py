@@ -25,7 +25,7 @@ def test_confirm_at_the_reserved_replica_keeps_the_reserved_work_and_send_time()
     f = InFlight(ttl_s=5.0)
     f.reserve("r1", "A", Work(4, 64), now=1.0)     # 64: the prompt tokens A does not hold cached
     f.confirm("r1", "A", Work(4, 4000), now=2.0)
-    assert f.outstanding(10.0, {"A": 1.0})["A"] == Outstanding(4, 4, 64)
+    assert f.outstanding(10.0, {"A": 1.0})["A"] == Outstanding(4, 4, 64, 0, ((0.0, 64),))
 
 
 def test_unreserve_drops_only_an_unconfirmed_guess():
@@ -65,9 +65,9 @@ def test_recent_work_is_what_was_sent_at_or_after_the_stats_timestamp():
     f.reserve("new", "A", Work(2, 300), now=3.0)
     f.reserve("b", "B", Work(1, 50), now=3.0)
     out = f.outstanding(4.0, {"A": 2.0})           # B: no stats, everything is recent
-    assert out == {"A": Outstanding(12, 2, 300), "B": Outstanding(1, 1, 50)}
-    assert f.outstanding(4.0, {"A": 3.0})["A"] == Outstanding(12, 2, 300)   # sent at the stamp
-    assert f.outstanding(4.0, {"A": float("nan")})["A"] == Outstanding(12, 12, 5300)
+    assert out == {"A": Outstanding(12, 2, 300, 0, ((1.0, 300),)), "B": Outstanding(1, 1, 50)}
+    assert f.outstanding(4.0, {"A": 3.0})["A"] == Outstanding(12, 2, 300, 0, ((0.0, 300),))  # at the stamp
+    assert f.outstanding(4.0, {"A": float("nan")})["A"] == Outstanding(12, 12, 5300)   # no send times
 
 
 def test_finished_work_is_what_the_stats_still_show_after_it_completed():

@@ -81,8 +81,8 @@ def rank_replicas(hint: Optional[RoutingHint],
     With a hint: replicas with usable stats (`is_usable`) whose `max_seq_len` holds the batch,
     by `score` of their `estimate` (router/estimate.py: the batch's last-token time plus its
     first-token time weighted by 1/n), scores within `NEAR_TIE_REL` of the best remaining one
-    forming a near tie decided by graph fit, then prefix affinity, then a first token within the
-    band, then padding, then score; then unknown replicas (no,
+    forming a near tie decided by graph fit, then a first token within the band, then prefix
+    affinity, then padding, then score; then unknown replicas (no,
     stale or malformed stats), by what this router has in flight there; then usable replicas too
     short for the batch (they will refuse it: still listed, so a request that fits nowhere fails
     fast with the replica's error instead of hanging in Ray's backoff), by load.
@@ -148,13 +148,14 @@ def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], wor
 def _resolve_near_ties(scored: list[tuple[float, float, int]],
                        ests: Mapping[int, Estimate]) -> list[int]:
     """Order by score, except that the scores within `NEAR_TIE_REL` (+ `NEAR_TIE_ABS_S`) of the
-    best one not yet placed form a group ordered by graph fit, the batch's uncached prompt tokens
-    there (prefix affinity: a follow-up turn saves its history's prefill at its home replica, a
-    saving the whole batch's score can hide inside the tolerance), a first token no later than the
-    same tolerance past the group's earliest, padding rows, score, then draw. Padding packs rows
-    into fuller buckets, nearly free on the step-time curve; it must not buy that with a later
-    first token (a long decode, most of the score, hides tens of ms of prefill queue inside the
-    band: in benchmarks/route_sim.py such ties raised chat TTFT p99 up to 2x)."""
+    best one not yet placed form a group ordered by graph fit, then a first token no later than the
+    same tolerance past the group's earliest, then the batch's uncached prompt tokens there
+    (prefix affinity: a follow-up turn saves its history's prefill at its home replica, a saving
+    the whole batch's score can hide inside the tolerance), padding rows, score, then draw.
+    Why the first token before affinity and padding: a long decode, most of the score, hides tens
+    of ms of prefill queue inside the band; padding (nearly free on the step-time curve) or a
+    cached prefix already priced in the estimate must not buy a later first token. In
+    benchmarks/route_sim.py padding first raised chat TTFT p99 up to 2.6x over the default's."""
     scored.sort()
     order: list[int] = []
     k = 0
@@ -165,8 +166,8 @@ def _resolve_near_ties(scored: list[tuple[float, float, int]],
             j += 1
         group = scored[k:j]
         first = min(ests[i].first_token_s for _, _, i in group) * (1.0 + NEAR_TIE_REL) + NEAR_TIE_ABS_S
-        group.sort(key=lambda x: (not ests[x[2]].graph, ests[x[2]].prefill_tokens,
-                                  ests[x[2]].first_token_s > first, ests[x[2]].padding, *x))
+        group.sort(key=lambda x: (not ests[x[2]].graph, ests[x[2]].first_token_s > first,
+                                  ests[x[2]].prefill_tokens, ests[x[2]].padding, *x))
         order.extend(i for _, _, i in group)
         k = j
     return order

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import random
 from typing import Any, Optional
 
 import pytest
@@ -18,11 +20,13 @@ from ray.serve._private.common import (DeploymentHandleSource, DeploymentID, Rep
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from replica.block_hash import prefix_summary
+from router.policy import OUTCOMES, rank_replicas
 from router.stats import ReplicaStats, RoutingHint
 
 BLOCK = 16  # tokens per KV block in the fakes
 DEPLOYMENT = DeploymentID(name="Decoder", app_name="llm")
 NOW = 1_000_000.0  # the fake wall clock's start; stats default to this timestamp
+STALE = 10.0       # stale_after_s of the policy tests
 _request_ids = itertools.count()
 
 
@@ -179,6 +183,18 @@ def make_router(clock: Optional[FakeClock] = None, seed: int = 0, outcomes: Opti
                                  use_replica_queue_len_cache=kwargs.pop("use_cache", False))
     sink = outcomes.append if outcomes is not None else (lambda outcome: None)
     r.initialize_state(seed=seed, clock=clock or FakeClock(), record_outcome=sink, **kwargs)
+    return r
+
+
+def rank(h, candidates, *, now=NOW, seed=0, outstanding=None):
+    """`rank_replicas` with the test clock; also checks the invariants every ranking must hold."""
+    r = rank_replicas(h, candidates, now=now, stale_after_s=STALE, rng=random.Random(seed),
+                      outstanding=outstanding)
+    flat = [k for tier in r.tiers for k in tier]
+    assert sorted(flat) == sorted(k for k, _ in candidates), "every candidate exactly once"
+    assert all(len(t) == 1 for t in r.tiers), "one replica per rank"
+    assert r.outcome in OUTCOMES
+    assert all(math.isfinite(e.last_token_s) for e in r.estimates.values())
     return r
 
 

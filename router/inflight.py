@@ -145,7 +145,7 @@ class InFlight:
             if t is None or not e.sent_at < t:   # NaN timestamps count as "not covered"
                 o[1] += e.work.sequences
                 o[2] += e.work.prompt_tokens
-                if t is not None and t == t:
+                if t is not None and t == t:     # a stats time to measure from (not NaN)
                     o[4].append((e.sent_at - t, e.work.prompt_tokens))
         for replica, done in self._done.items():
             t = since.get(replica)

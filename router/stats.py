@@ -51,8 +51,8 @@ class ReplicaStats:
     free_blocks: int = 0                # blocks allocatable now (free + evictable cached)
     prefill_backlog_tokens: int = 0     # prompt tokens admitted or queued, not yet prefilled
     decode_rows: int = 0                # sequences past prefill, decoding
-    prefill_tokens_per_s: float = 0.0   # measured prefill rate (moving average; 0: not measured)
-    decode_step_s: Mapping[int, float] = field(default_factory=dict)  # bucket -> step seconds (avg)
+    prefill_tokens_per_s: float = 0.0   # measured prefill rate (median of recent steps; 0: not measured)
+    decode_step_s: Mapping[int, float] = field(default_factory=dict)  # bucket -> step seconds (median)
     mean_output_tokens: float = 0.0     # finished sequences' output tokens (moving average; 0: none yet)
     min_remaining_steps: int = 0        # decode steps until its first running sequence ends (0: none)
     prefix_hashes: tuple[int, ...] = () # cached prefix hashes at summary depths (bounded)

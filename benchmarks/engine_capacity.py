@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -177,7 +178,6 @@ def baseline_b1(tree: str, model: str, prompt: int, new: int, timeout: float) ->
         return {"error": "timeout"}
     for line in out.stdout.splitlines():
         if line.startswith("BASELINE "):
-            import json
             return json.loads(line[9:])
     return {"error": (out.stderr or out.stdout)[-800:]}
 
@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--reserve-s", type=float, default=45.0)
     ap.add_argument("--baseline-tree", default=None, help="a directory holding the pre-rewrite replica/")
     ap.add_argument("--no-cache-off", dest="cache_off_compare", action="store_false")
+    ap.add_argument("--engine-kw", default="{}", help='EngineConfig overrides as JSON, e.g. \'{"step_token_budget": 8192}\'')
     ap.add_argument("--phases", default="burst,poisson,b1,multiturn",
                     help="which phases to run at the first max_seq_len (bursts run at every one)")
     C.add_sized_args(ap, SIZES)
@@ -267,10 +268,13 @@ def main() -> None:
     a.seq_lens = [int(x) for x in (a.seq_lens or ("8192,32768" if cuda else "256")).split(",")]
     a.rates = [float(x) for x in a.rates.split(",")]
     a.phases = set(a.phases.split(","))
+    overrides = json.loads(a.engine_kw)
     a.engine_kw = {} if cuda else {"batch_buckets": (1, 2, 4, 8, 16), "block_size": 8, "engine_process": "thread"}
+    a.engine_kw.update(overrides)
     budget = C.Budget(a.budget_s)
     out = C.out_path(a.out, "engine_capacity.json")
     rec = {"env": C.env_info(a.device), "args": {k: v for k, v in vars(a).items() if k != "engine_kw"},
+           "engine_overrides": overrides,
            "configs": []}
     gemm = bw = None
     if cuda:

@@ -67,10 +67,6 @@ class EngineConfig:
     # Tokens one step may carry: every decode row counts one, waiting prompts fill the rest in
     # chunks. Bounds how long a step holds the running decodes back.
     step_token_budget: int = 2048
-    # Decode buckets of at least this many rows run as two half-batches on two CUDA streams
-    # inside their graph, so one half's attention (bandwidth-bound) can run beside the other's
-    # matmuls (compute-bound). 0: off. On CPU the halves run one after the other.
-    decode_overlap_rows: int = 0
     # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
     # caller's GIL, the setting for servers; the caller then never imports torch), "thread"
     # (in-process), "auto" (process when a CUDA driver and visible GPUs exist: engine._use_process).
@@ -139,8 +135,6 @@ def _validate(c: EngineConfig) -> None:
         fail(f"engine_process={c.engine_process!r} must be 'auto', 'thread' or 'process'")
     if c.step_token_budget < 1:
         fail(f"step_token_budget={c.step_token_budget} must be positive")
-    if c.decode_overlap_rows < 0 or (c.decode_overlap_rows and c.decode_overlap_rows < 2):
-        fail(f"decode_overlap_rows={c.decode_overlap_rows} must be 0 (off) or at least 2")
     if c.max_queued_requests is not None and c.max_queued_requests < 0:
         fail(f"max_queued_requests={c.max_queued_requests} must be >= 0, or None for no bound")
     if b is not None and c.max_num_seqs is not None and c.max_num_seqs > b[-1]:

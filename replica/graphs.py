@@ -54,13 +54,9 @@ class StepOutputs:
 
 
 class DecodeStep:
-    def __init__(self, model, kv, tables: SamplingTables, out: StepOutputs, rows: int,
-                 overlap_rows: int = 0):
+    def __init__(self, model, kv, tables: SamplingTables, out: StepOutputs, rows: int):
         self.model, self.kv, self.tables, self.out = model, kv, tables, out
-        self.rows, self.overlap_rows = rows, overlap_rows
-        # the second half-batch's stream: one for the engine's life, so that warm-up gives it its
-        # cuBLAS workspace outside the graphs' pool, and every capture forks onto the same one
-        self.half_stream = torch.cuda.Stream(model.device) if overlap_rows and model.device.type == "cuda" else None
+        self.rows = rows
         dev = model.device
         self.inputs = torch.zeros(len(COLUMNS), rows, dtype=torch.long, device=dev)
         (self.tokens, self.src, self.positions, self.table_rows, self.slots,
@@ -74,32 +70,11 @@ class DecodeStep:
         pos, rows, slots = self.positions[:b], self.table_rows[:b], self.slots[:b]
         self.kv.write_table(rows, pos, slots)
         logits = self.logits[:b]
-        half = b // 2 if self.overlap_rows and b >= self.overlap_rows else 0
-        if half:
-            self._decode_halves(half, tokens, pos, slots, rows, logits)
-        else:
-            self.model.decode(tokens, pos, slots, rows, self.kv, logits)
+        self.model.decode(tokens, pos, slots, rows, self.kv, logits)
         if mode == "greedy":
             self.out.tokens[:b].copy_(greedy(logits))
         else:
             self.tables.full(logits, rows, self.steps[:b], self.out.view(b))
-
-    def _decode_halves(self, h, tokens, pos, slots, rows, logits) -> None:
-        """model.decode over rows [h:] on the half stream and rows [:h] on this one. Every op of a
-        decode step is row-wise, so the halves are independent; with no dependency between their
-        kernels, the GPU runs one half's attention beside the other's matmuls where SMs allow.
-        Forked and joined through stream waits, which a graph capture records as edges."""
-        second = (tokens[h:], pos[h:], slots[h:], rows[h:], self.kv, logits[h:])
-        if self.half_stream is None:                              # CPU: one after the other
-            self.model.decode(*second)
-        else:
-            main = torch.cuda.current_stream()
-            self.half_stream.wait_stream(main)
-            with torch.cuda.stream(self.half_stream):
-                self.model.decode(*second)
-        self.model.decode(tokens[:h], pos[:h], slots[:h], rows[:h], self.kv, logits[:h])
-        if self.half_stream is not None:
-            main.wait_stream(self.half_stream)
 
     def padding(self) -> list[int]:
         """One padding row's input columns (same order as COLUMNS)."""

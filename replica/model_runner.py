@@ -97,8 +97,7 @@ class ModelRunner:
         self.plan, self.rows = plan, plan.rows
         self.kv = PagedKVCache(plan.num_blocks, c.block_size, s.num_layers, s.num_kv_heads, s.head_dim,
                                table_rows, c.max_seq_len, self.dtype, self.device)
-        self.decode = DecodeStep(self.model, self.kv, self.tables, self.out, self.out.tokens.shape[0],
-                                 c.decode_overlap_rows)
+        self.decode = DecodeStep(self.model, self.kv, self.tables, self.out, self.out.tokens.shape[0])
         self.graphs = DecodeGraphs(self.decode, plan.buckets, c.use_cuda_graphs)
         size_s = time.perf_counter() - t0
         with torch.inference_mode():
@@ -151,7 +150,7 @@ class ModelRunner:
         c, s = self.config, self.model.shape
         probe_kv = PagedKVCache(2, c.block_size, s.num_layers, s.num_kv_heads, s.head_dim, width,
                                 c.max_seq_len, self.dtype, self.device)
-        step = DecodeStep(self.model, probe_kv, self.tables, self.out, width, c.decode_overlap_rows)
+        step = DecodeStep(self.model, probe_kv, self.tables, self.out, width)
         self.decode, self.kv = step, probe_kv
         self._fill_padding(width)
 

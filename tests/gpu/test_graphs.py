@@ -3,8 +3,7 @@
 For every captured bucket, with real block tables (prompts prefilled through the engine's own
 mixed steps, blocks scattered by the pool): graph replay gives the same tokens as the same step
 run eagerly (float32), and logits within bf16 tolerance (bfloat16); greedy tokens equal HF generate
-on the GPU (process worker, prefix cache and preemption on), also with decode buckets split into
-two half-batches on two streams (`decode_overlap_rows`); KV, block-table and input addresses
+on the GPU (process worker, prefix cache and preemption on); KV, block-table and input addresses
 are unchanged after capture and after serving; no capture happens after startup; the Triton paged
 kernels match their torch references on the device.
 """
@@ -31,12 +30,9 @@ def _config(path, dtype, **kw):
                         max_num_seqs=16, block_size=16, kv_cache_bytes=64 << 20, **kw)
 
 
-# (dtype, decode_overlap_rows): buckets >= 4 of the last two run as two half-batches on two streams
-@pytest.fixture(scope="module", params=[("float32", 0), ("bfloat16", 0), ("float32", 4), ("bfloat16", 4)],
-                ids=["fp32", "bf16", "fp32-halves", "bf16-halves"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def core(request, tiny_llama_dir):
-    dtype, overlap = request.param
-    return EngineCore(_config(tiny_llama_dir[0], dtype, decode_overlap_rows=overlap))
+    return EngineCore(_config(tiny_llama_dir[0], request.param))
 
 
 def _prompts(b, gen):
@@ -79,15 +75,14 @@ def test_bf16_logits_track_float32_reference(tiny_llama_dir):
     assert rel < 3e-2, f"relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("overlap", [0, 4], ids=["whole", "halves"])
-def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir, overlap):
+def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
     path, hf_cpu = tiny_llama_dir
     hf = hf_cpu.to("cuda")
     # the server's configuration (process worker); a small pool forces preemption, shared prefixes hit
     # 13 usable blocks of 16 tokens: the five concurrent prompts need 21, so some are preempted
     eng = Engine(EngineConfig(model=path, device="cuda", dtype="float32", batch_buckets=BUCKETS, max_seq_len=128,
                               block_size=16, max_num_seqs=8, kv_cache_bytes=14 * 2 * 2 * 2 * 16 * 16 * 4,
-                              engine_process="process", decode_overlap_rows=overlap))
+                              engine_process="process"))
     shared = list(range(40, 80))
     prompts = [[5, 17, 99], shared + [1, 2], [7], shared + list(range(100, 113)), shared, list(range(3, 40))]
     try:

@@ -1,19 +1,15 @@
 """Greedy tokens from the engine equal HF transformers' own `generate` on the same checkpoint, for a
 batch of prompts of different lengths, and while requests join and leave mid-flight (chunked
-prefill interleaved with decode, padding rows in every bucket), with decode run whole and as two
-half-batches (`decode_overlap_rows`: on CPU the halves run one after the other)."""
+prefill interleaved with decode, padding rows in every bucket)."""
 from __future__ import annotations
 
 import asyncio
-
-from unittest import mock
 
 import pytest
 import torch
 
 from engine_helpers import collect, run
 from replica import Engine, EngineConfig
-from replica.graphs import DecodeStep
 
 
 def hf_greedy(model, ids, n):
@@ -26,19 +22,13 @@ def hf_greedy(model, ids, n):
 PROMPTS = [[5, 17, 99], list(range(40, 80)), [7], list(range(100, 113)), [250, 3, 3, 3, 9, 1]]
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["whole", "halves"])
-def engine(request, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
     path, _ = tiny_llama_dir
-    halves = mock.patch.object(DecodeStep, "_decode_halves", autospec=True,
-                               side_effect=DecodeStep._decode_halves)
-    with halves as spy:
-        eng = Engine(EngineConfig(model=path, device="cpu", dtype="float32", batch_buckets=(1, 2, 4, 8),
-                                  max_seq_len=128, step_token_budget=7, engine_process="thread",
-                                  decode_overlap_rows=request.param))
-        yield eng
-        eng.shutdown()
-    # the split ran (buckets 2..8) exactly when it was asked for
-    assert (spy.call_count > 0) == (request.param > 0)
+    eng = Engine(EngineConfig(model=path, device="cpu", dtype="float32", batch_buckets=(1, 2, 4, 8),
+                              max_seq_len=128, step_token_budget=7))
+    yield eng
+    eng.shutdown()
 
 
 def test_batch_of_prompts_matches_hf_generate(engine, tiny_llama_dir):

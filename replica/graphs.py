@@ -13,6 +13,9 @@ padding can never touch a real sequence.
     logits = model.decode(tokens, pos, slots, rows)        # paged attention over block tables
     out = greedy(logits) | tables.full(logits, rows, steps)
 
+A bucket whose measured step is slower than a larger bucket's hands its batches to that one
+(`prefer_faster`, fed by the engine's measured step times).
+
 Two graphs per bucket: "greedy" (argmax only; every row plain greedy) and "full" (bias, penalties,
 temperature/top-k/top-p/min-p, logprobs). Capture runs largest bucket first into one shared memory
 pool with Python's gc frozen; after `capture_all` returns, a second call raises (no capture at
@@ -31,6 +34,7 @@ from replica.sampling import SampleOutput, SamplingTables, greedy
 from replica.sampling_params import MAX_LOGPROBS
 
 MODES = ("greedy", "full")
+FASTER_REL, FASTER_ABS_S = 0.05, 0.5e-3   # prefer_faster: what a larger bucket must save per step
 # int64 input columns of a decode row, in the static buffer's order
 COLUMNS = ("tokens", "src", "positions", "table_rows", "slots", "steps")
 
@@ -89,10 +93,36 @@ class DecodeGraphs:
         self.capture_seconds = self.warmup_seconds = 0.0
         self.graph_bytes = 0
         self._closed = False
+        self.faster: dict[int, int] = {}   # bucket -> a larger bucket measured faster (prefer_faster)
 
     def bucket_for(self, n: int) -> Optional[int]:
         i = bisect.bisect_left(self.buckets, n)
-        return self.buckets[i] if i < len(self.buckets) else None
+        if i == len(self.buckets):
+            return None
+        return self.faster.get(self.buckets[i], self.buckets[i])
+
+    def prefer_faster(self, step_s: dict[int, float]) -> None:
+        """Send a bucket's batches to a larger captured bucket whose measured step is shorter by
+        at least FASTER_REL and FASTER_ABS_S (then the padding rows cost less than the shape).
+        `step_s`: bucket -> measured step seconds, 0 or absent when not measured. Why: cuBLAS picks
+        a slow kernel for some row counts - llama-8b's w13 GEMM at 448 rows takes 0.27 ms against
+        0.16 ms at 512 on H200, so the 448-row step is ~2 ms slower than the 512-row one
+        (benchmarks/decode_shapes.py) - while llama-1b's is not. The absolute floor keeps host
+        timing jitter on sub-millisecond steps from moving small batches. Graphs only: on CPU the
+        times are the host's, and the bucket a batch runs at stays the smallest that holds it."""
+        if not self.use_graphs:
+            return
+        faster: dict[int, int] = {}
+        best, best_s = 0, float("inf")        # the fastest measured bucket larger than b
+        for b in reversed(self.buckets):
+            t = step_s.get(b) or 0.0
+            if not t:
+                continue
+            if best and t - best_s >= max(FASTER_REL * t, FASTER_ABS_S):
+                faster[b] = best
+            elif t < best_s:
+                best, best_s = b, t
+        self.faster = faster
 
     def replay(self, b: int, mode: str) -> bool:
         """Run bucket b: replay its graph (True) or run it eagerly (False: no graph for it)."""

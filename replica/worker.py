@@ -45,6 +45,7 @@ SUMMARY_PERIOD_S = 0.5         # how often the prefix-cache summary in stats is 
 # the decode rows' (a 100-token prompt beside 80 rows "measured" 12k tokens/s where a 2k-token
 # step measures 50k on llama-8b), and the router would over-value cache hits and empty replicas.
 MIN_RATE_PREFILL_TOKENS = 256
+REMAP_EVERY_STEPS = 16   # decode steps between two looks for a faster larger bucket (graphs.prefer_faster)
 __all__ = ["EngineDeadError", "EngineOverloadedError", "ThreadWorker", "EngineCore"]
 
 
@@ -132,6 +133,8 @@ class EngineCore:
             self.steps[(step.bucket, step.kind)] += 1
             self.padded[step.bucket] += step.bucket - len(batch.decode)
             self.decode_step_s[step.bucket].add(seconds)
+            if self.steps.total() % REMAP_EVERY_STEPS == 0:
+                self.runner.graphs.prefer_faster({b: m.value for b, m in self.decode_step_s.items()})
 
     def abort_all(self) -> list[Event]:
         self._inflight = None

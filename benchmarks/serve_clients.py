@@ -22,6 +22,36 @@ from typing import Any, Optional
 from benchmarks.serve_traces import Job
 
 
+class LoopLag:
+    """How late this process's event loop wakes while a phase runs: a task sleeping `period_s` in
+    a loop records each overshoot. Every client of a phase shares this loop, so its lag is part
+    of every TTFT the clients measure: the driver's own share of the path."""
+
+    def __init__(self, period_s: float = 0.005):
+        self.period_s, self.lags_ms = period_s, []
+        self._task: Optional[asyncio.Task] = None
+
+    async def _probe(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            self.lags_ms.append((time.perf_counter() - t - self.period_s) * 1e3)
+
+    async def __aenter__(self) -> "LoopLag":
+        self._task = asyncio.ensure_future(self._probe())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def summary(self) -> dict:
+        v = sorted(self.lags_ms)
+        pick = lambda q: v[min(len(v) - 1, int(q / 100 * len(v)))] if v else None   # noqa: E731
+        return {"driver_loop_lag_ms_p50": pick(50), "driver_loop_lag_ms_p99": pick(99),
+                "driver_loop_lag_ms_max": v[-1] if v else None}
+
+
 def record(kind: str, t_send: float, **kw) -> dict:
     return {"kind": kind, "t_send": t_send, "t_first": None, "t_last": None, "tokens": 0, "done": False,
             "error": None, **kw}

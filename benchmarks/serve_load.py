@@ -48,8 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
 from benchmarks import serve_traces as T  # noqa: E402
-from benchmarks.serve_clients import Clients, run_phase  # noqa: E402
-from benchmarks.serve_report import (bars, headline, phase_metrics, print_summary, replica_delta,  # noqa: E402
+from benchmarks.serve_clients import Clients, LoopLag, run_phase  # noqa: E402
+from benchmarks.serve_report import (bars, headline, ingress_latency, phase_metrics, print_summary, replica_delta,  # noqa: E402
                                      summarize)
 
 APP = "graphserve"
@@ -189,6 +189,13 @@ async def counters() -> list[dict]:
     return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
 
 
+async def ingress_counters() -> list[dict]:
+    """The ingress replicas' own timing (OpenAIIngress.counters): prepare() and first items."""
+    from ray import serve
+    h = serve.get_deployment_handle("OpenAIIngress", app_name=APP)
+    return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
+
+
 async def idle(timeout_s: float = 5.0) -> list[dict]:
     """Counters once every replica has nothing running or queued (cut sequences aborted), or
     after `timeout_s` (then the next phase starts on a busy app: `busy_at_start` in its metrics)."""
@@ -288,10 +295,13 @@ class Run:
                     continue
                 jobs = self.jobs_for(key)
                 t_start = time.perf_counter()
-                recs, t0, t_stop, at_stop = await run_phase(clients, jobs, self.phase_cap(key), counters)
+                ing_before = await ingress_counters()
+                async with LoopLag() as lag:
+                    recs, t0, t_stop, at_stop = await run_phase(clients, jobs, self.phase_cap(key), counters)
                 after = await idle()
                 generated = replica_delta(before, at_stop)["generated_tokens"] if at_stop else None
                 m = phase_metrics(recs, t0, t_stop, replica_delta(before, after), generated)
+                m.update(lag.summary(), **ingress_latency(ing_before, await ingress_counters()))
                 m["busy_at_start"] = busy(before)
                 before = after
                 out["phases"][key] = m
@@ -302,7 +312,8 @@ class Run:
                 spent = time.perf_counter() - t_start
                 self.overhead = 0.7 * self.overhead + 0.3 * (spent - (t_stop - t0))
                 C.log(f"{name[:4]} {key:14s} tok/s {m['tokens_per_s']:6.0f} ttft50 {C.fmt(m['all']['ttft_ms_p50'], '.0f'):>5}"
-                      f" (replica {C.fmt(m['replica_ttft_ms_p50'], '.0f'):>4}) ittft99 {C.fmt(m['interactive']['ttft_ms_p99'], '.0f'):>5} tpot50 {C.fmt(m['all']['tpot_ms_p50'], '.1f'):>4}"
+                      f" (ingress {C.fmt(m['ingress_first_item_ms_p50'], '.0f'):>4}, replica {C.fmt(m['replica_ttft_ms_p50'], '.0f'):>4},"
+                      f" lag {C.fmt(m['driver_loop_lag_ms_p50'], '.1f')}) ittft99 {C.fmt(m['interactive']['ttft_ms_p99'], '.0f'):>5} tpot50 {C.fmt(m['all']['tpot_ms_p50'], '.1f'):>4}"
                       f" hit {C.fmt(m['graph_hit'], '.2f')} pfx {C.fmt(m['prefix_hit_rate'], '.2f')} split "
                       f"{':'.join(map(str, m['split']))} cut {m['all']['cut']} err {m['all']['errors']} {spent:.1f}s")
 

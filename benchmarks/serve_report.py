@@ -75,6 +75,22 @@ def _add_counts(lists: Iterable[list[int]]) -> list[int]:
     return out
 
 
+INGRESS_COUNTS = ("prepare_ms_counts", "first_item_ms_counts")   # the ingress's own (Frontend.latency)
+
+
+def ingress_latency(before: list[dict], after: list[dict]) -> dict:
+    """p50/p99 (ms) of the ingress replicas' prepare() and streams' first items between two
+    `counters()` snapshots (ingress replicas matched by pid; None: not reported)."""
+    prev = {r.get("pid"): r for r in before}
+    out = {}
+    for what in INGRESS_COUNTS:
+        counts = _add_counts(LH.difference(r.get(what, []), prev.get(r.get("pid"), {}).get(what, []))
+                             for r in after)
+        for q in (50, 99):
+            out[f"ingress_{what[:-10]}_ms_p{q}"] = LH.percentile(counts, q)
+    return out
+
+
 def replica_latency(delta: dict) -> dict:
     """TTFT and TPOT p50/p99 (ms) as the replicas measured them (engine side; None: not reported)."""
     return {f"replica_{what[:4]}_ms_p{q}": LH.percentile(delta.get(what) or [], q)

@@ -14,14 +14,22 @@ A `Backend` runs prepared batches: in Serve it wraps the replica deployment's ha
 runs in the caller's process, so here); unit tests pass a fake. A backend may also offer
 `async ready() -> bool` (whether a replica can serve now; `/health` reports it). No Ray, no
 FastAPI here.
+
+Timing (`latency()`): histograms of `prepare`'s own time (tokenizer, checks, prefix hashes) and of
+a stream's first item, from the `stream` call until the backend hands over its first chunks
+(router, the hop to a replica, the engine's TTFT, the hop back). Next to the replicas' own TTFT
+and a client's, they split the path in front of the engine.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator, Optional, Protocol, Sequence, Union
 
+from deployments.latency_histogram import LatencyHistogram
 from deployments.protocol import BatchResult, PromptBatch, StreamChunk
 from replica.block_hash import prefix_summary
 from replica.sampling_params import InvalidRequestError, SamplingParams
@@ -71,6 +79,8 @@ class Frontend:
         self.vocab_size = vocab_size          # None: token ids are checked by the engine only
         self.max_sequences = max_sequences    # sequences one request may hold; None: no bound
         self._token_text = None
+        self.prepare_time = LatencyHistogram()    # prepare(): tokenize, check, hash (successful ones)
+        self.first_item = LatencyHistogram()      # stream(): call -> the backend's first chunks
 
     # -- input -> batch -------------------------------------------------------------------------
     def prepare(self, prompts: Sequence[PromptInput], params_kwargs: dict, *, n: int = 1,
@@ -79,6 +89,12 @@ class Frontend:
         """Tokenize and check a batch. `params_kwargs` are SamplingParams fields; a missing
         max_tokens defaults to `default_max_tokens`, or to the room left in the context when that
         is None (OpenAI's chat behaviour)."""
+        t0 = time.perf_counter()
+        batch, hint = self._prepare(prompts, params_kwargs, n, default_max_tokens, param, user)
+        self.prepare_time.observe(time.perf_counter() - t0)
+        return batch, hint
+
+    def _prepare(self, prompts, params_kwargs, n, default_max_tokens, param, user):
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                         and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]  # one text or one token-id prompt, like OpenAI's `prompt` field
@@ -193,5 +209,16 @@ class Frontend:
     async def generate(self, batch: PromptBatch, hint: RoutingHint) -> BatchResult:
         return await self.backend.generate(batch, hint)
 
-    def stream(self, batch: PromptBatch, hint: RoutingHint) -> AsyncIterator[list[StreamChunk]]:
-        return self.backend.stream(batch, hint)
+    async def stream(self, batch: PromptBatch, hint: RoutingHint) -> AsyncIterator[list[StreamChunk]]:
+        t0, first = time.perf_counter(), True
+        async with aclosing(self.backend.stream(batch, hint)) as chunks_stream:
+            async for chunks in chunks_stream:
+                if first:
+                    self.first_item.observe(time.perf_counter() - t0)
+                    first = False
+                yield chunks
+
+    def latency(self) -> dict[str, list[int]]:
+        """Histogram counts (deployments/latency_histogram.py) of prepare() and of streams' first items."""
+        return {"prepare_ms_counts": list(self.prepare_time.counts),
+                "first_item_ms_counts": list(self.first_item.counts)}

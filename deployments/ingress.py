@@ -25,6 +25,7 @@ Placement: the ingress asks for `AppArgs.ingress_num_cpus` (> 0) CPUs. A KubeRay
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import aclosing
 from functools import partial
 from typing import Any, AsyncIterator, Optional, Sequence, Union
@@ -106,6 +107,11 @@ class OpenAIIngress:
         log.info("OpenAIIngress: %s, API keys %s, body limit %d bytes, replica wait %.1f s",
                  args.model_name, "on" if self._keys.enabled else "off", self._max_body,
                  args.replica_wait_s)
+
+    def counters(self) -> dict[str, Any]:
+        """This ingress replica's own timing (Frontend.latency): for benchmarks and debugging
+        (`handle.broadcast("counters")`)."""
+        return {"pid": os.getpid(), **self._frontend.latency()}
 
     def __serve_build_asgi_app__(self):
         return build_openai_app(self._frontend, api_keys=self._keys, max_body_bytes=self._max_body)

@@ -166,9 +166,18 @@ class EngineCore:
             preemptions=sch.counters["preemptions"], finished_requests=sch.counters["finished_requests"],
             aborted_requests=sch.counters["aborted_requests"],
             prefill_tokens_per_s=self.prefill_rate.value,
-            decode_step_s={b: m.value for b, m in self.decode_step_s.items() if m.value},
+            decode_step_s=self._published_step_s(),
             mean_output_tokens=sch.mean_output_tokens, min_remaining_steps=self._min_remaining,
             prefix_hashes=self._summary if summary else None, startup=self.startup)
+
+
+    def _published_step_s(self) -> dict[int, float]:
+        """bucket -> measured step seconds of the bucket its batches run at: a bucket handed to a
+        faster larger one (graphs.prefer_faster) publishes that one's time, which is what a batch
+        landing there now costs."""
+        measured = {b: m.value for b, m in self.decode_step_s.items() if m.value}
+        faster = self.runner.graphs.faster
+        return {b: measured.get(faster.get(b, b), t) for b, t in measured.items()}
 
 
 class ThreadWorker:

@@ -88,3 +88,5 @@ def test_the_engine_feeds_its_measured_step_times():
     moved = after.decode_steps[(4, "eager")] - before.decode_steps[(4, "eager")]
     assert moved >= REMAP_EVERY_STEPS, (before.decode_steps, after.decode_steps)
     assert after.padded_rows[4] - before.padded_rows[4] == 2 * moved
+    # the router reads what a 2-row batch costs now: bucket 4's time, not the stale slow one
+    assert after.decode_step_s[2] == after.decode_step_s[4] < before.decode_step_s[2]

@@ -183,16 +183,11 @@ def gpus_free(a, timeout_s: float = 30.0) -> None:
     C.log("warning: GPU memory still in use after the delete")
 
 
-async def counters() -> list[dict]:
+async def counters(deployment: str = "LLMReplica") -> list[dict]:
+    """`counters()` of every replica of a deployment: the engines' (LLMReplica), or the ingress's
+    own timing (OpenAIIngress: prepare() and first items)."""
     from ray import serve
-    h = serve.get_deployment_handle("LLMReplica", app_name=APP)
-    return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
-
-
-async def ingress_counters() -> list[dict]:
-    """The ingress replicas' own timing (OpenAIIngress.counters): prepare() and first items."""
-    from ray import serve
-    h = serve.get_deployment_handle("OpenAIIngress", app_name=APP)
+    h = serve.get_deployment_handle(deployment, app_name=APP)
     return list(await asyncio.wait_for(h.broadcast("counters").results_async(), 60.0))
 
 
@@ -295,13 +290,13 @@ class Run:
                     continue
                 jobs = self.jobs_for(key)
                 t_start = time.perf_counter()
-                ing_before = await ingress_counters()
+                ing_before = await counters("OpenAIIngress")
                 async with LoopLag() as lag:
                     recs, t0, t_stop, at_stop = await run_phase(clients, jobs, self.phase_cap(key), counters)
                 after = await idle()
                 generated = replica_delta(before, at_stop)["generated_tokens"] if at_stop else None
                 m = phase_metrics(recs, t0, t_stop, replica_delta(before, after), generated)
-                m.update(lag.summary(), **ingress_latency(ing_before, await ingress_counters()))
+                m.update(lag.summary(), **ingress_latency(ing_before, await counters("OpenAIIngress")))
                 m["busy_at_start"] = busy(before)
                 before = after
                 out["phases"][key] = m

@@ -170,7 +170,6 @@ class EngineCore:
             mean_output_tokens=sch.mean_output_tokens, min_remaining_steps=self._min_remaining,
             prefix_hashes=self._summary if summary else None, startup=self.startup)
 
-
     def _published_step_s(self) -> dict[int, float]:
         """bucket -> measured step seconds of the bucket its batches run at: a bucket handed to a
         faster larger one (graphs.prefer_faster) publishes that one's time, which is what a batch

@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
 from benchmarks import serve_traces as T  # noqa: E402
 from benchmarks.serve_clients import Clients, LoopLag, run_phase  # noqa: E402
+from benchmarks.serve_spread import print_spread, spread  # noqa: E402
 from benchmarks.serve_report import (bars, headline, ingress_latency, phase_metrics, print_summary, replica_delta,  # noqa: E402
                                      summarize)
 
@@ -350,6 +351,10 @@ class Run:
         self.res["total_s"] = time.time() - C.T0
         self.save()
         print_summary(self.res, self.res["summary"])
+        if "ours" in self.res["routers"] and "default" in self.res["routers"]:
+            self.res["bar_intervals"] = spread(self.res)      # how sure each bar is (serve_spread.py)
+            C.write_json(self.path, self.res)
+            print_spread(self.res["bar_intervals"])
         print("wrote", self.path, f"({self.res['total_s']:.0f} s)", flush=True)
 
 

@@ -159,3 +159,19 @@ def test_latency_histogram_percentiles_are_bucket_upper_bounds():
     assert percentile(h.counts, 80) == pytest.approx(10 ** 1.7)          # 40 ms -> 50.1 ms
     assert percentile(h.counts, 100) == pytest.approx(100_000.0)         # overflow reads as the last bound
     assert difference(h.counts, []) == h.counts and sum(difference(h.counts, h.counts)) == 0
+
+
+def test_bootstrap_interval_holds_the_ratio_and_narrows_with_samples():
+    from benchmarks.serve_spread import bootstrap_ratio
+    import random
+    rng = random.Random(1)
+    few_o, few_d = [rng.expovariate(1 / 60) for _ in range(30)], [rng.expovariate(1 / 60) for _ in range(30)]
+    many_o, many_d = [rng.expovariate(1 / 60) for _ in range(3000)], [rng.expovariate(1 / 60) for _ in range(3000)]
+    few, many = bootstrap_ratio(few_o, few_d, 99, rounds=300), bootstrap_ratio(many_o, many_d, 99, rounds=300)
+    for b in (few, many):
+        assert b["lo"] <= b["ratio"] <= b["hi"]
+    assert many["lo"] <= 1.0 <= many["hi"]                    # same distribution: 1 inside
+    assert many["hi"] - many["lo"] < few["hi"] - few["lo"]    # more samples, tighter
+    slower = bootstrap_ratio([2 * x for x in many_o], many_d, 50, rounds=300)
+    assert 1.6 < slower["lo"] <= slower["hi"] < 2.5          # a real 2x difference shows as one
+    assert bootstrap_ratio([], many_d, 50) is None and bootstrap_ratio(many_o, [], 50) is None

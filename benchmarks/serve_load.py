@@ -308,7 +308,8 @@ class Run:
                 spent = time.perf_counter() - t_start
                 self.overhead = 0.7 * self.overhead + 0.3 * (spent - (t_stop - t0))
                 C.log(f"{name[:4]} {key:14s} tok/s {m['tokens_per_s']:6.0f} ttft50 {C.fmt(m['all']['ttft_ms_p50'], '.0f'):>5}"
-                      f" (ingress {C.fmt(m['ingress_first_item_ms_p50'], '.0f'):>4}, replica {C.fmt(m['replica_ttft_ms_p50'], '.0f'):>4},"
+                      f" (ingress {C.fmt(m['ingress_first_item_ms_p50'], '.0f'):>4}, arrive {C.fmt(m['replica_arrival_ms_p50'], '.1f')},"
+                      f" replica {C.fmt(m['replica_ttft_ms_p50'], '.0f'):>4},"
                       f" lag {C.fmt(m['driver_loop_lag_ms_p50'], '.1f')}) ittft99 {C.fmt(m['interactive']['ttft_ms_p99'], '.0f'):>5} tpot50 {C.fmt(m['all']['tpot_ms_p50'], '.1f'):>4}"
                       f" hit {C.fmt(m['graph_hit'], '.2f')} pfx {C.fmt(m['prefix_hit_rate'], '.2f')} split "
                       f"{':'.join(map(str, m['split']))} cut {m['all']['cut']} err {m['all']['errors']} {spent:.1f}s")

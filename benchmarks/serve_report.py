@@ -61,7 +61,8 @@ def replica_delta(before: list[dict], after: list[dict]) -> dict:
             "rows_run": rows_run, **tot, **lat, "split": [row["sequences"] for row in per]}
 
 
-LATENCY_COUNTS = ("ttft_ms_counts", "tpot_ms_counts")   # the replicas' own histograms (counters())
+# the replicas' own histograms (counters()) -> the name of their percentiles, replica_<name>_ms_p<q>
+LATENCY_COUNTS = {"ttft_ms_counts": "ttft", "tpot_ms_counts": "tpot", "arrival_ms_counts": "arrival"}
 
 
 def _add_counts(lists: Iterable[list[int]]) -> list[int]:
@@ -92,9 +93,10 @@ def ingress_latency(before: list[dict], after: list[dict]) -> dict:
 
 
 def replica_latency(delta: dict) -> dict:
-    """TTFT and TPOT p50/p99 (ms) as the replicas measured them (engine side; None: not reported)."""
-    return {f"replica_{what[:4]}_ms_p{q}": LH.percentile(delta.get(what) or [], q)
-            for what in LATENCY_COUNTS for q in (50, 99)}
+    """TTFT, TPOT and arrival delay (ingress prepared -> replica) p50/p99 (ms) as the replicas
+    measured them (None: not reported)."""
+    return {f"replica_{name}_ms_p{q}": LH.percentile(delta.get(what) or [], q)
+            for what, name in LATENCY_COUNTS.items() for q in (50, 99)}
 
 
 def _steps(counters: dict) -> dict:

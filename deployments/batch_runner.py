@@ -53,6 +53,7 @@ class BatchRunner:
         self.paced_streams = 0                        # paced `run` calls open now
         self.ttft = LatencyHistogram()                # engine-side, per sequence (also to `metrics`)
         self.tpot = LatencyHistogram()                # per token of each later chunk
+        self.arrival = LatencyHistogram()             # ingress prepared -> here (PromptBatch.sent_at)
 
     def _admit(self, n: int) -> None:
         if self.max_sequences is not None and self.admitted and self.admitted + n > self.max_sequences:
@@ -66,6 +67,8 @@ class BatchRunner:
         self.admitted -= 1
 
     async def run(self, batch: PromptBatch, paced: bool = False) -> AsyncIterator[list[StreamChunk]]:
+        if batch.sent_at:
+            self.arrival.observe(max(0.0, time.time() - batch.sent_at))
         requests = batch.requests()      # validates; raises InvalidRequestError
         self._admit(len(requests))       # raises ServerOverloadedError
         self.batch_sizes[len(requests)] += 1

@@ -113,7 +113,7 @@ class Frontend:
         self._check_context(longest, max_tokens, param)
         self._check_size(len(ids), n, param)
         batch = PromptBatch(tuple(tuple(x) for x in ids), params, n=n,
-                            request_id=f"gs-{uuid.uuid4().hex[:16]}", user=user)
+                            request_id=f"gs-{uuid.uuid4().hex[:16]}", user=user, sent_at=time.time())
         return batch, self.hint(ids, n, max_tokens)
 
     def hint(self, ids: list[list[int]], n: int, max_tokens: int) -> RoutingHint:

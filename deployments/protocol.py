@@ -36,6 +36,9 @@ class PromptBatch:
     n: int = 1                    # samples per prompt
     request_id: Optional[str] = None
     user: Optional[str] = None    # the end user's id (OpenAI's `user`), logged with the request
+    # time.time() when the ingress prepared it (0: unknown); the replica counts its arrival delay
+    # (routing + the hop) from it, meaningful where both clocks agree (one host, or NTP-close)
+    sent_at: float = 0.0
 
     def __post_init__(self) -> None:
         try:

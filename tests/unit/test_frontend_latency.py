@@ -66,3 +66,18 @@ def test_refused_input_is_not_timed():
     else:
         raise AssertionError("a 20-token prompt passed max_seq_len=8")
     assert sum(frontend.latency()["prepare_ms_counts"]) == 0
+
+
+def test_the_replica_counts_each_batchs_arrival_from_the_ingress_stamp():
+    import time
+    frontend, backend = make_frontend()
+    before = time.time()
+    batch, hint = frontend.prepare([[1, 2, 3]], {"max_tokens": 2})
+    assert before <= batch.sent_at <= time.time()
+    time.sleep(0.03)                                   # the "hop"
+    assert len(_drain(frontend, batch, hint)) >= 1
+    counts = backend.runner.arrival.counts
+    assert sum(counts) == 1 and 30 <= percentile(counts, 50) < 1000
+    unstamped = batch.__class__(batch.prompts, batch.params)       # sent_at 0: not counted
+    _drain(frontend, unstamped, hint)
+    assert sum(backend.runner.arrival.counts) == 1

@@ -9,7 +9,8 @@ scheduler, the runner's host work and the event traffic, on whatever CPU runs it
     python benchmarks/host_step.py                   # 500 requests, prompt U[200,400], 100 decode steps
     python benchmarks/host_step.py --rows 256 --steps 200
 
-Prints ms per step of `EngineCore.step()` once every request decodes, and the cost of packing and
+Prints ms per step of `EngineCore.step()` once every request decodes, the host time of the mixed
+steps that admitted them (prompt chunks up to `--budget` tokens beside the decode rows), and the cost of packing and
 pickling one step's events and stats as the process worker sends them (its sender thread does that
 under the same GIL).
 """
@@ -54,20 +55,23 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=500, help="requests, all decoding at once")
     ap.add_argument("--steps", type=int, default=100, help="decode steps timed")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=2048, help="step_token_budget (the engine's default)")
     a = ap.parse_args(argv)
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < a.rows) + (a.rows,)
     for r in range(a.repeats):
         core = EngineCore(EngineConfig(model="random:tiny", device="cpu", max_seq_len=1024,
-                                       max_num_seqs=a.rows, batch_buckets=buckets, step_token_budget=8192))
+                                       max_num_seqs=a.rows, batch_buckets=buckets, step_token_budget=a.budget))
         stub_model(core)
         rng = random.Random(r)
         for i in range(a.rows):
             prompt = [rng.randrange(256) for _ in range(rng.randint(200, 400))]
             params = SamplingParams(max_tokens=a.steps + 200, temperature=0.0, ignore_eos=True)
             core.scheduler.submit(Sequence(f"r{i}", prompt, params, i))
+        t0 = time.perf_counter()
         while core.scheduler.waiting or core.scheduler._incoming or core.tokens["mixed_steps"] == 0 \
                 or any(s.num_computed < len(s.prompt_ids) for s in core.scheduler.running.values()):
-            core.step()                                   # admit and prefill everything
+            core.step()                                   # admit and prefill everything: mixed steps
+        mixed_s = (time.perf_counter() - t0) / max(1, core.tokens["mixed_steps"])
         core.step()
         t0 = time.perf_counter()
         for _ in range(a.steps):
@@ -79,7 +83,8 @@ def main(argv=None) -> None:
             blob = pickle.dumps(("events", pack_events(events), stats), protocol=pickle.HIGHEST_PROTOCOL)
         pickle_s = (time.perf_counter() - t0) / 20
         print(f"repeat {r}: {len(events)} rows, host {per_step * 1e3:.2f} ms/step, "
-              f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes)")
+              f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes); admission: "
+              f"{core.tokens['mixed_steps']} mixed steps of {a.budget} tokens, {mixed_s * 1e3:.2f} ms each")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class AppArgs(BaseModel):
     # Tokens per KV block (prefix-cache granularity) and whether identical prompt prefixes share blocks.
     block_size: int = Field(16, ge=1)
     enable_prefix_cache: bool = True
-    # Tokens one engine step carries (decode rows + prefill chunks).
-    step_token_budget: int = Field(2048, ge=1)
+    # Tokens one engine step carries (decode rows + prefill chunks); null: sized from the model
+    # on a GPU (a ~50 ms step: llama-8b 2560, llama-1b 16128; replica/sizing.py), 2048 on CPU.
+    step_token_budget: Optional[int] = Field(None, ge=1)
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
     seed: int = 0

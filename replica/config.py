@@ -65,8 +65,10 @@ class EngineConfig:
     # Capture CUDA graphs on CUDA devices. False runs every decode step eagerly (debugging).
     use_cuda_graphs: bool = True
     # Tokens one step may carry: every decode row counts one, waiting prompts fill the rest in
-    # chunks. Bounds how long a step holds the running decodes back.
-    step_token_budget: int = 2048
+    # chunks. Bounds how long a step holds the running decodes back. None: on CUDA, the tokens
+    # whose matmuls make a ~50 ms step on an H100/H200 (replica/sizing.py `step_budget`: llama-8b
+    # 2560, llama-1b 16128); on CPU 2048.
+    step_token_budget: Optional[int] = None
     # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
     # caller's GIL, the setting for servers; the caller then never imports torch), "thread"
     # (in-process), "auto" (process when a CUDA driver and visible GPUs exist: engine._use_process).
@@ -133,7 +135,7 @@ def _validate(c: EngineConfig) -> None:
         fail(f"fallback={c.fallback!r} must be one of {FALLBACKS}")
     if c.engine_process not in ("auto", "thread", "process"):
         fail(f"engine_process={c.engine_process!r} must be 'auto', 'thread' or 'process'")
-    if c.step_token_budget < 1:
+    if c.step_token_budget is not None and c.step_token_budget < 1:
         fail(f"step_token_budget={c.step_token_budget} must be positive")
     if c.max_queued_requests is not None and c.max_queued_requests < 0:
         fail(f"max_queued_requests={c.max_queued_requests} must be >= 0, or None for no bound")

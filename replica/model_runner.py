@@ -90,6 +90,9 @@ class ModelRunner:
         self.vocab_size = s.vocab_size
         log.info("loaded %s: %.2f GiB of weights in %.2f s on %s", c.model,
                  self.model.weight_bytes() / 2**30, load_s, self.device)
+        self.step_token_budget = sizing.step_budget(c, s.matmul_params, self.device.type == "cuda")
+        log.info("step token budget: %d tokens%s", self.step_token_budget,
+                 "" if c.step_token_budget else f" (sized for {s.matmul_params / 1e9:.2f}B matmul weights)")
         t0 = time.perf_counter()
         bpb = PagedKVCache.bytes_per_block(s.num_layers, s.num_kv_heads, c.block_size, s.head_dim, self.dtype)
         with torch.inference_mode():
@@ -156,17 +159,23 @@ class ModelRunner:
 
         def run():
             step.run(width, "full")
-            # a mixed step as the server runs them: one decode row (compiles the prefill kernel's
-            # decode-tile variant now, not mid-burst) and a prompt chunk filling the token budget
-            n = min(c.step_token_budget, c.max_seq_len - 1)
-            zeros = torch.zeros(n + 1, dtype=torch.long, device=self.device)
-            positions = torch.cat([torch.tensor([n], device=self.device), torch.arange(n, device=self.device)])
-            meta = K.PrefillMeta.build([1, n], [n + 1, n], [probe_kv.scratch_row] * 2, self.device)
-            self.model.forward_mixed(zeros, positions, zeros, meta, probe_kv,
-                                     torch.tensor([0, n], device=self.device))
+            self._mixed_probe(probe_kv)
         peak = sizing.measure_peak(run, self.device)
         del self.decode, self.kv
         return peak
+
+    def _mixed_probe(self, kv: PagedKVCache) -> torch.Tensor:
+        """A mixed step as the server runs them, on the scratch row of `kv`: one decode row
+        (compiles the prefill kernel's decode-tile variant at startup, not mid-burst) and prompt
+        chunks filling the token budget, none longer than a sequence can be (the budget may
+        exceed max_seq_len). Returns the logits of each chunk's last row."""
+        longest, budget, dev = self.config.max_seq_len - 1, self.step_token_budget, self.device
+        chunks = [min(longest, budget - i) for i in range(0, budget, longest)]
+        zeros = torch.zeros(1 + budget, dtype=torch.long, device=dev)
+        positions = torch.cat([torch.tensor([chunks[0]], device=dev)] + [torch.arange(k, device=dev) for k in chunks])
+        meta = K.PrefillMeta.build([1] + chunks, [chunks[0] + 1] + chunks, [kv.scratch_row] * (1 + len(chunks)), dev)
+        last_rows = torch.tensor(list(itertools.accumulate([1] + chunks)), device=dev) - 1
+        return self.model.forward_mixed(zeros, positions, zeros, meta, kv, last_rows)
 
     def _fill_padding(self, width: int) -> None:
         pad = torch.tensor(self.decode.padding(), dtype=torch.long, device=self.device)

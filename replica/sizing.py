@@ -4,11 +4,14 @@ CUDA (`plan_cuda`), after the weights are loaded:
 1. rows: `max_num_seqs`, else the largest given bucket, else what the free memory would hold at
    `expected_seq_len` tokens per sequence, capped at MAX_ROWS_CUDA and rounded down to a ladder step;
 2. activation: the peak extra memory of one full-mode decode step at those rows plus one mixed
-   forward of `step_token_budget` tokens, measured eagerly against a two-block probe cache (it
+   forward of the step token budget, measured eagerly against a two-block probe cache (it
    bounds the graph pool and the mixed step's transient tensors); reserved x1.2 + 64 MiB;
 3. blocks: `kv_cache_bytes`, else memory_utilization x total - memory in use - the reserve;
 4. rows again: never more than the pool holds at `expected_seq_len` (unless max_num_seqs was given);
 5. buckets: `batch_buckets`, else the ladder up to rows.
+The step token budget (`step_budget`, both devices): `step_token_budget` if given; else on CUDA
+the tokens whose matmuls come to STEP_FLOPS, so a full mixed step takes about as long whatever the
+model; on CPU DEFAULT_STEP_TOKENS.
 CPU (`plan_cpu`): rows from the config (default 64), blocks for that many full-length sequences
 unless `kv_cache_bytes` says otherwise. Every plan is logged with its inputs.
 """
@@ -22,6 +25,26 @@ from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, ConfigError, Engine
                             round_rows)
 
 log = logging.getLogger("replica")
+
+
+# A full mixed step's matmul FLOPs when the budget is not given: ~50 ms at an H100/H200's ~800
+# TFLOP/s. Measured on H200 (results/engine_capacity-step-budget-*): llama-1b's burst took 2.96 /
+# 2.47 / 2.32 s at 2048 / 8192 / 16384 tokens per step (its 2048-token steps ran at ~46% of the
+# GEMM rate); llama-8b's 10.84 / 10.75 / 10.71 s at 2048 / 4096 / 8192, already efficient at 2048.
+STEP_FLOPS = 40e12
+STEP_TOKENS_MIN, STEP_TOKENS_MAX = 2048, 16384
+DEFAULT_STEP_TOKENS = 2048       # CPU
+
+
+def step_budget(c: EngineConfig, matmul_params: int, cuda: bool) -> int:
+    """Tokens one step may carry: the config's, else (CUDA) STEP_FLOPS / (2 x matmul_params)
+    rounded down to 256 and clamped to [STEP_TOKENS_MIN, STEP_TOKENS_MAX], else (CPU) 2048."""
+    if c.step_token_budget is not None:
+        return c.step_token_budget
+    if not cuda:
+        return DEFAULT_STEP_TOKENS
+    fit = int(STEP_FLOPS / (2 * max(1, matmul_params))) // 256 * 256
+    return max(STEP_TOKENS_MIN, min(STEP_TOKENS_MAX, fit))
 
 
 @dataclass(frozen=True)

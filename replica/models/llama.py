@@ -36,6 +36,14 @@ class ModelShape:
     tie_embeddings: bool
     qkv_bias: bool
 
+    @property
+    def matmul_params(self) -> int:
+        """Weights one token multiplies through: every layer's four projections and the lm_head
+        (not the embedding lookup). A token's matmuls cost 2x this in FLOPs."""
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        layer = self.hidden_size * (qkv + self.num_heads * self.head_dim + 3 * self.intermediate_size)
+        return self.num_layers * layer + self.vocab_size * self.hidden_size
+
     @classmethod
     def from_hf_config(cls, cfg) -> "ModelShape":
         heads = cfg.num_attention_heads

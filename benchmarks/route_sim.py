@@ -57,6 +57,7 @@ class SimJob:
     replica: Optional[int] = None
     sent_at: float = 0.0            # when this turn was sent (a wait at the router counts in TTFT)
     left: int = 0                   # sequences of the current request not finished yet
+    ingress: int = 0                # which ingress (router instance) routed the current request
     outputs: dict = field(default_factory=dict)
 
 
@@ -123,11 +124,13 @@ class Fleet:
     """The event loop: arrivals, routing (with max_ongoing_requests), engine steps, stats publishes."""
 
     def __init__(self, layout: str, replicas: int, router: str, seed: int, stats_period_s: float,
-                 max_ongoing: int, block_size: int):
+                 max_ongoing: int, block_size: int, ingresses: int = 1):
         shapes = LAYOUTS[layout]
         self.reps = [SimReplica(f"r{i}", *shapes[i % len(shapes)], block_size=block_size) for i in range(replicas)]
         self.now = 0.0
-        self.router = ROUTERS[router](replicas, seed, lambda: self.now)
+        # one router per ingress replica: each keeps its own ledger of what it sent, and all read
+        # the same published stats; a request goes to a random ingress (each turn on its own)
+        self.routers = [ROUTERS[router](replicas, seed + k, lambda: self.now) for k in range(ingresses)]
         self.period, self.max_ongoing, self.bs = stats_period_s, max_ongoing, block_size
         self.ongoing = [0] * replicas
         self.events: list = []
@@ -154,16 +157,19 @@ class Fleet:
             fn(*args)
 
     def publish(self, i: int) -> None:
-        self.router.publish(i, self.reps[i].stats(self.now))
+        for router in self.routers:
+            router.publish(i, self.reps[i].stats(self.now))
         self.at(self.now + self.period, self.publish, i)
 
     def send(self, job: SimJob) -> None:
         hint = hint_for(job, self.bs)
-        for i in self.router.order(job, hint, self.ongoing):
+        job.ingress = self.rng.randrange(len(self.routers)) if len(self.routers) > 1 else 0
+        router = self.routers[job.ingress]
+        for i in router.order(job, hint, self.ongoing):
             if self.ongoing[i] < self.max_ongoing:
                 job.replica = i
                 self.ongoing[i] += 1
-                self.router.routed(job, hint)
+                router.routed(job, hint)
                 seqs = [Seq(job, p, job.max_tokens) for p in job.prompts]
                 job.left = len(seqs)
                 self.reps[i].submit(seqs)
@@ -198,7 +204,7 @@ class Fleet:
         if job.left:
             return
         self.ongoing[job.replica] -= 1
-        self.router.completed(job)
+        self.routers[job.ingress].completed(job)
         if job.kind == "chat" and job.turns:
             user, max_tokens = job.turns.pop(0)
             prompt = job.prompts[0]
@@ -218,7 +224,8 @@ def _output(rid: str, n: int) -> tuple[int, ...]:
 # -- phases and the report ------------------------------------------------------------------------
 def run_phase(layout: str, replicas: int, router: str, jobs: list, a) -> dict:
     """One phase on a fresh fleet; the metrics the report prints (and `records`, per sequence)."""
-    fleet = Fleet(layout, replicas, router, a.router_seed, a.stats_period_s, a.max_ongoing, a.block_size)
+    fleet = Fleet(layout, replicas, router, a.router_seed, a.stats_period_s, a.max_ongoing, a.block_size,
+                  getattr(a, "ingresses", 1))
     fleet.run(jobs, a.horizon_s)
     recs = fleet.records
     start = min((j.at for j in jobs), default=0.0)
@@ -258,6 +265,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-ongoing", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--router-seed", type=int, default=0)
+    ap.add_argument("--ingresses", type=int, default=1,
+                    help="router instances (ingress replicas), each with its own ledger; requests spread at random")
     ap.add_argument("--path-ms", type=float, default=0.0,
                     help="added to every TTFT: what the model leaves out (the Ray path, stream, host); "
                          "~45 ms = 2x H200 chat TTFT p50 at low load (58-82 ms) less the model's (13 ms)")

@@ -93,6 +93,9 @@ class AppArgs(BaseModel):
     # (capacity + max_queued_sequences), so Serve's default of 5 never caps a decode batch and a
     # request past the replica's queue bound reaches it and gets its 429 at once.
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    # Ingress replicas; each runs its own router, which sees only the requests it sent until the
+    # replicas' next stats. In the routing simulator two of them cost our router most of its TTFT
+    # tail advantage (benchmarks/route_sim.py --ingresses 2; docs/perf-notes.md, session 7).
     ingress_replicas: int = Field(1, ge=1)
     # Requests one ingress replica passes on at once; null: enough to fill every decode replica.
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)

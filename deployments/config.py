@@ -122,7 +122,8 @@ class AppArgs(BaseModel):
     # every token made meanwhile; first and last tokens are never held. Ray moves a few thousand
     # items/s per hop, one token each at one item per step (deployments/stream_pacing.py). 0: one
     # item per decode step per stream. Every replica's items also pass the ingress (one Python
-    # process per ingress replica): with many replicas per ingress, raise ingress_replicas or lower this.
+    # process per ingress replica): with many replicas per ingress, lower this or raise ingress_replicas
+    # (see its note).
     stream_items_per_s: float = Field(500.0, ge=0)
     # Largest request body (bytes); larger is a 413.
     max_request_bytes: int = Field(16 * 2**20, ge=1024)

@@ -73,13 +73,13 @@ def hint_for(job: SimJob, block_size: int) -> RoutingHint:
 class OursRouter:
     """The real BucketAwareRequestRouter on duck-typed replicas, on the simulation's clock."""
 
-    def __init__(self, n: int, seed: int, clock: Callable[[], float]):
+    def __init__(self, n: int, seed: int, clock: Callable[[], float], peers: int = 1):
         from ray.serve._private.common import DeploymentHandleSource, DeploymentID
         from router.request_router import BucketAwareRequestRouter
 
         self.router = BucketAwareRequestRouter(deployment_id=DeploymentID(name="LLMReplica", app_name="sim"),
                                                handle_source=DeploymentHandleSource.UNKNOWN)
-        self.router.initialize_state(seed=seed, clock=clock, record_outcome=lambda outcome: None)
+        self.router.initialize_state(seed=seed, clock=clock, record_outcome=lambda outcome: None, peers=peers)
         self.replicas = [SimpleNamespace(replica_id=i, routing_stats={}) for i in range(n)]
 
     def publish(self, i: int, stats: dict) -> None:
@@ -100,7 +100,7 @@ class OursRouter:
 class PowerOfTwoRouter:
     """Ray's default: two random replicas, the one with fewer ongoing requests first."""
 
-    def __init__(self, n: int, seed: int, clock=None):
+    def __init__(self, n: int, seed: int, clock=None, peers: int = 1):
         self.n, self.rng = n, random.Random(seed)
 
     def publish(self, i, stats):
@@ -124,13 +124,13 @@ class Fleet:
     """The event loop: arrivals, routing (with max_ongoing_requests), engine steps, stats publishes."""
 
     def __init__(self, layout: str, replicas: int, router: str, seed: int, stats_period_s: float,
-                 max_ongoing: int, block_size: int, ingresses: int = 1):
+                 max_ongoing: int, block_size: int, ingresses: int = 1, peers: int = 1):
         shapes = LAYOUTS[layout]
         self.reps = [SimReplica(f"r{i}", *shapes[i % len(shapes)], block_size=block_size) for i in range(replicas)]
         self.now = 0.0
         # one router per ingress replica: each keeps its own ledger of what it sent, and all read
         # the same published stats; a request goes to a random ingress (each turn on its own)
-        self.routers = [ROUTERS[router](replicas, seed + k, lambda: self.now) for k in range(ingresses)]
+        self.routers = [ROUTERS[router](replicas, seed + k, lambda: self.now, peers) for k in range(ingresses)]
         self.period, self.max_ongoing, self.bs = stats_period_s, max_ongoing, block_size
         self.ongoing = [0] * replicas
         self.events: list = []
@@ -225,7 +225,7 @@ def _output(rid: str, n: int) -> tuple[int, ...]:
 def run_phase(layout: str, replicas: int, router: str, jobs: list, a) -> dict:
     """One phase on a fresh fleet; the metrics the report prints (and `records`, per sequence)."""
     fleet = Fleet(layout, replicas, router, a.router_seed, a.stats_period_s, a.max_ongoing, a.block_size,
-                  getattr(a, "ingresses", 1))
+                  getattr(a, "ingresses", 1), getattr(a, "peers", None) or getattr(a, "ingresses", 1))
     fleet.run(jobs, a.horizon_s)
     recs = fleet.records
     start = min((j.at for j in jobs), default=0.0)
@@ -267,6 +267,8 @@ def main(argv=None) -> None:
     ap.add_argument("--router-seed", type=int, default=0)
     ap.add_argument("--ingresses", type=int, default=1,
                     help="router instances (ingress replicas), each with its own ledger; requests spread at random")
+    ap.add_argument("--peers", type=int, default=None,
+                    help="the routers' `peers` setting (default: --ingresses, as the app sets it)")
     ap.add_argument("--path-ms", type=float, default=0.0,
                     help="added to every TTFT: what the model leaves out (the Ray path, stream, host); "
                          "~45 ms = 2x H200 chat TTFT p50 at low load (58-82 ms) less the model's (13 ms)")

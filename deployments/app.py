@@ -61,7 +61,7 @@ def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
         "max_ongoing_requests": args.max_ongoing_requests
         or 2 * (capacity + args.queued_sequences(capacity)),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
-        "request_router_config": args.router.to_serve(),
+        "request_router_config": args.router.to_serve(args.ingress_replicas),
         "health_check_period_s": args.health_check_period_s,
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }

@@ -44,11 +44,16 @@ class RouterArgs(BaseModel):
     request_routing_stats_period_s: float = Field(1.0, gt=0)
     request_routing_stats_timeout_s: float = Field(30.0, gt=0)
 
-    def to_serve(self) -> Optional[dict[str, Any]]:
+    def to_serve(self, ingress_replicas: int = 1) -> Optional[dict[str, Any]]:
+        """Serve's request_router_config. Our router also learns how many routers share the
+        traffic (`peers`: one per ingress replica) unless its kwargs say otherwise."""
         if self.request_router_class is None:
             return {"request_routing_stats_period_s": self.request_routing_stats_period_s,
                     "request_routing_stats_timeout_s": self.request_routing_stats_timeout_s}
-        return self.model_dump()
+        out = self.model_dump()
+        if self.request_router_class == DEFAULT_ROUTER and ingress_replicas > 1:
+            out["request_router_kwargs"] = {"peers": ingress_replicas, **self.request_router_kwargs}
+        return out
 
 
 class AppArgs(BaseModel):
@@ -94,8 +99,10 @@ class AppArgs(BaseModel):
     # request past the replica's queue bound reaches it and gets its 429 at once.
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     # Ingress replicas; each runs its own router, which sees only the requests it sent until the
-    # replicas' next stats. In the routing simulator two of them cost our router most of its TTFT
-    # tail advantage (benchmarks/route_sim.py --ingresses 2; docs/perf-notes.md, session 7).
+    # replicas' next stats, so each is told how many share the traffic (router kwarg `peers`) and
+    # counts its recent sends that many times. In the routing simulator two ingresses still cost
+    # our router part of its TTFT-tail advantage (benchmarks/route_sim.py --ingresses 2;
+    # docs/perf-notes.md, session 7).
     ingress_replicas: int = Field(1, ge=1)
     # Requests one ingress replica passes on at once; null: enough to fill every decode replica.
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)

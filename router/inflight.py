@@ -51,6 +51,18 @@ class Outstanding(NamedTuple):
     # tokens), so the estimate can drain the prefill queue over time (router/estimate.py).
     recent_sends: tuple[tuple[float, int], ...] = ()
 
+    def with_peers(self, peers: int) -> "Outstanding":
+        """As one of `peers` routers that split the requests evenly (one per ingress replica)
+        should read it: the others' sends since the stats are as invisible as they are likely,
+        so the recent work (and the completions the stats missed) counts `peers` times; this
+        router's own live sequences stay as they are."""
+        if peers <= 1:
+            return self
+        return self._replace(recent_sequences=self.recent_sequences * peers,
+                             recent_prompt_tokens=self.recent_prompt_tokens * peers,
+                             finished_sequences=self.finished_sequences * peers,
+                             recent_sends=tuple((age, tokens * peers) for age, tokens in self.recent_sends))
+
 
 class _Done(NamedTuple):
     completed_at: float

@@ -96,6 +96,7 @@ class BucketAwareRequestRouter(RequestRouter):
                          seed: Optional[int] = None,
                          clock: Optional[Callable[[], float]] = None,
                          record_outcome: Optional[Callable[[str], None]] = None,
+                         peers: int = 1,
                          **unknown: Any) -> None:
         """Set the configuration; never raises.
 
@@ -106,10 +107,15 @@ class BucketAwareRequestRouter(RequestRouter):
             clock: wall-clock source, for tests only (default `time.time`, the clock replicas
                 stamp their stats with).
             record_outcome: metric sink, for tests only (default: the ROUTER_DECISIONS counter).
+            peers: routers sharing the traffic, one per ingress replica (the app sets it from
+                `ingress_replicas`). Each sees only its own sends until the replicas' next stats,
+                so it counts its recent work `peers` times (Outstanding.with_peers); without
+                that, two ingresses pick the same replica in the same window
+                (benchmarks/route_sim.py --ingresses).
         """
         if unknown:
             logger.error("graphserve router: ignoring unknown request_router_kwargs %s; "
-                         "accepted: stale_after_s, seed", sorted(unknown))
+                         "accepted: stale_after_s, seed, peers", sorted(unknown))
         if isinstance(stale_after_s, bool) or not isinstance(stale_after_s, (int, float)) \
                 or not stale_after_s > 0:
             logger.error("graphserve router: stale_after_s=%r must be a positive number of "
@@ -118,6 +124,10 @@ class BucketAwareRequestRouter(RequestRouter):
         if seed is not None and not isinstance(seed, (int, str)):
             logger.error("graphserve router: seed=%r must be an int or null; ignoring it", seed)
             seed = None
+        if isinstance(peers, bool) or not isinstance(peers, int) or peers < 1:
+            logger.error("graphserve router: peers=%r must be a positive int; using 1", peers)
+            peers = 1
+        self._peers = peers
         self._stale_after_s = float(stale_after_s)
         self._rng = random.Random(seed)
         self._clock = clock or time.time
@@ -156,6 +166,8 @@ class BucketAwareRequestRouter(RequestRouter):
         ids = [r.replica_id for r in replicas]
         since = {rep: s.timestamp for rep, s in zip(ids, stats) if s is not None}
         sent = self._inflight.outstanding(now, since)
+        if self._peers > 1:
+            sent = {rep: o.with_peers(self._peers) for rep, o in sent.items()}
         # A replica's prefix summary is rebuilt at most every ~0.5 s, so it can lag its stats'
         # timestamp: keep our own record of prefixes sent there PREFIX_SUMMARY_LAG_S longer.
         prefixes = self._inflight.prefixes(now, {rep: t - PREFIX_SUMMARY_LAG_S for rep, t in since.items()})

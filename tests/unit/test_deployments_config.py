@@ -104,6 +104,14 @@ def test_router_config_comes_from_args():
     assert opts["request_router_config"]["request_routing_stats_period_s"] == 1.0
     default = replica_options(AppArgs(router={"request_router_class": None}), 0)
     assert "request_router_class" not in default["request_router_config"]
+    # one router per ingress replica: ours learns how many share the traffic, unless told otherwise
+    assert opts["request_router_config"]["request_router_kwargs"] == {}
+    two = replica_options(AppArgs(ingress_replicas=2), 0)["request_router_config"]
+    assert two["request_router_kwargs"] == {"peers": 2}
+    told = AppArgs(ingress_replicas=2, router={"request_router_kwargs": {"peers": 3, "seed": 1}})
+    assert replica_options(told, 0)["request_router_config"]["request_router_kwargs"] == {"peers": 3, "seed": 1}
+    other = AppArgs(ingress_replicas=2, router={"request_router_class": "x.y:Z"})
+    assert "peers" not in replica_options(other, 0)["request_router_config"]["request_router_kwargs"]
 
 
 def test_build_app_without_ray_is_a_cpu_build():

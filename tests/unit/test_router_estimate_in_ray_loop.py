@@ -184,3 +184,22 @@ def test_a_batch_the_router_saw_finish_no_longer_weighs_on_a_stale_snapshot():
         assert names(choose(router, [small, large], pr))[0] == ["large"], size
         router.on_request_routed(pr, large.replica_id, None)
         router.on_request_completed(large.replica_id, f"b{size}")
+
+
+@pytest.mark.parametrize("peers, then", [(1, "A"), (2, "B")])
+def test_one_of_several_routers_counts_its_recent_sends_for_the_others(peers, then):
+    """A publishes 1,500 fewer queued prompt tokens than B. After one 1,000-token prompt goes to A,
+    a lone router still sees A ahead (1,000 vs 1,500 queued); one of two routers (`peers=2`, one
+    per ingress) assumes the other sent as much there since the stats (2,000), and picks B."""
+    replicas = [replica("A", paged(prefill_backlog_tokens=0)), replica("B", paged(prefill_backlog_tokens=1500))]
+
+    async def main():
+        router = make_router(peers=peers)
+        router.update_replicas(replicas)
+        got = []
+        for i in range(2):
+            r = await router._choose_replica_for_request(pending(job([tokens(i, 1000)], max_tokens=16)))
+            got.append(r.replica_id.unique_id)
+        return got
+
+    assert run(main()) == ["A", then]

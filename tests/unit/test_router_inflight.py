@@ -134,3 +134,12 @@ def test_a_rejected_request_is_reserved_and_confirmed_again_on_retry():
     f.reserve("r1", "B", Work(2, 10), now=0.2)
     f.confirm("r1", "B", Work(2, 10), now=0.3)
     assert f.counts(now=100.0) == {"B": 2}
+
+
+def test_with_peers_scales_what_the_stats_cannot_show_yet():
+    from router.inflight import Outstanding
+    o = Outstanding(sequences=3, recent_sequences=2, recent_prompt_tokens=700, finished_sequences=1,
+                    recent_sends=((0.1, 300), (0.2, 400)))
+    assert o.with_peers(1) is o
+    assert o.with_peers(3) == Outstanding(sequences=3, recent_sequences=6, recent_prompt_tokens=2100,
+                                          finished_sequences=3, recent_sends=((0.1, 900), (0.2, 1200)))

@@ -19,6 +19,7 @@ import json
 import time
 from typing import Any, Optional
 
+from benchmarks.common import percentile
 from benchmarks.serve_traces import Job
 
 
@@ -46,10 +47,9 @@ class LoopLag:
         await asyncio.gather(self._task, return_exceptions=True)
 
     def summary(self) -> dict:
-        v = sorted(self.lags_ms)
-        pick = lambda q: v[min(len(v) - 1, int(q / 100 * len(v)))] if v else None   # noqa: E731
-        return {"driver_loop_lag_ms_p50": pick(50), "driver_loop_lag_ms_p99": pick(99),
-                "driver_loop_lag_ms_max": v[-1] if v else None}
+        v = self.lags_ms
+        return {"driver_loop_lag_ms_p50": percentile(v, 50), "driver_loop_lag_ms_p99": percentile(v, 99),
+                "driver_loop_lag_ms_max": max(v, default=None)}
 
 
 def record(kind: str, t_send: float, **kw) -> dict:

@@ -29,6 +29,10 @@ from deployments import latency_histogram as LH  # noqa: E402 - pure Python, no 
 
 GROUPS = {"all": None, "interactive": ("interactive", "chat"), "batch": ("batch",), "chat": ("chat",)}
 KINDS = ("burst", "lo", "hi")
+# sample kinds (phase_metrics' `samples`) per pooled group
+EVERY = ("interactive", "batch", "chat", "chat_followup")
+PERSON = ("interactive", "chat", "chat_followup")    # what a person waits on
+CHAT = ("chat", "chat_followup")
 
 
 # ---------------------------------------------------------------- replica counters
@@ -193,13 +197,11 @@ def pool(phases: Iterable[dict]) -> dict:
         for what in LATENCY_COUNTS:
             lat[what] = _add_counts([lat.get(what, []), p["replicas"].get(what) or []])
     pick = lambda what, kinds: [x for k, v in samples[what].items() if k in kinds for x in v]  # noqa: E731
-    every = ("interactive", "batch", "chat", "chat_followup")
-    person = ("interactive", "chat", "chat_followup")
     out = {"phases": len(phases), "tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall,
            "graph_hit": C.graph_hit_rate(steps), "padding_waste": _ratio(tot["padded_rows"], tot["rows_run"]),
            "prefix_hit_rate": _ratio(tot["prefix_hit_tokens"], tot["prefix_queried_tokens"]), "split": split,
            **replica_latency(lat)}
-    for name, kinds in (("all", every), ("interactive", person), ("chat", ("chat", "chat_followup")),
+    for name, kinds in (("all", EVERY), ("interactive", PERSON), ("chat", CHAT),
                         ("chat_followup", ("chat_followup",))):
         for what in ("ttft_ms", "tpot_ms"):
             v = pick(what, kinds)

@@ -22,9 +22,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import percentile  # noqa: E402
-
-PERSON = ("interactive", "chat", "chat_followup")   # serve_report's `interactive` group
-CHAT = ("chat", "chat_followup")
+from benchmarks.serve_report import CHAT, PERSON  # noqa: E402
 
 
 def bootstrap_ratio(ours: Sequence[float], default: Sequence[float], q: float, rounds: int = 2000,

@@ -84,6 +84,8 @@ def parse_args(argv=None):
     ap.add_argument("--burst-scale", type=float, default=1.0, help="multiplies every burst's job counts")
     ap.add_argument("--capacity", default="", help="pin capacities, e.g. mix=20000,heavy=12000 (tokens/s)")
     ap.add_argument("--num-replicas", type=int, default=2)
+    ap.add_argument("--ingress-replicas", type=int, default=1,
+                    help="AppArgs ingress_replicas (each ingress runs its own router; ours is told the count)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--stats-period-s", type=float, default=1.0, help="request_routing_stats_period_s")
     ap.add_argument("--budget-s", type=float, default=530.0, help="wall-clock budget from the script's start")
@@ -115,7 +117,7 @@ def plan(a) -> list[str]:
 
 def app_args(a, router: str) -> dict:
     return {"model": a.model, "max_seq_len": a.max_seq_len, "num_replicas": a.num_replicas,
-            "block_size": a.block_size, **LAYOUTS[a.layout],
+            "ingress_replicas": a.ingress_replicas, "block_size": a.block_size, **LAYOUTS[a.layout],
             "router": {"request_router_class": ROUTERS[router],
                        "request_routing_stats_period_s": a.stats_period_s}}
 

@@ -84,8 +84,9 @@ def parse_args(argv=None):
     ap.add_argument("--burst-scale", type=float, default=1.0, help="multiplies every burst's job counts")
     ap.add_argument("--capacity", default="", help="pin capacities, e.g. mix=20000,heavy=12000 (tokens/s)")
     ap.add_argument("--num-replicas", type=int, default=2)
-    ap.add_argument("--ingress-replicas", type=int, default=1,
-                    help="AppArgs ingress_replicas (each ingress runs its own router; ours is told the count)")
+    ap.add_argument("--ingress-replicas", type=int, default=None,
+                    help="AppArgs ingress_replicas (default: the app's, one per GPU replica; each "
+                         "ingress runs its own router, and ours is told the count)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--stats-period-s", type=float, default=1.0, help="request_routing_stats_period_s")
     ap.add_argument("--budget-s", type=float, default=530.0, help="wall-clock budget from the script's start")
@@ -299,7 +300,8 @@ class Run:
                 after = await idle()
                 generated = replica_delta(before, at_stop)["generated_tokens"] if at_stop else None
                 m = phase_metrics(recs, t0, t_stop, replica_delta(before, after), generated)
-                m.update(lag.summary(), **ingress_latency(ing_before, await counters("OpenAIIngress")))
+                ing_after = await counters("OpenAIIngress")
+                m.update(lag.summary(), **ingress_latency(ing_before, ing_after), ingress_replicas=len(ing_after))
                 m["busy_at_start"] = busy(before)
                 before = after
                 out["phases"][key] = m

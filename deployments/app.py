@@ -61,15 +61,25 @@ def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
         "max_ongoing_requests": args.max_ongoing_requests
         or 2 * (capacity + args.queued_sequences(capacity)),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
-        "request_router_config": args.router.to_serve(args.ingress_replicas),
+        "request_router_config": args.router.to_serve(ingress_count(args, replicas, gpus)),
         "health_check_period_s": args.health_check_period_s,
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }
 
 
+def ingress_count(args: AppArgs, replicas: int, gpus_per_replica: float) -> int:
+    """`ingress_replicas`, else one per decode replica when they have GPUs and share one ladder
+    (an ingress process relays every token stream), else one: on CPU, and with tiers, whose
+    placement wants one router that sees every send (see AppArgs.ingress_replicas)."""
+    if args.ingress_replicas is not None:
+        return args.ingress_replicas
+    return replicas if gpus_per_replica > 0 and not args.bucket_sets else 1
+
+
 def ingress_options(args: AppArgs, replica_opts: dict[str, Any]) -> dict[str, Any]:
+    count = ingress_count(args, replica_opts["num_replicas"], replica_opts["ray_actor_options"]["num_gpus"])
     return {
-        "num_replicas": args.ingress_replicas,
+        "num_replicas": count,
         "max_ongoing_requests": args.ingress_max_ongoing_requests
         or replica_opts["num_replicas"] * replica_opts["max_ongoing_requests"],
         "ray_actor_options": {"num_cpus": args.ingress_num_cpus},
@@ -85,4 +95,6 @@ def build_app(args: AppArgs) -> Application:
              args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
              opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers])
     replica = LLMReplica.options(**opts).bind(args)
-    return OpenAIIngress.options(**ingress_options(args, opts)).bind(replica, args)
+    ingress = ingress_options(args, opts)
+    log.info("graphserve: %d x OpenAIIngress", ingress["num_replicas"])
+    return OpenAIIngress.options(**ingress).bind(replica, args)

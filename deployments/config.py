@@ -98,12 +98,15 @@ class AppArgs(BaseModel):
     # (capacity + max_queued_sequences), so Serve's default of 5 never caps a decode batch and a
     # request past the replica's queue bound reaches it and gets its 429 at once.
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    # Ingress replicas; each runs its own router, which sees only the requests it sent until the
-    # replicas' next stats, so each is told how many share the traffic (router kwarg `peers`) and
-    # counts its recent sends that many times. In the routing simulator two ingresses still cost
-    # our router part of its TTFT-tail advantage (benchmarks/route_sim.py --ingresses 2;
-    # docs/perf-notes.md, session 7).
-    ingress_replicas: int = Field(1, ge=1)
+    # Ingress replicas (each one Python process that tokenizes, routes and relays every token
+    # stream); null: one per GPU decode replica on a ladder, else one (CPU, or tiers). Measured on
+    # 2x H200 (docs/perf-notes.md, session 8): on the ladder a second ingress lifted chat bursts
+    # from ~5.5k to 7.5-8.2k tokens/s and cut chat TTFT p50 at 0.8x load from ~88 to 45-50 ms;
+    # on tiers it cost our router its interactive tail (TTFT p99 2.05x and 1.72x the default
+    # router's on mix and chat-long, against 0.22x and 1.10x with one). Each ingress runs its own
+    # router, which sees only the requests it sent until the replicas' next stats; each is told
+    # how many share the traffic (router kwarg `peers`) and counts its recent sends that many times.
+    ingress_replicas: Optional[int] = Field(None, ge=1)
     # Requests one ingress replica passes on at once; null: enough to fill every decode replica.
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)
     # CPUs Ray reserves for each ingress replica. Must be > 0: a KubeRay head offers none
@@ -129,8 +132,7 @@ class AppArgs(BaseModel):
     # every token made meanwhile; first and last tokens are never held. Ray moves a few thousand
     # items/s per hop, one token each at one item per step (deployments/stream_pacing.py). 0: one
     # item per decode step per stream. Every replica's items also pass the ingress (one Python
-    # process per ingress replica): with many replicas per ingress, lower this or raise ingress_replicas
-    # (see its note).
+    # process per ingress replica): with many replicas per ingress, lower this or raise ingress_replicas.
     stream_items_per_s: float = Field(500.0, ge=0)
     # Largest request body (bytes); larger is a 413.
     max_request_bytes: int = Field(16 * 2**20, ge=1024)

@@ -41,7 +41,7 @@ def app(ray_cluster):
     from ray import serve
 
     args = AppArgs(model="random:tiny", batch_buckets=[1, 2, 4, 8], max_num_seqs=8, max_seq_len=2048,
-                   block_size=BLOCK, num_replicas=2,
+                   block_size=BLOCK, num_replicas=2, ingress_replicas=1,   # one router: where turns land
                    router={"request_router_class": ROUTERS[ROUTER], "request_routing_stats_period_s": 0.5})
     handle = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     wait_for(lambda: len(counters()) == 2, 60, "both LLMReplica replicas to answer a broadcast")

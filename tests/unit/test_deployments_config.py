@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import build_app, replica_options
+from deployments.app import build_app, ingress_options, replica_options
 from deployments.config import DEFAULT_ROUTER, AppArgs
 from router_fakes import no_ray_init  # noqa: F401 - autouse guard
 
@@ -112,6 +112,23 @@ def test_router_config_comes_from_args():
     assert replica_options(told, 0)["request_router_config"]["request_router_kwargs"] == {"peers": 3, "seed": 1}
     other = AppArgs(ingress_replicas=2, router={"request_router_class": "x.y:Z"})
     assert "peers" not in replica_options(other, 0)["request_router_config"]["request_router_kwargs"]
+
+
+def test_one_ingress_per_gpu_replica_unless_told():
+    """An ingress process relays every token stream, so a GPU ladder fleet gets one per decode
+    replica (and each router is told it has peers); CPU engines and tiers share one; an explicit
+    count wins."""
+    def fleet(args, gpus):
+        opts = replica_options(args, gpus)
+        return (opts["num_replicas"], ingress_options(args, opts)["num_replicas"],
+                opts["request_router_config"]["request_router_kwargs"].get("peers", 1))
+    assert fleet(AppArgs(), 4) == (4, 4, 4)
+    assert fleet(AppArgs(), 1) == (1, 1, 1)
+    assert fleet(AppArgs(bucket_sets=[[1, 2], [4, 8]]), 0) == (2, 1, 1)      # CPU replicas
+    assert fleet(AppArgs(bucket_sets=[[1, 2], [4, 8]]), 2) == (2, 1, 1)      # tiers: one router
+    assert fleet(AppArgs(bucket_sets=[[1, 2], [4, 8]], ingress_replicas=2), 2) == (2, 2, 2)
+    assert fleet(AppArgs(ingress_replicas=1), 4) == (4, 1, 1)
+    assert fleet(AppArgs(num_replicas=2, ingress_replicas=3), 2) == (2, 3, 3)
 
 
 def test_build_app_without_ray_is_a_cpu_build():

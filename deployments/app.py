@@ -91,10 +91,10 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):   # a dict from a caller that bypassed Serve's validation
         args = AppArgs.model_validate(args)
     opts = replica_options(args, cluster_gpus())
-    log.info("graphserve: %s, %d x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s",
-             args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
-             opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers])
-    replica = LLMReplica.options(**opts).bind(args)
     ingress = ingress_options(args, opts)
-    log.info("graphserve: %d x OpenAIIngress", ingress["num_replicas"])
+    log.info("graphserve: %s, %d x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s, "
+             "%d x OpenAIIngress", args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
+             opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers],
+             ingress["num_replicas"])
+    replica = LLMReplica.options(**opts).bind(args)
     return OpenAIIngress.options(**ingress).bind(replica, args)

@@ -324,7 +324,7 @@ def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
     return res
 
 
-def cold_jit(sh, dtype, device, paged_mod, meta_cls) -> dict:
+def cold_jit(sh, dtype, device, paged_mod, prefill_mod, meta_cls) -> dict:
     """Seconds of the first call of each paged attention launch (Triton compile + load + run; cold
     when TRITON_CACHE_DIR is empty), then of a call at another batch size (no compile expected).
     Must run before anything else launches these kernels in the process."""
@@ -343,7 +343,7 @@ def cold_jit(sh, dtype, device, paged_mod, meta_cls) -> dict:
         paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"], inp["tables"][0],
                                          inp["table_rows"][:b], lens, 0.1)
     pre, _, _ = prefill_inputs(sh, [(100, 50), (1, 40)], dtype, device, meta_cls)
-    prefill = lambda: paged_mod.paged_prefill_attention(  # noqa: E731
+    prefill = lambda: prefill_mod.paged_prefill_attention(  # noqa: E731
         pre["q"], pre["k"], pre["v"], pre["tables"], pre["meta"], 0.1)
     res = dict(decode_first_b8=timed(lambda: decode(8)), decode_then_b64=timed(lambda: decode(64)),
                prefill_first=timed(prefill), prefill_again=timed(prefill))
@@ -406,7 +406,7 @@ def main() -> int:
     import triton
 
     import replica.kernels.reference as ref_impl
-    from replica.kernels import PrefillMeta, fused, paged_attention
+    from replica.kernels import PrefillMeta, fused, paged_attention, paged_prefill
 
     class TritonImpl:  # the Triton wrappers, called directly (the dispatcher picks ref on CPU)
         rms_norm, add_rms_norm, silu_mul = fused.rms_norm, fused.add_rms_norm, fused.silu_mul
@@ -422,7 +422,7 @@ def main() -> int:
           f"{sh.name} {str(dtype)[6:]}  timing={'on' if not tiny else 'off'}")
     checks, jit = {}, {}
     if cuda:  # first, before anything compiles the paged kernels
-        jit = cold_jit(sh, dtype, device, paged_attention, PrefillMeta)
+        jit = cold_jit(sh, dtype, device, paged_attention, paged_prefill, PrefillMeta)
     if cuda:  # the small-shape Triton-vs-reference checks (poisoned outputs, cache writes) first
         from replica.kernels import selfcheck
         checks = selfcheck.run("cuda", dtype)
@@ -435,18 +435,18 @@ def main() -> int:
         rows += case_rows
         if cuda:
             torch.cuda.empty_cache()
-    prefill_kernels = (paged_attention._prefill_kernel, paged_attention._prefill_merge_kernel)
+    prefill_kernels = (paged_prefill._prefill_kernel, paged_prefill._prefill_merge_kernel)
     if cuda:
         for fn in prefill_kernels:  # count what the prefill cases alone compile
             fn.device_caches.clear()
     rows += bench_prefill(sh, PREFILL_CASES_TINY if tiny else PREFILL_CASES_8B, dtype, device,
-                          paged_attention, ref_impl, PrefillMeta, timing=not tiny)
+                          paged_prefill, ref_impl, PrefillMeta, timing=not tiny)
     if cuda:
         specs["prefill"] = {fn.__name__: jit_variants(fn) for fn in prefill_kernels}
         print(f"paged prefill variants over the prefill cases: {specs['prefill']}")
     if args.sweep and not tiny:
         paged_sweeps = dict(decode=sweep_paged_decode(sh, dtype, device, paged_attention),
-                            prefill=sweep_prefill(sh, dtype, device, paged_attention, PrefillMeta))
+                            prefill=sweep_prefill(sh, dtype, device, paged_prefill, PrefillMeta))
     if cuda:
         specs.update(decode_specializations(sh, dtype, device, paged_attention))
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__, shapes=sh.name,

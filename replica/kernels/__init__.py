@@ -15,15 +15,16 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
         # q [T, H, hd]: chunks back to back, causal with a cached prefix; meta = PrefillMeta.build(
         #   q_lens, kv_lens, table_rows, device) once per step (prefill_meta.py)
 
-Dispatch: the Triton kernel (`fused.py`, `paged_attention.py`) when `use_triton(x)`
-and the kernel supports the shapes, else `reference.py`. Reference fallbacks on CUDA: attention
-with head_dim < 16 or > 256 (the tiny test model's hd=16 is supported), H % KVH != 0, a block size
-that is not a power of two, or any tensor whose last dim is not contiguous (for the paged decode
-also non-contiguous table_rows / seq_lens); norms with rows longer than 65536; rope with odd
-head_dim. Every op except `paged_prefill_attention` (eager by design: its launch grid follows the
-step's tile map) is CUDA-graph capturable (no host syncs, shape-only launch parameters); run each
-op once before capture so Triton compiles outside it. `paged_decode_attention` compiles one
-kernel pair per model shape for every batch size and max_len (its split is a runtime argument).
+Dispatch: the Triton kernel (`fused.py`, `paged_attention.py`, `paged_prefill.py`) when
+`use_triton(x)` and the kernel supports the shapes, else `reference.py`. Reference fallbacks on
+CUDA: attention with head_dim < 16 or > 256 (the tiny test model's hd=16 is supported), H % KVH
+not 0, a block size that is not a power of two, or any tensor whose last dim is not contiguous (for
+the paged decode also non-contiguous table_rows / seq_lens); norms with rows longer than 65536;
+rope with odd head_dim. Every op except `paged_prefill_attention` (eager by design: its launch grid
+follows the step's tile map) is CUDA-graph capturable (no host syncs, shape-only launch
+parameters); run each op once before capture so Triton compiles outside it.
+`paged_decode_attention` compiles one kernel pair per model shape for every batch size and max_len
+(its split is a runtime argument).
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ try:
         _interpreter.patch()
     from replica.kernels import fused as _fused
     from replica.kernels import paged_attention as _paged
+    from replica.kernels import paged_prefill as _paged_prefill
     HAS_TRITON = True
 except ImportError:  # no triton (e.g. a minimal CPU install): reference only
-    _fused = _paged = None
+    _fused = _paged = _paged_prefill = None
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "paged_decode_attention",
@@ -97,5 +99,5 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float) -> torch.Tensor:
     args = (q, k_cache, v_cache, block_tables, meta, scale)
     if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables):
-        return _paged.paged_prefill_attention(*args)
+        return _paged_prefill.paged_prefill_attention(*args)
     return reference.paged_prefill_attention(*args)

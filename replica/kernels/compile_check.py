@@ -7,7 +7,7 @@ but the GPU compiler rejects, register spills and shared-memory overflows. Confi
 wrappers launch for llama-8b (bf16, hd=128, G=4), the tiny test model (hd=16) and edge cases
 (fp32, hd=80 with unaligned strides, large GQA groups, hd=256, block sizes 8..128); the paged
 kernels take their constexprs from the wrappers' own planners (`paged_attention.decode_plan`,
-`paged_attention.prefill_config`). Pointer arguments and strides are marked 16-byte divisible as
+`paged_prefill.prefill_config`). Pointer arguments and strides are marked 16-byte divisible as
 Triton's launcher specialises them for contiguous caches; the decode kernels' runtime `split` /
 `num_splits` carry no hint, as at run time (they are excluded from specialisation).
 Prints one JSON object {config: {"shared": bytes, "regs": n, "spill_bytes": n}}.
@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 import torch
 
-from replica.kernels import fused, paged_attention
+from replica.kernels import fused, paged_attention, paged_prefill
 from replica.kernels.prefill_meta import TILE_TOKENS
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -113,7 +113,7 @@ def _paged_configs(full: bool):
 
 def _paged(arch: int, full: bool) -> dict:
     out = {}
-    pa = paged_attention
+    pa, pp = paged_attention, paged_prefill
     dec_ints = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
                 "stride_vh", "stride_vn", "stride_bt", "stride_ob", "stride_oh"]
     pre_ints = ["stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
@@ -139,16 +139,16 @@ def _paged(arch: int, full: bool) -> dict:
                            out_ptr=p, stride_ot="i32", stride_oh="i32")
         block_d = max(16, triton.next_power_of_2(hd))
         for kind, tile_tokens in (("prefill", TILE_TOKENS), ("decode_tiles", 1)):
-            cfg = pa.prefill_config(dtype, hd, g, tile_tokens)
+            cfg = pp.prefill_config(dtype, hd, g, tile_tokens)
             warps = cfg.pop("num_warps")
             consts = dict(NUM_HEADS=h, GROUP=g, HEAD_DIM=hd, BLOCK_SIZE=bs, TILE_TOKENS=tile_tokens,
                           BLOCK_D=block_d, PRECISION="ieee" if dt == "fp32" else "tf32", **cfg)
-            k = _compile(pa._prefill_kernel, types, consts, arch, warps, 2, aligned)
+            k = _compile(pp._prefill_kernel, types, consts, arch, warps, 2, aligned)
             out[f"paged_{kind}.{name}"] = _resources(k)
             consts = dict(NUM_HEADS=h, HEAD_DIM=hd, TILE_TOKENS=tile_tokens,
                           BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d)
-            k = _compile(pa._prefill_merge_kernel, merge_types, consts, arch,
-                         pa.merge_warps(tile_tokens, block_d), 2, aligned)
+            k = _compile(pp._prefill_merge_kernel, merge_types, consts, arch,
+                         pp.merge_warps(tile_tokens, block_d), 2, aligned)
             out[f"paged_{kind}_merge.{name}"] = _resources(k)
     return out
 

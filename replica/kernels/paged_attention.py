@@ -1,4 +1,4 @@
-"""Triton attention over the paged KV cache: split-K decode and varlen causal prefill.
+"""Triton attention over the paged KV cache: the shared K/V tile loader, and split-K decode.
 
 Contract: same semantics as `reference.paged_decode_attention` / `reference.paged_prefill_attention`.
 Cache k/v [num_blocks, KVH, BS, hd] (BS a power of two); block_tables [R, max_blocks] int32 (or
@@ -32,19 +32,8 @@ of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted
 over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
 them empty when contexts are far below max_len: an empty program costs one load of seq_len).
 
-Prefill (`paged_prefill_attention`, eager): per tile kind of the `PrefillMeta` tile map (prefill
-tiles, decode tiles) one `_prefill_kernel` launch, grid (num_tiles, KVH * NUM_HG): one program per
-tile (or key segment of a tile) and per group of HPP query heads of one KV head. The tile's query
-tokens and heads are stacked in the tl.dot M dimension (row r = token r // HPP, head r % HPP: a
-token's heads are adjacent in memory): prefill tiles are TILE_TOKENS (32) tokens x min(G, 4) heads
-= 128 rows for Llama-style G = 4; decode tiles (q_len 1) are 1 token x G heads. Flash-attention
-loop over the program's keys k0 .. k1 - 1 (keys above the tile's causal limit are never visited):
-first the key tiles below p0 + 1 that every row sees (no masks), then the diagonal tiles with the
-causal mask. Dead rows (past the tile's tokens or the group's heads) compute on zeros and are not
-stored. A tile that `PrefillMeta` split into key segments (few, long tiles: a short chunk over a
-long cached prefix) writes fp32 partials per segment, and `_prefill_merge_kernel`, grid
-(split tiles, H), merges them; the others write the output directly. Two compiled attention
-specialisations per model (prefill tiles, decode tiles) plus two small merge kernels.
+Prefill (`paged_prefill_attention`, eager) lives in replica/kernels/paged_prefill.py and shares
+this module's K/V tile loader, scratch allocator and `supported`.
 
 Supported (else `replica.kernels` falls back to the reference): 16 <= hd <= 256 (tl.dot needs
 K >= 16; non-power-of-two hd is padded and masked), H % KVH == 0, BS a power of two, last dims
@@ -59,13 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels.prefill_meta import PrefillMeta
 
 LOG2E = 1.4426950408889634
 SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
 MAX_SPLIT = 2048
 GRID_CAP = 65536       # decode programs per launch at most (empty ones included)
-PREFILL_ROWS = 128     # tl.dot M rows of a 16-bit prefill tile with hd <= 128
 
 
 def _empty(shape, dtype, device):
@@ -271,195 +258,4 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"],
             num_warps=1 if hd <= 64 else 2)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# prefill
-@triton.jit
-def _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base, qk_scale, offs_n,
-                       offs_d, stride_kb, stride_kn, stride_vb, stride_vn, HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    # one key tile n0 .. n0 + BLOCK_N - 1 of the online softmax; CAUSAL: the tile crosses some
-    # row's limit q_pos (keys at or past hi are neither read nor counted)
-    n = n0 + offs_n
-    n_mask = n < hi
-    k = _load_kv_tile(k_base, table, n, n_mask, offs_d, stride_kb, stride_kn, HEAD_DIM, BLOCK_D,
-                      BLOCK_SIZE, CAUSAL)                                        # [BLOCK_N, BLOCK_D]
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale            # [BLOCK_M, BLOCK_N]
-    if CAUSAL:
-        s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in every row's first tile
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_kv_tile(v_base, table, n, n_mask, offs_d, stride_vb, stride_vn, HEAD_DIM, BLOCK_D,
-                      BLOCK_SIZE, CAUSAL)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
-                    stride_vh, stride_vn, stride_bt, stride_ot, stride_oh,
-                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
-                    NUM_HG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1) // NUM_HG
-    g0 = (tl.program_id(1) % NUM_HG) * HPP   # first head (within the group) of this program
-    entry = tile_ptr + tile * 7                # tile map row: see prefill_meta.py
-    t0 = tl.load(entry).to(tl.int64)
-    n_q = tl.load(entry + 1)
-    p0 = tl.load(entry + 2)
-    row = tl.load(entry + 3).to(tl.int64)
-    k0 = tl.load(entry + 4)                    # this program's keys: k0 .. k1 - 1 (a segment)
-    k1 = tl.load(entry + 5)
-    part = tl.load(entry + 6)                  # -1: write the output; else partial index
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    tok = offs_m // HPP                                  # row r = (token r // HPP, head r % HPP)
-    gh = g0 + offs_m % HPP
-    m_valid = (tok < n_q) & (gh < GROUP)
-    heads = kvh * GROUP + gh
-    d_mask = offs_d < HEAD_DIM
-    io_mask = m_valid[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + (t0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh
-                + offs_d[None, :], mask=io_mask, other=0.0)                     # [BLOCK_M, BLOCK_D]
-    q_pos = p0 + tl.minimum(tok, n_q - 1)  # dead rows borrow a live row's limit (never empty)
-    hi = p0 + n_q                          # keys of the whole tile: 0 .. hi - 1
-    table = bt_ptr + row * stride_bt
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Keys below full_end are visible to every row: no masks. k0 is a multiple of BLOCK_N and at
-    # most p0, and k1 is hi or a multiple of BLOCK_N, so both loops stay inside the segment.
-    full_end = (p0 + 1) // BLOCK_N * BLOCK_N
-    for n0 in range(k0, tl.minimum(k1, full_end), BLOCK_N):
-        m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
-                                           qk_scale, offs_n, offs_d, stride_kb, stride_kn,
-                                           stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
-                                           False, PRECISION)
-    for n0 in range(tl.maximum(k0, full_end), k1, BLOCK_N):   # the diagonal: causal mask
-        m_i, l_i, acc = _prefill_tile_step(q, m_i, l_i, acc, n0, q_pos, hi, table, k_base, v_base,
-                                           qk_scale, offs_n, offs_d, stride_kb, stride_kn,
-                                           stride_vb, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
-                                           True, PRECISION)
-    if part < 0:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + (t0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh
-                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
-    else:  # partials: po [parts, TILE_TOKENS, H, HEAD_DIM], pm / pl [parts, TILE_TOKENS, H]
-        idx = (part * TILE_TOKENS + tok) * NUM_HEADS + heads                    # [BLOCK_M]
-        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=io_mask)
-        tl.store(pm_ptr + idx, m_i, mask=m_valid)
-        tl.store(pl_ptr + idx, l_i, mask=m_valid)
-
-
-@triton.jit
-def _prefill_merge_kernel(po_ptr, pm_ptr, pl_ptr, merge_ptr, out_ptr, stride_ot, stride_oh,
-                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          TILE_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    # grid (num_merges, H): merges the nseg segment partials of one split tile for one head
-    h = tl.program_id(1)
-    entry = merge_ptr + tl.program_id(0) * 7
-    t0 = tl.load(entry).to(tl.int64)
-    n_q = tl.load(entry + 1)
-    part0 = tl.load(entry + 2)
-    nseg = tl.load(entry + 3)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    t_mask = offs_t < n_q
-    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_T], tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for j in range(0, nseg):  # every segment holds >= 1 key of every live row: m is finite
-        idx = ((part0 + j).to(tl.int64) * TILE_TOKENS + offs_t) * NUM_HEADS + h  # [BLOCK_T]
-        m = tl.load(pm_ptr + idx, mask=t_mask, other=0.0)
-        m_new = tl.maximum(m_run, m)
-        a = tl.exp2(m_run - m_new)
-        w = tl.exp2(m - m_new)
-        l_run = l_run * a + w * tl.load(pl_ptr + idx, mask=t_mask, other=0.0)
-        o = tl.load(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        acc = acc * a[:, None] + w[:, None] * o
-        m_run = m_new
-    out = acc / l_run[:, None]
-    tl.store(out_ptr + (t0 + offs_t)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int) -> dict:
-    """Tile shape of one launch: HPP heads per program (NUM_HG programs per KV head), BLOCK_M rows,
-    BLOCK_N keys, warps. 16-bit: 128 rows (64 for hd > 128) x 64 keys (32 for hd > 128); fp32 and
-    hd % 16 != 0 (see `_wide`): 32 rows x 16 keys. 8 warps from 4096 q elements per tile up;
-    2 for 16-bit scalar loads (the choices that do not spill: compile_check)."""
-    wide = _wide(dtype, hd)
-    rows = (PREFILL_ROWS if hd <= 128 else PREFILL_ROWS // 2) if wide else 32
-    hpp = min(group, max(1, rows // tile_tokens))
-    block_m = max(16, triton.next_power_of_2(tile_tokens * hpp))
-    block_n = (64 if hd <= 128 else 32) if wide else 16
-    block_d = max(16, triton.next_power_of_2(hd))
-    warps = 8 if block_m * block_d >= 4096 else 4
-    if not wide and dtype != torch.float32:
-        warps = 2  # scalar loads (hd % 16 != 0): more registers per thread, or it spills
-    return dict(HPP=hpp, NUM_HG=triton.cdiv(group, hpp), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps)
-
-
-def merge_warps(tile_tokens: int, block_d: int) -> int:
-    return 8 if tile_tokens * block_d >= 4096 else 4 if tile_tokens * block_d >= 2048 else 1
-
-
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, meta: PrefillMeta, scale: float,
-                            out: Optional[torch.Tensor] = None,
-                            num_stages: int = 2) -> torch.Tensor:
-    # q [T, H, hd] -> out [T, H, hd]. Per tile kind (prefill tiles, decode tiles) one attention
-    # launch, plus one merge launch when some of its tiles were split into key segments.
-    t_total, h, hd = q.shape
-    kvh, bs = k_cache.shape[1], k_cache.shape[2]
-    assert t_total == meta.num_tokens, f"q has {t_total} rows, meta covers {meta.num_tokens}"
-    assert meta.max_kv_len <= block_tables.shape[1] * bs, "block table narrower than kv_len"
-    assert meta.packed.device == q.device
-    if out is None:
-        out = torch.empty((t_total, h, hd), dtype=q.dtype, device=q.device)
-    group = h // kvh
-    block_d = max(16, triton.next_power_of_2(hd))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    kinds = ((meta.prefill_tiles, meta.prefill_merges, meta.num_prefill_parts, meta.tile_tokens,
-              meta.prefill_segment),
-             (meta.decode_tiles, meta.decode_merges, meta.num_decode_parts, 1, meta.decode_segment))
-    for tiles, merges, parts, tile_tokens, segment in kinds:
-        if tiles.shape[0] == 0:
-            continue
-        cfg = prefill_config(q.dtype, hd, group, tile_tokens)
-        warps = cfg.pop("num_warps")
-        assert segment % cfg["BLOCK_N"] == 0, "key segments must be whole key tiles"
-        if parts:
-            assert parts * tile_tokens * h * hd < 2**31, "partial offsets are int32"
-            po = _empty((parts, tile_tokens, h, hd), torch.float32, q.device)
-            pm = _empty((parts, tile_tokens, h), torch.float32, q.device)
-            pl = _empty((parts, tile_tokens, h), torch.float32, q.device)
-        else:  # fp32 dummy: same kernel signature
-            po = pm = pl = _empty((1,), torch.float32, q.device)
-        _prefill_kernel[(tiles.shape[0], kvh * cfg["NUM_HG"])](
-            q, k_cache, v_cache, block_tables, tiles, out, po, pm, pl, scale * LOG2E, q.stride(0),
-            q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), NUM_HEADS=h, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs,
-            TILE_TOKENS=tile_tokens, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
-            num_stages=num_stages, **cfg)
-        if merges.shape[0]:
-            _prefill_merge_kernel[(merges.shape[0], h)](
-                po, pm, pl, merges, out, out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd,
-                TILE_TOKENS=tile_tokens, BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d,
-                num_warps=merge_warps(tile_tokens, block_d))
     return out

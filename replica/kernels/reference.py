@@ -1,7 +1,7 @@
 """Pure-torch reference implementations of the decode hot-path ops.
 
-Contract (shared with the Triton kernels in `fused.py` / `paged_attention.py`, dispatched by
-`replica.kernels`):
+Contract (shared with the Triton kernels in `fused.py`, `paged_attention.py` and `paged_prefill.py`,
+dispatched by `replica.kernels`):
 - Same signatures, shapes and dtypes as the public ops; outputs have the input's dtype, all math
   (norm statistics, rotations, softmax, silu) runs in fp32 and is rounded once at the end.
 - `add_rms_norm` writes the sum into `residual` in place and returns it as `new_residual`

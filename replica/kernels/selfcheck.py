@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import replica.kernels  # noqa: F401  (applies the interpreter shim when TRITON_INTERPRET=1)
-from replica.kernels import fused, paged_attention, reference
+from replica.kernels import fused, paged_attention, paged_prefill, reference
 from replica.kernels.prefill_meta import PrefillMeta
 
 NAN = float("nan")
@@ -179,8 +179,8 @@ def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_b
     scale = 1.0 / math.sqrt(hd)
     saved, paged_attention._empty = paged_attention._empty, _nan_empty  # poison the partials
     try:
-        o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale,
-                                                    out=out)
+        o = paged_prefill.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale,
+                                                  out=out)
     finally:
         paged_attention._empty = saved
     _check("paged_prefill_attention", o, reference.paged_prefill_attention(

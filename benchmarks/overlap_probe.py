@@ -103,7 +103,7 @@ def pipelined(layer: Layer, x, layers: int, side):
         ev.record(stream)
         return ev
 
-    qa, qb = layer.qkv(x[:h]), None
+    qa = layer.qkv(x[:h])
     qa_ready = mark(main)
     qb = layer.qkv(x[h:])
     qb_ready = mark(main)

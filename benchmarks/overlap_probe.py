@@ -68,23 +68,23 @@ class Layer:
         return F.linear(K.silu_mul(F.linear(x, self.w13)), self.w2)
 
 
-def serial(layer: Layer, x, layers: int):
+def serial(layer: Layer, x, layers: int, lo: int = 0):
+    """The op chain over rows lo .. lo + len(x) of the pool."""
     for _ in range(layers):
-        x = layer.post(layer.attend(layer.qkv(x), 0))
+        x = layer.post(layer.attend(layer.qkv(x), lo))
     return x
 
 
 def halves(layer: Layer, x, layers: int, side):
-    """Each half its own chain; the second half's on `side`."""
+    """Each half its own chain; the second half's on `side` (CPU: one after the other).
+    Returns the halves' outputs."""
     h = x.shape[0] // 2
     if side is None:
-        return torch.cat([serial(layer, x[:h], layers), serial(layer, x[h:], layers)])
+        return serial(layer, x[:h], layers), serial(layer, x[h:], layers, h)
     main = torch.cuda.current_stream()
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        b = x[h:]
-        for _ in range(layers):
-            b = layer.post(layer.attend(layer.qkv(b), h))
+        b = serial(layer, x[h:], layers, h)
     a = serial(layer, x[:h], layers)
     main.wait_stream(side)
     return a, b
@@ -148,7 +148,7 @@ def blas(backend: str, carveout):
         torch.backends.cuda.preferred_blas_library(before)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-8b", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cuda")
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="layers per captured call")
     ap.add_argument("--carveouts", type=int, nargs="+", default=[0, 16, 24, 32, 48, 66])
     ap.add_argument("--out")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     p = PRESETS[a.model]
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

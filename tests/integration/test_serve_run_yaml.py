@@ -3,8 +3,9 @@
 The CLI runs as a subprocess against the session's cluster (`--address`), so it shares the one
 Ray/Serve start-up of this test run; Serve is already up there, so the YAML's http_options are
 ignored (with a warning) and the app answers on the fixture's port. On the cluster's 2 fake GPUs
-the default args give one replica per GPU, each pinned to its own. The CLI is stopped with
-SIGTERM: its Ctrl-C handler would call `serve.shutdown()` on the shared instance.
+the default args give one replica per GPU, each pinned to its own, and as many ingress replicas.
+The CLI is stopped with SIGTERM: its Ctrl-C handler would call `serve.shutdown()` on the shared
+instance.
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
     replicas = wait_for(both_replicas, 60, "both LLMReplica replicas (one per fake GPU) to be up")
     assert all(r["captured_buckets"] == ladder for r in replicas)
     assert sorted(r["gpu_ids"][0] for r in replicas) == ["0", "1"]
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP_NAME)   # one per GPU replica, by default
+    wait_for(lambda: len({r["pid"] for r in ingress.broadcast("counters").results()}) == 2, 60,
+             "two OpenAIIngress replicas (the default on two GPUs) to be up")
     _run_readme_examples(ray_cluster)
 
 

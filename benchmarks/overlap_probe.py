@@ -33,6 +33,10 @@ from benchmarks import common as C  # noqa: E402
 from benchmarks.decode_shapes import timed_ms  # noqa: E402
 
 from replica import kernels as K  # noqa: E402
+try:
+    from replica.kernels import paged_attention as PA  # noqa: E402
+except ImportError:  # no triton: the CPU path uses the reference attention
+    PA = None
 from replica.presets import PRESETS  # noqa: E402
 
 
@@ -58,20 +62,28 @@ class Layer:
         q = F.linear(x, self.wqkv)[:, :self.h * self.hd]
         return q.reshape(x.shape[0], self.h, self.hd).contiguous()
 
-    def attend(self, q, lo: int):                       # rows lo..lo+N of the pool
+    def attend(self, q, lo: int, **knobs):              # rows lo..lo+N of the pool
+        # knobs (GPU only): paged_attention's programs / num_warps / num_stages / block_n
         n = q.shape[0]
-        return K.paged_decode_attention(q, self.k, self.v, self.tables, self.table_rows[lo:lo + n],
-                                        self.lens[lo:lo + n], self.hd ** -0.5)
+        args = (q, self.k, self.v, self.tables, self.table_rows[lo:lo + n], self.lens[lo:lo + n],
+                self.hd ** -0.5)
+        if knobs and q.is_cuda:
+            return PA.paged_decode_attention(*args, **knobs)
+        return K.paged_decode_attention(*args)
+
+    def kv_bytes(self) -> int:
+        """K and V bytes one attention call over every row reads."""
+        return 2 * int(self.lens.sum()) * self.kvh * self.hd * self.k.element_size()
 
     def post(self, a):                                  # attention out [N, H, hd] -> next x [N, D]
         x = F.linear(a.reshape(a.shape[0], -1), self.wo)
         return F.linear(K.silu_mul(F.linear(x, self.w13)), self.w2)
 
 
-def serial(layer: Layer, x, layers: int, lo: int = 0):
+def serial(layer: Layer, x, layers: int, lo: int = 0, **knobs):
     """The op chain over rows lo .. lo + len(x) of the pool."""
     for _ in range(layers):
-        x = layer.post(layer.attend(layer.qkv(x), lo))
+        x = layer.post(layer.attend(layer.qkv(x), lo, **knobs))
     return x
 
 
@@ -90,9 +102,10 @@ def halves(layer: Layer, x, layers: int, side):
     return a, b
 
 
-def pipelined(layer: Layer, x, layers: int, side):
+def pipelined(layer: Layer, x, layers: int, side, **knobs):
     """GEMMs on the current stream, attention on `side`: half A's attention beside half B's GEMMs
-    and the other way round. Every tensor stays referenced until the end (no cross-stream reuse)."""
+    and the other way round. Every tensor stays referenced until the end (no cross-stream reuse).
+    knobs go to the attention (a persistent grid confined to the SMs the GEMMs leave free)."""
     h = x.shape[0] // 2
     if side is None:
         return halves(layer, x, layers, None)
@@ -110,11 +123,11 @@ def pipelined(layer: Layer, x, layers: int, side):
     for i in range(layers):
         side.wait_event(qa_ready)
         with torch.cuda.stream(side):
-            oa = layer.attend(qa, 0)
+            oa = layer.attend(qa, 0, **knobs)
         oa_ready = mark(side)
         side.wait_event(qb_ready)
         with torch.cuda.stream(side):
-            ob = layer.attend(qb, h)
+            ob = layer.attend(qb, h, **knobs)
         ob_ready = mark(side)
         keep += [qa, qb, oa, ob]
         main.wait_event(oa_ready)
@@ -148,6 +161,55 @@ def blas(backend: str, carveout):
         torch.backends.cuda.preferred_blas_library(before)
 
 
+ATTENTION_CONFIGS = {"w4s2n64": dict(num_warps=4, num_stages=2, block_n=64),   # the engine's
+                     "w8s3n64": dict(num_warps=8, num_stages=3, block_n=64),
+                     "w8s4n64": dict(num_warps=8, num_stages=4, block_n=64),
+                     "w8s3n128": dict(num_warps=8, num_stages=3, block_n=128)}
+
+
+def persistent_sweep(layer: Layer, x, a, rec: dict) -> dict:
+    """Attention alone as a persistent grid of P programs: the bandwidth P SMs reach (GB/s), per
+    launch config. Returns the best config for each P."""
+    q = layer.qkv(x)
+    gbps, best = {}, {}
+    for progs in a.programs:
+        for name, cfg in ATTENTION_CONFIGS.items():
+            ms = timed_ms(lambda: layer.attend(q, 0, programs=progs, **cfg), a.device)
+            gbps[f"p{progs}/{name}"] = round(layer.kv_bytes() / ms / 1e6, 1)
+        best[progs] = max(ATTENTION_CONFIGS, key=lambda n: gbps[f"p{progs}/{n}"])
+    ms = timed_ms(lambda: layer.attend(q, 0), a.device)
+    gbps["grid/engine"] = round(layer.kv_bytes() / ms / 1e6, 1)
+    rec["attention_gbps"] = gbps
+    return best
+
+
+def measure(layer: Layer, x, a, side) -> dict:
+    """Per-layer ms of every variant at one row count (vs_serial: over cuBLAS's serial step)."""
+    cuda = side is not None
+    per_layer = lambda fn: timed_ms(fn, a.device) / a.layers   # noqa: E731
+    rec = {"rows": x.shape[0], "ms_per_layer": {}}
+    ops = {"qkv": lambda: layer.qkv(x), "attention": lambda: layer.attend(layer.qkv(x), 0),
+           "post": lambda: layer.post(layer.attend(layer.qkv(x), 0))}
+    rec["ops_ms"] = {k: round(timed_ms(fn, a.device), 4) for k, fn in ops.items()}
+    ms = rec["ms_per_layer"]
+    for backend in (["cublas", "cublaslt"] if cuda else ["default"]):
+        with blas(backend, None):
+            ms[f"serial/{backend}"] = per_layer(lambda: serial(layer, x, a.layers))
+    best = persistent_sweep(layer, x, a, rec) if cuda else {}
+    for carve in (a.carveouts if cuda else [0]):
+        with blas("cublaslt", carve or None):
+            ms[f"halves/lt/carve{carve}"] = per_layer(lambda: halves(layer, x, a.layers, side))
+            ms[f"pipelined/lt/carve{carve}"] = per_layer(lambda: pipelined(layer, x, a.layers, side))
+            if carve in best:      # attention confined to the `carve` SMs the GEMMs leave free
+                cfg = ATTENTION_CONFIGS[best[carve]]
+                ms[f"pipelined/lt/carve{carve}/persistent-{best[carve]}"] = per_layer(
+                    lambda: pipelined(layer, x, a.layers, side, programs=carve, **cfg))
+    base = ms[f"serial/{'cublas' if cuda else 'default'}"]
+    rec["ms_per_layer"] = {k: round(v, 4) for k, v in ms.items()}
+    rec["vs_serial"] = {k: round(v / base, 3) for k, v in ms.items()}
+    return rec
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-8b", choices=sorted(PRESETS))
@@ -157,6 +219,9 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4, help="layers per captured call")
     ap.add_argument("--carveouts", type=int, nargs="+", default=[0, 16, 24, 32, 48, 66])
+    ap.add_argument("--programs", type=int, nargs="+", default=[16, 24, 32, 48, 66, 132],
+                    help="persistent attention grids to sweep (those equal to a carveout also run "
+                         "pipelined beside the GEMMs)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     p = PRESETS[a.model]
@@ -167,26 +232,14 @@ def main(argv=None) -> None:
     for rows in a.rows:
         layer = Layer(p, rows, a.ctx, a.block_size, a.device, dtype)
         x = torch.randn(rows, p["hidden_size"], device=a.device, dtype=dtype)
-        per_layer = lambda fn: timed_ms(fn, a.device) / a.layers   # noqa: E731
-        rec = {"rows": rows, "ms_per_layer": {}}
-        ops = {"qkv": lambda: layer.qkv(x), "attention": lambda: layer.attend(layer.qkv(x), 0),
-               "post": lambda: layer.post(layer.attend(layer.qkv(x), 0))}
-        rec["ops_ms"] = {k: round(timed_ms(fn, a.device), 4) for k, fn in ops.items()}
-        for backend in (["cublas", "cublaslt"] if cuda else ["default"]):
-            with blas(backend, None):
-                rec["ms_per_layer"][f"serial/{backend}"] = per_layer(lambda: serial(layer, x, a.layers))
-        for carve in (a.carveouts if cuda else [0]):
-            with blas("cublaslt", carve or None):
-                rec["ms_per_layer"][f"halves/lt/carve{carve}"] = per_layer(lambda: halves(layer, x, a.layers, side))
-                rec["ms_per_layer"][f"pipelined/lt/carve{carve}"] = per_layer(
-                    lambda: pipelined(layer, x, a.layers, side))
-        base = rec["ms_per_layer"][f"serial/{'cublas' if cuda else 'default'}"]
-        rec["ms_per_layer"] = {k: round(v, 4) for k, v in rec["ms_per_layer"].items()}
-        rec["vs_serial"] = {k: round(v / base, 3) for k, v in rec["ms_per_layer"].items()}
+        rec = measure(layer, x, a, side)
         best = min(rec["vs_serial"], key=rec["vs_serial"].get)
-        C.log(f"{rows} rows: serial {base:.3f} ms/layer; best {best} x{rec['vs_serial'][best]:.3f}")
+        C.log(f"{rows} rows: serial {rec['ms_per_layer'][next(iter(rec['ms_per_layer']))]:.3f} "
+              f"ms/layer; best {best} x{rec['vs_serial'][best]:.3f}")
         for k, v in rec["vs_serial"].items():
-            C.log(f"    {k:28s} {rec['ms_per_layer'][k]:.4f} ms  x{v:.3f}")
+            C.log(f"    {k:44s} {rec['ms_per_layer'][k]:.4f} ms  x{v:.3f}")
+        for k, v in rec.get("attention_gbps", {}).items():
+            C.log(f"    attention {k:34s} {v:8.1f} GB/s")
         results.append(rec)
     C.write_json(C.out_path(a.out, "overlap_probe.json"),
                  {"env": C.env_info(a.device), "model": a.model, "ctx": a.ctx, "layers": a.layers,

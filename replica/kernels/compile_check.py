@@ -126,6 +126,9 @@ def _paged(arch: int, full: bool) -> dict:
                      split="i32", num_splits="i32", **{n: "i32" for n in dec_ints})
         k = _compile(pa._decode_split_kernel, types, consts, arch, 4, 2, aligned)
         out[f"paged_decode_split.{name}"] = _resources(k)
+        k = _compile(pa._decode_split_persistent, {**types, "batch": "i32"}, consts, arch, 4, 2,
+                     aligned)
+        out[f"paged_decode_persistent.{name}"] = _resources(k)
         types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", len_ptr="*i64", out_ptr=p,
                      split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
         k = _compile(pa._decode_combine_kernel, types,

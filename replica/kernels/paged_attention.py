@@ -32,6 +32,12 @@ of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted
 over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
 them empty when contexts are far below max_len: an empty program costs one load of seq_len).
 
+`programs=P` runs the same work items on a persistent grid of P programs
+(`_decode_split_persistent`: each walks items p, p + P, ...). The engine does not use it: it is
+how benchmarks/overlap_probe.py confines attention to the SMs a GEMM leaves free, and on an H200
+one program per SM reads only ~20-27 GB/s, so it needs every SM to approach the grid kernel's
+~4 TB/s (results/overlap_probe-persistent-8b-h200-2026-11-30.json).
+
 Prefill (`paged_prefill_attention`, eager) lives in replica/kernels/paged_prefill.py and shares
 this module's K/V tile loader, scratch allocator and `supported`.
 
@@ -85,16 +91,14 @@ def _load_kv_tile(base, table, n, n_mask, offs_d, stride_b, stride_n, HEAD_DIM: 
 
 # ----------------------------------------------------------------------------------------------
 # decode
-@triton.jit(do_not_specialize=["split", "num_splits"])
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr, pm_ptr,
-                         pl_ptr, qk_scale, split, num_splits, stride_qb, stride_qh, stride_kb,
-                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bt,
-                         stride_ob, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    sid = tl.program_id(2)
+@triton.jit
+def _decode_split_item(b, kvh, sid, q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr,
+                       pm_ptr, pl_ptr, qk_scale, split, num_splits, stride_qb, stride_qh,
+                       stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bt,
+                       stride_ob, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # one work item: split `sid` of row b (int64), kv head kvh
     seq_len = tl.load(len_ptr + b).to(tl.int32)
     start = sid * split
     if start < seq_len:
@@ -138,6 +142,43 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr,
             tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
             tl.store(pm_ptr + idx, m_i, mask=g_mask)
             tl.store(pl_ptr + idx, l_i, mask=g_mask)
+
+
+@triton.jit(do_not_specialize=["split", "num_splits"])
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr, pm_ptr,
+                         pl_ptr, qk_scale, split, num_splits, stride_qb, stride_qh, stride_kb,
+                         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bt,
+                         stride_ob, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # grid (B, KVH, num_splits): one program per work item
+    _decode_split_item(tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), q_ptr,
+                       k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                       qk_scale, split, num_splits, stride_qb, stride_qh, stride_kb, stride_kh,
+                       stride_kn, stride_vb, stride_vh, stride_vn, stride_bt, stride_ob, stride_oh,
+                       NUM_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, PRECISION)
+
+
+@triton.jit(do_not_specialize=["split", "num_splits", "batch"])
+def _decode_split_persistent(q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr, out_ptr, po_ptr,
+                             pm_ptr, pl_ptr, qk_scale, split, num_splits, batch, stride_qb,
+                             stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                             stride_vn, stride_bt, stride_ob, stride_oh,
+                             NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    # grid (P,): program p walks items p, p + P, ... in split-major order, so the items that hold
+    # tokens (low splits) come first and spread over every program; the empty tail costs a load
+    per_split = batch * (NUM_HEADS // GROUP)
+    for item in range(tl.program_id(0), per_split * num_splits, tl.num_programs(0)):
+        rem = item % per_split
+        _decode_split_item((rem // (NUM_HEADS // GROUP)).to(tl.int64), rem % (NUM_HEADS // GROUP),
+                           item // per_split, q_ptr, k_ptr, v_ptr, bt_ptr, row_ptr, len_ptr,
+                           out_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, split, num_splits, stride_qb,
+                           stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, stride_bt, stride_ob, stride_oh, NUM_HEADS, GROUP, HEAD_DIM,
+                           BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, PRECISION)
 
 
 @triton.jit(do_not_specialize=["split", "num_splits"])
@@ -233,8 +274,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, table_rows: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None,
                            split: Optional[int] = None, block_n: Optional[int] = None,
-                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    # q [B, H, hd] -> out [B, H, hd]; `split`/`block_n`/`num_warps`/`num_stages` are tuning knobs
+                           num_warps: int = 4, num_stages: int = 2,
+                           programs: Optional[int] = None) -> torch.Tensor:
+    # q [B, H, hd] -> out [B, H, hd]; `split`/`block_n`/`num_warps`/`num_stages` are tuning knobs.
+    # `programs`: run the split kernel as a persistent grid of that many programs (each walks the
+    # work items), so it occupies at most that many SMs and can run beside a GEMM on the others
     bsz, h, hd = q.shape
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
     rt, consts = decode_plan(bsz, h, kvh, hd, bs, block_tables.shape[1], q.dtype, split, block_n)
@@ -247,12 +291,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         po = _empty((bsz, h, num_splits, hd), torch.float32, q.device)
         pm = _empty((bsz, h, num_splits), torch.float32, q.device)
         pl = _empty((bsz, h, num_splits), torch.float32, q.device)
-    _decode_split_kernel[(bsz, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, table_rows, seq_lens, out, po, pm, pl, scale * LOG2E,
-        split, num_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), num_warps=num_warps,
-        num_stages=num_stages, **consts)
+    head = (q, k_cache, v_cache, block_tables, table_rows, seq_lens, out, po, pm, pl, scale * LOG2E,
+            split, num_splits)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+               out.stride(0), out.stride(1))
+    if programs:
+        _decode_split_persistent[(programs,)](*head, bsz, *strides, num_warps=num_warps,
+                                              num_stages=num_stages, **consts)
+    else:
+        _decode_split_kernel[(bsz, kvh, num_splits)](*head, *strides, num_warps=num_warps,
+                                                     num_stages=num_stages, **consts)
     if num_splits > 1:
         _decode_combine_kernel[(bsz, h)](
             po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),

@@ -151,3 +151,14 @@ def test_paged_kernels_match_references_on_the_device():
     got = K.paged_prefill_attention(qp, k, v, tables, meta, hd ** -0.5)
     ref = R.paged_prefill_attention(qp, k, v, tables, meta, hd ** -0.5)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_kernel_selfcheck_on_the_device(dtype):
+    """Every named kernel check (norms, rope, paged decode incl. the persistent grid, paged prefill
+    incl. key segments) against the torch reference, compiled for this GPU, with poisoned scratch."""
+    from replica.kernels import selfcheck
+
+    results = selfcheck.run("cuda", dtype)
+    assert results and all(v == "ok" for v in results.values()), \
+        {k: v for k, v in results.items() if v != "ok"}

@@ -1,7 +1,9 @@
 """`random:<preset>` models: Llama-shaped configs with seeded random weights, no download.
 
 `tiny` runs the CPU tests and the default app; `llama-1b` and `llama-8b` have the shapes of
-Llama-3.2-1B and Llama-3.1-8B for benchmarks. Their tokenizer is byte-level (replica/tokenizer.py),
+Llama-3.2-1B and Llama-3.1-8B for benchmarks; `qwen2-0.5b` and `qwen2-7b` the Qwen2.5 layouts
+(q/k/v bias, 7 query heads per KV head, head_dim 64 in the small one) so that benchmarks and GPU
+tests cover a layout the kernels were not tuned on. Their tokenizer is byte-level (replica/tokenizer.py),
 so the tiny model's vocabulary is just the bytes plus three specials, and its output is visible text.
 
 `preset_config` returns a plain namespace with the attribute names of a transformers LlamaConfig
@@ -24,6 +26,12 @@ PRESETS: dict[str, dict] = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                     tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6),
 }
 
 
@@ -36,8 +44,10 @@ def _preset_fields(model: str, max_seq_len: int) -> dict:
     if name not in PRESETS:
         raise ConfigError(f"unknown random preset {name!r}; choose one of "
                           f"{', '.join(PREFIX + p for p in PRESETS)}")
-    return dict(PRESETS[name], max_position_embeddings=max(max_seq_len, 2048), bos_token_id=256,
-                eos_token_id=257, pad_token_id=258, rms_norm_eps=1e-5)
+    fields = dict(model_type="llama", rms_norm_eps=1e-5)
+    fields.update(PRESETS[name])
+    return dict(fields, max_position_embeddings=max(max_seq_len, 2048), bos_token_id=256,
+                eos_token_id=257, pad_token_id=258)
 
 
 def preset_config(model: str, max_seq_len: int) -> SimpleNamespace:
@@ -45,11 +55,14 @@ def preset_config(model: str, max_seq_len: int) -> SimpleNamespace:
     the presets."""
     fields = _preset_fields(model, max_seq_len)
     fields.setdefault("rope_theta", 10000.0)
-    return SimpleNamespace(model_type="llama", head_dim=None, rope_scaling=None, **fields)
+    return SimpleNamespace(head_dim=None, rope_scaling=None, **fields)
 
 
 def hf_preset_config(model: str, max_seq_len: int):
-    """The transformers LlamaConfig of a random preset (for HF twins in tests and benchmarks)."""
-    from transformers import LlamaConfig
+    """The transformers config (LlamaConfig or Qwen2Config) of a random preset, for HF twins in
+    tests and benchmarks."""
+    from transformers import LlamaConfig, Qwen2Config
 
-    return LlamaConfig(**_preset_fields(model, max_seq_len))
+    fields = _preset_fields(model, max_seq_len)
+    cls = Qwen2Config if fields.pop("model_type") == "qwen2" else LlamaConfig
+    return cls(**fields)

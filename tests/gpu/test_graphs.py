@@ -105,6 +105,41 @@ def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
         hf.to("cpu")
 
 
+def test_qwen2_layout_graphs_match_hf_generate_on_gpu(tmp_path):
+    """A layout the kernels were not tuned on: Qwen2.5's 7 query heads per KV head (the decode
+    kernel pads the group to 16 and masks), head_dim 64, q/k/v bias, tied embeddings. Every decode
+    step replays a graph, float32, and the tokens equal HF generate's on the device."""
+    from hf_fixtures import save_tiny_llama
+
+    hf = save_tiny_llama(tmp_path, model_type="qwen2", seed=11, tie=True, hidden_size=896,
+                         num_attention_heads=14, num_key_value_heads=2, intermediate_size=256)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf = hf.to("cuda")
+    eng = Engine(EngineConfig(model=str(tmp_path), device="cuda", dtype="float32", batch_buckets=BUCKETS,
+                              max_seq_len=256, block_size=16, max_num_seqs=16, kv_cache_bytes=64 << 20,
+                              engine_process="thread"))
+    gen = torch.Generator().manual_seed(3)
+    prompts = _prompts(5, gen) + [list(range(30, 200))]       # one long enough for several splits
+    try:
+        async def together():
+            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=24, temperature=0.0,
+                                                  ignore_eos=True) for p in prompts])
+        for p, (toks, _, _) in zip(prompts, run(together())):
+            ids = torch.tensor([p], device="cuda")   # explicit mask: pad 0 would mask prompt zeros
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                              min_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref
+        s = eng.stats()
+        assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+    finally:
+        eng.shutdown()
+
+
 def test_addresses_stable_and_no_capture_after_startup(tiny_llama_dir):
     eng = Engine(_config(tiny_llama_dir[0], "bfloat16", engine_process="thread"))
     r = eng.core.runner

@@ -111,6 +111,7 @@ def phase_report(name: str, model: str, recs: list[dict], before, after, wall: f
     rep = {"phase": name, "wall_s": wall, "requests": len(recs), "output_tokens": out_tokens,
            "tokens_per_s": out_tokens / wall if wall else None, **m,
            "steps": decode_steps + mixed, "decode_steps": decode_steps, "mixed_steps": mixed,
+           "mixed_graph_steps": d("mixed_graph_steps"),
            "mixed_share": mixed / (decode_steps + mixed) if decode_steps + mixed else None,
            "graph_hit_decode": graph / decode_steps if decode_steps else None,
            "rows_per_step": d("generated_tokens") / (decode_steps + mixed) if decode_steps + mixed else None,
@@ -143,7 +144,7 @@ def run_phase(engine, name, model, coro_fn, gemm, bw) -> dict:
     C.log(f"  {name}: {C.fmt(rep['tokens_per_s'], '.0f')} tok/s, roofline {C.fmt(rep.get('roofline_fraction'))}, "
           f"TTFT p50 {C.fmt(rep['ttft_ms_p50'], '.0f')} ms, TPOT p50 {C.fmt(rep['tpot_ms_p50'], '.1f')} ms, "
           f"rows/step {C.fmt(rep['rows_per_step'], '.0f')}, graph-hit {C.fmt(rep['graph_hit_decode'])}, "
-          f"mixed {C.fmt(rep['mixed_share'])}, preempt {rep['preemptions']}")
+          f"mixed {C.fmt(rep['mixed_share'])} ({rep['mixed_graph_steps']} graphed), preempt {rep['preemptions']}")
     return rep
 
 

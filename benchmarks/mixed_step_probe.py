@@ -10,6 +10,8 @@ times, on the engine's own model and KV cache (`EngineCore`, scratch block-table
 - `gpu_ms`: CUDA events around the same launches, after a 5 ms spin so that the GPU runs behind
   the host and its time is its own (the events bracket the kernels, not the host's gaps);
 - `graph_decode_ms`: the decode graph at the bucket of the same row count, for scale;
+- `piecewise_graphs`: the same three times through replica/mixed_graphs.py, where the step fits a
+  captured size (the engine's path for it since session 9);
 and one cProfile of `--profile-calls` launches of the first shape, top functions by own time.
 
     python3 benchmarks/mixed_step_probe.py --models llama-1b,llama-8b --out $OUT/mixed_step.json   # GPU
@@ -53,11 +55,15 @@ def mixed_inputs(core: EngineCore, prompt: int, decode_rows: int):
     return tokens, positions, slots, meta_args, last_rows
 
 
-def launch(core: EngineCore, inputs) -> torch.Tensor:
-    """One mixed step as `ModelRunner._run_mixed` launches it (tile map built on the host)."""
+def launch(core: EngineCore, inputs, graphs: bool = False) -> torch.Tensor:
+    """One mixed step as `ModelRunner._run_mixed` launches it (tile map built on the host): eager,
+    or (`graphs`) through the piecewise mixed-step graphs at the smallest captured size."""
     tokens, positions, slots, meta_args, last_rows = inputs
     meta = K.PrefillMeta.build(*meta_args)
-    return core.runner.model.forward_mixed(tokens, positions, slots, meta, core.runner.kv, last_rows)
+    r = core.runner
+    if graphs:
+        return r.mixed.run(r.mixed.fits(len(tokens)), tokens, positions, slots, meta, last_rows)
+    return r.model.forward_mixed(tokens, positions, slots, meta, r.kv, last_rows)
 
 
 def sync(dev) -> None:
@@ -65,17 +71,17 @@ def sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_shape(core: EngineCore, prompt: int, decode_rows: int, reps: int) -> dict:
+def time_shape(core: EngineCore, prompt: int, decode_rows: int, reps: int, graphs: bool = False) -> dict:
     dev = core.runner.device
     inputs = mixed_inputs(core, prompt, decode_rows)
     for _ in range(3):
-        launch(core, inputs)                      # compile and warm outside the timing
+        launch(core, inputs, graphs)              # compile and warm outside the timing
     sync(dev)
     host, wall, gpu = [], [], []
     for _ in range(reps):
         sync(dev)
         t0 = time.perf_counter()
-        launch(core, inputs)
+        launch(core, inputs, graphs)
         t1 = time.perf_counter()
         sync(dev)
         host.append(t1 - t0)
@@ -84,7 +90,7 @@ def time_shape(core: EngineCore, prompt: int, decode_rows: int, reps: int) -> di
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(int(5e-3 * 1.5e9))  # ~5 ms of spin at ~1.5 GHz
             start.record()
-            launch(core, inputs)
+            launch(core, inputs, graphs)
             end.record()
             end.synchronize()
             gpu.append(start.elapsed_time(end) / 1e3)
@@ -143,14 +149,21 @@ def main(argv=None) -> None:
     results = []
     for model in a.models.split(","):
         core = EngineCore(EngineConfig(model=f"random:{model}", device=a.device, max_seq_len=4096, **extra))
-        rec = {"model": model, "layers": core.runner.model.shape.num_layers, "shapes": []}
+        rec = {"model": model, "layers": core.runner.model.shape.num_layers, "shapes": [],
+               "mixed_graph_sizes": list(core.runner.mixed.sizes),
+               "startup": C.stats_dict(core.runner.startup)}
         with torch.inference_mode():
             for prompt, rows in shapes:
                 r = time_shape(core, prompt, rows, a.reps)
                 r["graph_decode_ms_same_rows"] = graph_decode_ms(core, max(1, rows), a.reps)
-                rec["shapes"].append(r)
                 C.log(f"{model} {prompt} prompt + {rows} decode rows: host {r['host_ms']} ms, gpu {r['gpu_ms']} ms, "
                       f"wall {r['wall_ms']} ms; decode graph at {max(1, rows)} rows {r['graph_decode_ms_same_rows']} ms")
+                if core.runner.mixed.fits(prompt + rows):
+                    r["piecewise_graphs"] = g = time_shape(core, prompt, rows, a.reps, graphs=True)
+                    C.log(f"    piecewise graphs at {core.runner.mixed.fits(prompt + rows)} tokens: host "
+                          f"{g['host_ms']} ms, gpu {g['gpu_ms']} ms, wall {g['wall_ms']} ms "
+                          f"(x{r['wall_ms'] / g['wall_ms']:.2f} faster)")
+                rec["shapes"].append(r)
             rec["host_profile"] = host_profile(core, *shapes[0], a.profile_calls, 25)
         for p in rec["host_profile"][:12]:
             C.log(f"    {p['own_ms_per_step']:8.3f} ms own {p['cum_ms_per_step']:8.3f} cum "

@@ -69,6 +69,12 @@ class EngineConfig:
     # whose matmuls make a ~50 ms step on an H100/H200 (replica/sizing.py `step_budget`: llama-8b
     # 2560, llama-1b 16128); on CPU 2048.
     step_token_budget: Optional[int] = None
+    # Mixed (prefill + decode) steps of up to this many tokens replay piecewise CUDA graphs
+    # (everything but attention captured at padded sizes 16, 32, ... ; replica/mixed_graphs.py);
+    # larger ones run eagerly. None: sized so that the captured steps are the ones whose launches
+    # would take longer than their GPU work (replica/sizing.py `mixed_graph_tokens`: llama-8b 512,
+    # llama-1b 2048). 0: every mixed step eager. CUDA only.
+    mixed_graph_tokens: Optional[int] = None
     # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
     # caller's GIL, the setting for servers; the caller then never imports torch), "thread"
     # (in-process), "auto" (process when a CUDA driver and visible GPUs exist: engine._use_process).
@@ -137,6 +143,8 @@ def _validate(c: EngineConfig) -> None:
         fail(f"engine_process={c.engine_process!r} must be 'auto', 'thread' or 'process'")
     if c.step_token_budget is not None and c.step_token_budget < 1:
         fail(f"step_token_budget={c.step_token_budget} must be positive")
+    if c.mixed_graph_tokens is not None and c.mixed_graph_tokens < 0:
+        fail(f"mixed_graph_tokens={c.mixed_graph_tokens} must be >= 0 (0: no mixed-step graphs), or None")
     if c.max_queued_requests is not None and c.max_queued_requests < 0:
         fail(f"max_queued_requests={c.max_queued_requests} must be >= 0, or None for no bound")
     if b is not None and c.max_num_seqs is not None and c.max_num_seqs > b[-1]:

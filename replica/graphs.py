@@ -137,9 +137,12 @@ class DecodeGraphs:
     def captured_buckets(self) -> tuple[int, ...]:
         return tuple(sorted({b for b, _ in self.graphs}))
 
-    def capture_all(self, fill_padding: Callable[[int], None], log=print) -> None:
+    def capture_all(self, fill_padding: Callable[[int], None], log=print,
+                    also: Optional[Callable[[object, torch.cuda.Stream], None]] = None) -> None:
         """Warm up and capture every (bucket, mode), largest bucket first, into one memory pool.
-        `fill_padding(rows)` makes every static row valid padding before warm-up and capture."""
+        `fill_padding(rows)` makes every static row valid padding before warm-up and capture.
+        `also(pool, stream)` captures further graphs into the same pool in the same window (the
+        mixed-step graphs): counted in capture_seconds and graph_bytes, and closed with these."""
         if self._closed:
             raise CaptureClosedError("CUDA graphs are captured once, at engine startup; "
                                      "a capture after startup is refused")
@@ -171,6 +174,8 @@ class DecodeGraphs:
                 for b in reversed(self.buckets):      # largest first: the pool grows once
                     for mode in MODES:
                         self.graphs[(b, mode)] = self._capture_one(b, mode, pool)
+            if also is not None:
+                also(pool, side)
         finally:
             gc.unfreeze()
         torch.cuda.current_stream().wait_stream(side)

@@ -28,6 +28,7 @@ from replica.config import ConfigError, EngineConfig
 from replica.graphs import COLUMNS, DecodeGraphs, DecodeStep, StepOutputs
 from replica.kv_cache import PagedKVCache
 from replica.loader import load_model, resolve_dtype
+from replica.mixed_graphs import MixedGraphs
 from replica.sampling import SamplingTables, greedy
 from replica.sampling_params import MAX_LOGPROBS, TokenLogprob
 from replica.stats import StartupReport
@@ -51,7 +52,7 @@ class InFlight:
     """A launched step: `n` sampled rows whose outputs arrive in pinned host buffers at `event`."""
     n: int
     kind: str                      # "graph" | "eager" (pure decode) | "mixed"
-    bucket: int                    # decode bucket run (0 for mixed steps)
+    bucket: int                    # decode bucket run; mixed: the graphs' padded size, 0 if eager
     host: "HostBuffers"
     logprobs: bool
     event: Optional[torch.cuda.Event]   # None on CPU, where `launch` ran the step to completion
@@ -91,6 +92,8 @@ class ModelRunner:
         log.info("loaded %s: %.2f GiB of weights in %.2f s on %s", c.model,
                  self.model.weight_bytes() / 2**30, load_s, self.device)
         self.step_token_budget = sizing.step_budget(c, s.matmul_params, self.device.type == "cuda")
+        self.mixed_tokens = sizing.mixed_graph_tokens(c, s.matmul_params, s.num_layers,
+                                                      self.device.type == "cuda" and c.use_cuda_graphs)
         log.info("step token budget: %d tokens%s", self.step_token_budget,
                  "" if c.step_token_budget else f" (sized for {s.matmul_params / 1e9:.2f}B matmul weights)")
         t0 = time.perf_counter()
@@ -102,9 +105,13 @@ class ModelRunner:
                                table_rows, c.max_seq_len, self.dtype, self.device)
         self.decode = DecodeStep(self.model, self.kv, self.tables, self.out, self.out.tokens.shape[0])
         self.graphs = DecodeGraphs(self.decode, plan.buckets, c.use_cuda_graphs)
+        self.mixed = MixedGraphs(self.model, self.kv, self.mixed_tokens, c.use_cuda_graphs)
         size_s = time.perf_counter() - t0
         with torch.inference_mode():
-            self.graphs.capture_all(self._fill_padding, log=log.info)
+            self.graphs.capture_all(self._fill_padding, log=log.info, also=self.mixed.capture)
+        if self.mixed.graphs:
+            log.info("mixed steps of up to %d tokens replay piecewise graphs (sizes %s, %.2f s)",
+                     self.mixed.sizes[-1], list(self.mixed.sizes), self.mixed.capture_seconds)
         pin = self.device.type == "cuda"
         self._host = [HostBuffers(self.decode.rows, pin) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
@@ -137,7 +144,8 @@ class ModelRunner:
         rows = sizing.rows_guess(c, budget0, per_token)
         width = max(rows, c.batch_buckets[-1] if c.batch_buckets else 0)
         self._alloc_row_state(width)
-        activation = self._probe_activation(width)
+        activation = self._probe_activation(width) + MixedGraphs.static_bytes(
+            self.model.shape, self.mixed_tokens, self.model.embed.element_size())
         torch.cuda.empty_cache()             # the probe's buffers are gone: let mem_get_info see it
         free, total = torch.cuda.mem_get_info(self.device)
         plan = sizing.plan_cuda(c, total, total - free, activation, bytes_per_block, rows)
@@ -196,9 +204,8 @@ class ModelRunner:
         plain = all(s.params.plain_greedy for s in sampled)
         want_lp = any(s.params.logprobs is not None for s in sampled)
         host = self._host[next(self._flip)]
-        if batch.mixed:
-            kind, bucket = "mixed", 0
-            self._run_mixed(batch, plain)
+        if batch.mixed:   # bucket: the piecewise graphs' padded size, 0 when eager
+            kind, bucket = "mixed", self._run_mixed(batch, plain)
         else:
             kind, bucket = self._run_decode(batch, host, "greedy" if plain else "full")
         return self._copy_out(len(sampled), kind, bucket, host, want_lp, started_at)
@@ -215,8 +222,9 @@ class ModelRunner:
         hit = self.graphs.replay(b, mode)
         return ("graph" if hit else "eager"), b
 
-    def _run_mixed(self, batch: StepBatch, plain: bool) -> None:
-        """One eager forward: decode rows as 1-token chunks first, then the prefill chunks."""
+    def _run_mixed(self, batch: StepBatch, plain: bool) -> int:
+        """One forward over decode rows as 1-token chunks first, then the prefill chunks: piecewise
+        graphs when the tokens fit a captured size (returned), else eager (0)."""
         d, c = batch.decode, batch.chunks
         nd = len(d)
         q_lens = [1] * nd + c.q_lens
@@ -241,12 +249,17 @@ class ModelRunner:
         self.kv.write_table(rows, positions, slots)
         meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d.positions] + c.kv_lens,
                                    d.table_rows + c.table_rows, self.device)
-        logits = self.model.forward_mixed(tokens, positions, slots, meta, self.kv, logit_rows_t)
+        size = self.mixed.fits(len(tokens))
+        if size:
+            logits = self.mixed.run(size, tokens, positions, slots, meta, logit_rows_t)
+        else:
+            logits = self.model.forward_mixed(tokens, positions, slots, meta, self.kv, logit_rows_t)
         ns = len(logit_rows)
         if plain:
             self.out.tokens[:ns].copy_(greedy(logits))
         else:
             self.tables.full(logits, samp_rows, steps, self.out.view(ns))
+        return size or 0
 
     def _copy_out(self, n: int, kind: str, bucket: int, host: HostBuffers, want_lp: bool,
                   started_at: float) -> InFlight:
@@ -281,4 +294,6 @@ class ModelRunner:
 
     # -- introspection (tests, stats) -----------------------------------------------------------
     def input_addresses(self) -> list[int]:
-        return [self.decode.inputs.data_ptr(), self.decode.logits.data_ptr(), self.out.tokens.data_ptr()]
+        mixed = [t.data_ptr() for t in (self.mixed.cols, self.mixed.q, self.mixed.a, self.mixed.residual)] \
+            if self.mixed.sizes else []
+        return [self.decode.inputs.data_ptr(), self.decode.logits.data_ptr(), self.out.tokens.data_ptr()] + mixed

@@ -47,6 +47,7 @@ class EngineStats:
     decode_steps: dict = field(default_factory=dict)   # (bucket, "graph"|"eager") -> steps
     padded_rows: dict = field(default_factory=dict)    # bucket -> padding rows run
     mixed_steps: int = 0
+    mixed_graph_steps: int = 0      # mixed steps that replayed piecewise graphs (replica/mixed_graphs.py)
     prefill_tokens: int = 0         # tokens run in prefill chunks (prompts and recomputes)
     mixed_decode_rows: int = 0      # decode rows that ran inside mixed steps
     generated_tokens: int = 0

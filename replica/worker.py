@@ -79,7 +79,7 @@ class EngineCore:
         self._last_done = time.perf_counter()
         self.steps = collections.Counter()          # (bucket, path) -> decode steps
         self.padded = collections.Counter()         # bucket -> padding rows
-        self.tokens = collections.Counter()         # mixed_steps, prefill_tokens, mixed_decode_rows
+        self.tokens = collections.Counter()  # mixed_steps, mixed_graph_steps, prefill_tokens, mixed_decode_rows
         self.decode_step_s: dict[int, Measured] = collections.defaultdict(Measured)   # bucket ->
         self.prefill_rate = Measured()                   # prompt tokens / s of mixed steps
         self._summary: tuple[int, ...] = ()
@@ -125,6 +125,7 @@ class EngineCore:
         seconds, self._last_done = max(seconds, 1e-6), now
         if step.kind == "mixed":
             self.tokens["mixed_steps"] += 1
+            self.tokens["mixed_graph_steps"] += step.bucket > 0
             self.tokens["prefill_tokens"] += batch.prefill_tokens
             self.tokens["mixed_decode_rows"] += len(batch.decode)
             if batch.prefill_tokens >= MIN_RATE_PREFILL_TOKENS:
@@ -159,7 +160,8 @@ class EngineCore:
             free_blocks=pool.num_free, cached_blocks=pool.num_cached,
             prefill_backlog_tokens=self._backlog, decode_rows=self._decode_rows,
             decode_steps=dict(self.steps), padded_rows=dict(self.padded),
-            mixed_steps=self.tokens["mixed_steps"], prefill_tokens=self.tokens["prefill_tokens"],
+            mixed_steps=self.tokens["mixed_steps"], mixed_graph_steps=self.tokens["mixed_graph_steps"],
+            prefill_tokens=self.tokens["prefill_tokens"],
             mixed_decode_rows=self.tokens["mixed_decode_rows"],
             generated_tokens=sch.counters["generated_tokens"], prompt_tokens=sch.counters["prompt_tokens"],
             prefix_queried_tokens=pool.counters.queried_tokens, prefix_hit_tokens=pool.counters.hit_tokens,

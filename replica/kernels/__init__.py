@@ -8,10 +8,10 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
   Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table
   row r at cache[block_tables[r, p // BS], :, p % BS]; block_tables int32 [R, max_blocks]):
     rope_store_kv_paged(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads,
-                        num_kv_heads) -> q             # k/v of token n to flat slot slot_mapping[n]
+                        num_kv_heads, out=None) -> q   # k/v of token n to flat slot slot_mapping[n]
     paged_decode_attention(q, k_cache, v_cache, block_tables, table_rows, seq_lens, scale) -> out
         # q [B, H, hd]; row b attends positions 0..seq_lens[b]-1 of table row table_rows[b]
-    paged_prefill_attention(q, k_cache, v_cache, block_tables, meta, scale) -> out
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, meta, scale, out=None) -> out
         # q [T, H, hd]: chunks back to back, causal with a cached prefix; meta = PrefillMeta.build(
         #   q_lens, kv_lens, table_rows, device) once per step (prefill_meta.py)
 
@@ -29,6 +29,7 @@ parameters); run each op once before capture so Triton compiles outside it.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -77,12 +78,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rope_store_kv_paged(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         positions: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                        v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
     args = (qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads, num_kv_heads)
     if use_triton(qkv) and _fused.rope_paged_supported(qkv, cos, sin, k_cache, v_cache, num_heads,
-                                                       num_kv_heads):
-        return _fused.rope_store_kv_paged(*args)
-    return reference.rope_store_kv_paged(*args)
+                                                       num_kv_heads) and _rows_out(out):
+        return _fused.rope_store_kv_paged(*args, out=out)
+    return _into(out, reference.rope_store_kv_paged(*args))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -95,9 +97,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, meta: PrefillMeta,
-                            scale: float) -> torch.Tensor:
+                            block_tables: torch.Tensor, meta: PrefillMeta, scale: float,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     args = (q, k_cache, v_cache, block_tables, meta, scale)
-    if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables):
-        return _paged_prefill.paged_prefill_attention(*args)
-    return reference.paged_prefill_attention(*args)
+    if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables) and _rows_out(out):
+        return _paged_prefill.paged_prefill_attention(*args, out=out)
+    return _into(out, reference.paged_prefill_attention(*args))
+
+
+def _rows_out(out: Optional[torch.Tensor]) -> bool:
+    """An `out` the Triton kernels can write: None, or rows of a [N, H, hd] buffer with a
+    contiguous last dim (they take its row and head strides)."""
+    return out is None or (out.dim() == 3 and out.stride(-1) == 1)
+
+
+def _into(out: Optional[torch.Tensor], result: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -109,21 +109,42 @@ class LlamaModel:
 
     def _layers(self, x, positions, slots, kv, attend):
         """The decoder stack over N token rows. x [N, D]; token n is at `positions[n]` and writes its
-        K/V to KV slot `slots[n]` (block * block_size + offset). Returns the final normed hidden [N, D]."""
-        s = self.shape
+        K/V to KV slot `slots[n]` (block * block_size + offset). Returns the final normed hidden [N, D].
+        The same pieces, split at each attention, are what `replica.mixed_graphs` captures."""
         residual = x
-        h = K.rms_norm(x, self.layers[0].ln1, s.rms_eps)
-        for i, L in enumerate(self.layers):
-            if i > 0:
-                h, residual = K.add_rms_norm(x, residual, L.ln1, s.rms_eps)
-            qkv = F.linear(h, L.wqkv, L.bqkv)                                    # [N, (H+2KVH) hd]
-            q = K.rope_store_kv_paged(qkv, self.cos, self.sin, positions, slots, kv.k[i], kv.v[i],
-                                      s.num_heads, s.num_kv_heads)               # [N, H, hd]
+        q = self.qkv(0, K.rms_norm(x, self.layers[0].ln1, self.shape.rms_eps), positions, slots, kv)
+        for i in range(len(self.layers)):
             a = attend(q, kv.k[i], kv.v[i])                                      # [N, H, hd]
-            x = F.linear(a.reshape(a.shape[0], -1), L.wo)                        # [N, D]
-            h, residual = K.add_rms_norm(x, residual, L.ln2, s.rms_eps)
-            x = F.linear(K.silu_mul(F.linear(h, L.w13)), L.w2)                   # [N, D]
-        h, _ = K.add_rms_norm(x, residual, self.norm, s.rms_eps)
+            if i + 1 < len(self.layers):
+                q = self.between(i, a, residual, positions, slots, kv)
+        return self.last(a, residual)
+
+    def qkv(self, i, h, positions, slots, kv, q_out=None):
+        """Layer i from its normed input h [N, D] to attention: q [N, H, hd] (into q_out if given);
+        K/V of every row stored at its slot."""
+        L, s = self.layers[i], self.shape
+        qkv = F.linear(h, L.wqkv, L.bqkv)                                        # [N, (H+2KVH) hd]
+        return K.rope_store_kv_paged(qkv, self.cos, self.sin, positions, slots, kv.k[i], kv.v[i],
+                                     s.num_heads, s.num_kv_heads, out=q_out)
+
+    def _post(self, i, a, residual):
+        """Layer i after attention: o-proj, norm, MLP. Returns the MLP output [N, D]; `residual`
+        [N, D] is updated in place."""
+        L, eps = self.layers[i], self.shape.rms_eps
+        x = F.linear(a.reshape(a.shape[0], -1), L.wo)                            # [N, D]
+        h, _ = K.add_rms_norm(x, residual, L.ln2, eps)
+        return F.linear(K.silu_mul(F.linear(h, L.w13)), L.w2)                    # [N, D]
+
+    def between(self, i, a, residual, positions, slots, kv, q_out=None):
+        """From layer i's attention output a [N, H, hd] to layer i + 1's q (and its K/V stored)."""
+        x = self._post(i, a, residual)
+        h, _ = K.add_rms_norm(x, residual, self.layers[i + 1].ln1, self.shape.rms_eps)
+        return self.qkv(i + 1, h, positions, slots, kv, q_out)
+
+    def last(self, a, residual):
+        """From the last layer's attention output to the final normed hidden [N, D]."""
+        x = self._post(len(self.layers) - 1, a, residual)
+        h, _ = K.add_rms_norm(x, residual, self.norm, self.shape.rms_eps)
         return h
 
     def decode(self, tokens, positions, slots, table_rows, kv, logits_out) -> None:

@@ -100,6 +100,7 @@ def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
         s = eng.stats()
         assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
         assert s.prefix_hit_tokens > 0 and s.preemptions > 0
+        assert 0 < s.mixed_graph_steps <= s.mixed_steps      # prefills replayed piecewise graphs
     finally:
         eng.shutdown()
         hf.to("cpu")
@@ -136,8 +137,34 @@ def test_qwen2_layout_graphs_match_hf_generate_on_gpu(tmp_path):
             assert toks == ref
         s = eng.stats()
         assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+        assert s.mixed_graph_steps > 0
     finally:
         eng.shutdown()
+
+
+def test_mixed_steps_past_the_captured_sizes_run_eagerly(tiny_llama_dir):
+    """mixed_graph_tokens=16: a 40-token prompt's step runs eagerly, the 5-token one's replays the
+    16-token graphs; both give HF generate's tokens (float32)."""
+    path, hf_cpu = tiny_llama_dir
+    hf = hf_cpu.to("cuda")
+    eng = Engine(EngineConfig(model=path, device="cuda", dtype="float32", batch_buckets=BUCKETS,
+                              max_seq_len=128, block_size=16, max_num_seqs=8, kv_cache_bytes=16 << 20,
+                              engine_process="thread", mixed_graph_tokens=16))
+    try:
+        assert eng.core.runner.mixed.sizes == (16,)
+        for p in ([9, 8, 7, 6, 5], list(range(60, 100))):
+            before = eng.stats()
+            toks = run(collect(eng, ids=p, max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+            ids = torch.tensor([p], device="cuda")
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                              min_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref
+            graphed = eng.stats().mixed_graph_steps - before.mixed_graph_steps
+            assert graphed == (1 if len(p) <= 16 else 0)
+    finally:
+        eng.shutdown()
+        hf.to("cpu")
 
 
 def test_addresses_stable_and_no_capture_after_startup(tiny_llama_dir):

@@ -1,0 +1,89 @@
+"""replica/mixed_graphs.py on CPU: the pieces it captures, run eagerly over its padded static
+buffers, compute what the eager mixed forward computes (prefill chunks and decode rows, every
+captured size, padding rows on the scratch block), and the sizing rule picks the sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica import EngineConfig
+from replica import kernels as K
+from replica.mixed_graphs import MixedGraphs, sizes_up_to
+from replica.models.llama import ModelShape
+from replica.presets import preset_config
+from replica.sizing import mixed_graph_tokens
+from replica.worker import EngineCore
+
+
+def _core():
+    return EngineCore(EngineConfig(model="random:tiny", device="cpu", dtype="float32", max_seq_len=256,
+                                   batch_buckets=(1, 2, 4), block_size=8, engine_process="thread"))
+
+
+def _step(core, q_lens, prefixes, seed):
+    """A mixed step over fresh table rows: chunk c has q_lens[c] tokens after prefixes[c] cached ones
+    (written first by an eager prefill of its own)."""
+    g = torch.Generator().manual_seed(seed)
+    r, bs = core.runner, core.runner.kv.block_size
+    kv_lens = [q + p for q, p in zip(q_lens, prefixes)]
+    rows = list(range(len(q_lens)))
+    next_block = 1                                        # block 0 is scratch
+    for row, n in zip(rows, kv_lens):
+        blocks = -(-n // bs)
+        r.kv.block_tables[row, :blocks] = torch.arange(next_block, next_block + blocks, dtype=torch.int32)
+        next_block += blocks
+    positions = torch.cat([torch.arange(p, p + q) for q, p in zip(q_lens, prefixes)])
+    tok_rows = torch.cat([torch.full((q,), row) for q, row in zip(q_lens, rows)])
+    slots = r.kv.block_tables[tok_rows, positions // bs].long() * bs + positions % bs
+    tokens = torch.randint(0, 250, (len(positions),), generator=g)
+    for row, p in zip(rows, prefixes):                    # the cached prefixes' K/V
+        if p:
+            pos = torch.arange(p)
+            pslots = r.kv.block_tables[row, pos // bs].long() * bs + pos % bs
+            meta = K.PrefillMeta.build([p], [p], [row], "cpu")
+            r.model.forward_mixed(torch.randint(0, 250, (p,), generator=g), pos, pslots, meta, r.kv,
+                                  torch.tensor([p - 1]))
+    meta = K.PrefillMeta.build(q_lens, kv_lens, rows, "cpu")
+    last = torch.cumsum(torch.tensor(q_lens), 0) - 1
+    return tokens, positions, slots, meta, last
+
+
+@pytest.mark.parametrize("q_lens, prefixes", [([1, 1, 5], [9, 3, 0]), ([16], [0]), ([3, 20, 1], [0, 17, 30])])
+def test_pieces_compute_the_eager_mixed_forward(q_lens, prefixes):
+    core = _core()
+    r = core.runner
+    mg = MixedGraphs(r.model, r.kv, 64, use_graphs=True)
+    assert mg.sizes == (16, 32, 64) and mg.fits(8) is None       # nothing captured on CPU
+    with torch.inference_mode():
+        tokens, positions, slots, meta, last = _step(core, q_lens, prefixes, seed=len(q_lens))
+        want = r.model.forward_mixed(tokens, positions, slots, meta, r.kv, last)
+        n = len(tokens)
+        for size in [s for s in mg.sizes if s >= n]:
+            caches = [t.clone() for t in (*r.kv.k, *r.kv.v)]
+            for t in (*r.kv.k, *r.kv.v):
+                t[0] = 0.0                                # scratch block: see what padding writes
+            got = mg.run(size, tokens, positions, slots, meta, last, eager=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(mg.cols[:, n:size], torch.zeros_like(mg.cols[:, n:size]))  # padding
+            for before, after in zip(caches, (*r.kv.k, *r.kv.v)):   # real blocks: the same K/V
+                torch.testing.assert_close(after[1:], before[1:], rtol=1e-5, atol=1e-5)
+            # padding rows (token 0 at position 0) wrote their K/V to slot 0 of the scratch block
+            assert (size > n) == bool(r.kv.k[0][0, :, 0].abs().sum() > 0)
+
+
+def test_sizes_and_the_sizing_rule():
+    assert sizes_up_to(0) == () and sizes_up_to(15) == () and sizes_up_to(100) == (16, 32, 64)
+    shape = lambda n: ModelShape.from_hf_config(preset_config(f"random:{n}", 2048))  # noqa: E731
+    rule = lambda n, **kw: mixed_graph_tokens(EngineConfig(**kw), shape(n).matmul_params,  # noqa: E731
+                                               shape(n).num_layers, cuda=True)
+    assert rule("llama-8b") == 512 and rule("llama-1b") == 2048 and rule("qwen2-7b") == 512
+    assert rule("llama-8b", mixed_graph_tokens=64) == 64 and rule("llama-8b", mixed_graph_tokens=0) == 0
+    assert mixed_graph_tokens(EngineConfig(), shape("llama-8b").matmul_params, 32, cuda=False) == 0
+    s = shape("llama-8b")
+    kept = MixedGraphs.static_bytes(s, 512, 2)
+    assert kept == (512 * (2 * 4096 + 4096) + (16 + 32 + 64 + 128 + 256 + 512) * 4096) * 2
+
+
+def test_cpu_engine_never_takes_the_graph_path():
+    core = _core()
+    assert core.runner.mixed_tokens == 0 and core.runner.mixed.sizes == ()

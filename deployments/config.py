@@ -81,6 +81,9 @@ class AppArgs(BaseModel):
     # Tokens one engine step carries (decode rows + prefill chunks); null: sized from the model
     # on a GPU (a ~50 ms step: llama-8b 2560, llama-1b 16128; replica/sizing.py), 2048 on CPU.
     step_token_budget: Optional[int] = Field(None, ge=1)
+    # Mixed steps of up to this many tokens replay piecewise CUDA graphs; null: sized from the
+    # model (llama-8b 384, llama-1b 1024; replica/sizing.py); 0: always eager.
+    mixed_graph_tokens: Optional[int] = Field(None, ge=0)
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
     seed: int = 0
@@ -182,7 +185,8 @@ class AppArgs(BaseModel):
                             batch_buckets=self.buckets_for_rank(rank), max_seq_len=self.max_seq_len,
                             max_num_seqs=self.max_num_seqs, expected_seq_len=self.expected_seq_len,
                             block_size=self.block_size, enable_prefix_cache=self.enable_prefix_cache,
-                            step_token_budget=self.step_token_budget, fallback=self.fallback,
+                            step_token_budget=self.step_token_budget,
+                            mixed_graph_tokens=self.mixed_graph_tokens, fallback=self.fallback,
                             seed=self.seed, engine_process=self.engine_process)
 
     def replica_capacity(self, gpus: bool = True) -> int:

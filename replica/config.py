@@ -21,6 +21,11 @@ FALLBACKS = ("eager", "queue")
 # costs most (small batches), sparser above. Cut at max_num_seqs, which is always a bucket.
 LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 DEFAULT_BUCKETS = LADDER[:LADDER.index(64) + 1]   # CPU default: (1, 2, 4, ..., 64)
+# Padded token counts the mixed-step piece graphs can be captured at (replica/mixed_graphs.py):
+# powers of two, then steps of 1.5x from 128 up, so a step near the top pads by at most half (a
+# 1088-token llama-1b step padded to 2048 ran 0.75x as fast as eager: up there the GPU, not the
+# host, is the bound). Multiples of 16, so Triton's alignment specialization is the same for all.
+MIXED_LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 MAX_ROWS_CUDA = 512        # decode rows beyond this gain little: the step is past the weights-bound knee
 DEFAULT_CPU_ROWS = 64
 
@@ -70,10 +75,10 @@ class EngineConfig:
     # 2560, llama-1b 16128); on CPU 2048.
     step_token_budget: Optional[int] = None
     # Mixed (prefill + decode) steps of up to this many tokens replay piecewise CUDA graphs
-    # (everything but attention captured at padded sizes 16, 32, ... ; replica/mixed_graphs.py);
+    # (everything but attention captured at the MIXED_LADDER sizes up to it; replica/mixed_graphs.py);
     # larger ones run eagerly. None: sized so that the captured steps are the ones whose launches
-    # would take longer than their GPU work (replica/sizing.py `mixed_graph_tokens`: llama-8b 512,
-    # llama-1b 2048). 0: every mixed step eager. CUDA only.
+    # would take longer than their GPU work (replica/sizing.py `mixed_graph_tokens`: llama-8b 384,
+    # llama-1b 1024). 0: every mixed step eager. CUDA only.
     mixed_graph_tokens: Optional[int] = None
     # Where the step loop runs: "process" (a child process: the GPU loop never waits for the
     # caller's GIL, the setting for servers; the caller then never imports torch), "thread"

@@ -8,7 +8,7 @@ results/mixed_step_probe-h200-2026-11-30.json). Those are the steps a chat turn'
 waits on under light load.
 
 So, as vLLM does with torch.compile's piecewise graphs, everything but attention is captured: for
-each padded token count S (powers of two from 16 up to `max_tokens`), L + 1 graphs over static
+each padded token count S (16, 32, 64, 128, 192, 256, ... up to `max_tokens`), L + 1 graphs over static
 buffers, split at each layer's attention:
 
     graph 0:      residual = embed(tokens); q = qkv(0, norm(residual))      -> q[:S], K/V stored
@@ -37,17 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from replica import kernels as K
-
-MIN_TOKENS = 16
-
+from replica.config import MIXED_LADDER
 
 def sizes_up_to(max_tokens: int) -> tuple[int, ...]:
-    """Padded token counts captured: powers of two from MIN_TOKENS up to max_tokens."""
-    sizes, s = [], MIN_TOKENS
-    while s <= max_tokens:
-        sizes.append(s)
-        s *= 2
-    return tuple(sizes)
+    """Padded token counts captured: the MIXED_LADDER up to max_tokens."""
+    return tuple(s for s in MIXED_LADDER if s <= max_tokens)
 
 
 class MixedGraphs:

@@ -18,11 +18,10 @@ unless `kv_cache_bytes` says otherwise. Every plan is logged with its inputs.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable
 
-from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, ConfigError, EngineConfig, ladder_up_to,
+from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, MIXED_LADDER, ConfigError, EngineConfig, ladder_up_to,
                             round_rows)
 
 log = logging.getLogger("replica")
@@ -51,8 +50,8 @@ def step_budget(c: EngineConfig, matmul_params: int, cuda: bool) -> int:
 # Mixed steps worth a piecewise graph (replica/mixed_graphs.py): those whose matmuls take less GPU
 # time than their eager launches take on the host, ~0.3 ms per layer on an H200 host
 # (results/mixed_step_probe-h200-2026-11-30.json: llama-8b 10 ms of launches over 32 layers, llama-1b
-# 5-6 ms over 16), at ~750 TFLOP/s. Rounded to the nearest power of two, at most MIXED_TOKENS_MAX
-# (captured sizes are powers of two; llama-8b 480 -> 512, llama-1b 1456 -> 2048).
+# 5-6 ms over 16), at ~750 TFLOP/s: the largest MIXED_LADDER size at or below that
+# token count (llama-8b 480 -> 384, llama-1b 1456 -> 1024), at most MIXED_TOKENS_MAX.
 HOST_S_PER_LAYER = 0.3e-3
 GEMM_FLOPS = 750e12
 MIXED_TOKENS_MAX = 2048
@@ -60,15 +59,14 @@ MIXED_TOKENS_MAX = 2048
 
 def mixed_graph_tokens(c: EngineConfig, matmul_params: int, num_layers: int, cuda: bool) -> int:
     """Largest token count of a mixed step that replays graphs: the config's, else (CUDA) the
-    tokens whose matmuls take HOST_S_PER_LAYER x layers, as the nearest power of two, at most
-    MIXED_TOKENS_MAX (0 below the smallest captured size); 0 on CPU (no graphs)."""
+    largest captured size whose matmuls take at most HOST_S_PER_LAYER x layers (0 if none); 0 on
+    CPU (no graphs)."""
     if not cuda:
         return 0
     if c.mixed_graph_tokens is not None:
         return c.mixed_graph_tokens
-    fit = HOST_S_PER_LAYER * num_layers * GEMM_FLOPS / (2 * max(1, matmul_params))
-    tokens = 2 ** round(math.log2(max(fit, 1.0)))
-    return min(MIXED_TOKENS_MAX, tokens) if tokens >= 16 else 0
+    fit = min(MIXED_TOKENS_MAX, HOST_S_PER_LAYER * num_layers * GEMM_FLOPS / (2 * max(1, matmul_params)))
+    return max((s for s in MIXED_LADDER if s <= fit), default=0)
 
 
 @dataclass(frozen=True)

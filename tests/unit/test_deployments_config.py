@@ -55,6 +55,10 @@ def test_one_ladder_and_the_default_ladder_serve_every_rank():
     assert AppArgs().tiers == [None]            # each engine sizes its own ladder from memory
     assert AppArgs().engine_config(3).batch_buckets is None
     assert AppArgs(block_size=32, enable_prefix_cache=False).engine_config(0).block_size == 32
+    assert AppArgs().engine_config(0).mixed_graph_tokens is None          # sized by the engine
+    assert AppArgs(mixed_graph_tokens=0).engine_config(0).mixed_graph_tokens == 0
+    with pytest.raises(ValidationError):
+        AppArgs(mixed_graph_tokens=-1)
 
 
 def test_cpu_cluster_gets_one_cpu_replica_per_tier():

@@ -53,7 +53,8 @@ def replica_delta(before: list[dict], after: list[dict]) -> dict:
                "batch_sizes": {k: v for k, v in sorted(sizes.items()) if v},
                "sequences": sum(k * v for k, v in sizes.items())}
         row["padded_rows"] = _sum(r.get("padded_rows")) - _sum(p.get("padded_rows"))
-        for k in ("prefix_hit_tokens", "prefix_queried_tokens", "mixed_steps", "preemptions", "generated_tokens"):
+        for k in ("prefix_hit_tokens", "prefix_queried_tokens", "mixed_steps", "mixed_graph_steps", "preemptions",
+                  "generated_tokens"):
             row[k] = r.get(k, 0) - p.get(k, 0)
         for k in tot:
             tot[k] += row[k]

@@ -114,11 +114,14 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
               "eager: a batch larger than every captured bucket (bucket = its row count).",
               _t(rate(m.DECODE_STEPS.exported_name, "bucket, path"), "bucket {{bucket}} {{path}}")),
         Panel("Graph-hit (pure decode) and mixed-step share", "graph: replays over pure-decode steps "
-              "(0 on CPU, where decode is eager); mixed: steps that ran prefill chunks eagerly, over all steps.",
+              "(0 on CPU, where decode is eager); mixed: steps that ran prefill chunks, over all steps; "
+              "mixed graphed: mixed steps that replayed piecewise graphs, over mixed steps.",
               (Target(f"({rate(m.DECODE_STEPS.exported_name, flt=GRAPH_PATH_FILTER)} or vector(0)) / "
                       f"{rate(m.DECODE_STEPS.exported_name)}", "graph-hit"),
                Target(f"{rate(m.MIXED_STEPS.exported_name)} / ({rate(m.MIXED_STEPS.exported_name)} + "
-                      f"{rate(m.DECODE_STEPS.exported_name)})", "mixed share")), "percentunit"),
+                      f"{rate(m.DECODE_STEPS.exported_name)})", "mixed share"),
+               Target(f"({rate(m.MIXED_GRAPH_STEPS.exported_name)} or vector(0)) / "
+                      f"{rate(m.MIXED_STEPS.exported_name)}", "mixed graphed")), "percentunit"),
         Panel("Padded rows per step, by bucket", "Rows replayed without a sequence, per decode step.",
               _t(f"{rate(m.PADDED_ROWS.exported_name, 'bucket')} / "
                  f"{rate(m.DECODE_STEPS.exported_name, 'bucket')}", "bucket {{bucket}}")),

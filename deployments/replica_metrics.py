@@ -23,6 +23,7 @@ from router import metrics as catalog
 # Counters exported as deltas of an EngineStats total: (spec, EngineStats attribute)
 TOTALS = ((catalog.GENERATED_TOKENS, "generated_tokens"), (catalog.PROMPT_TOKENS, "prompt_tokens"),
           (catalog.PREFILL_TOKENS, "prefill_tokens"), (catalog.MIXED_STEPS, "mixed_steps"),
+          (catalog.MIXED_GRAPH_STEPS, "mixed_graph_steps"),
           (catalog.MIXED_DECODE_ROWS, "mixed_decode_rows"), (catalog.PREEMPTIONS, "preemptions"),
           (catalog.PREFIX_QUERIED, "prefix_queried_tokens"), (catalog.PREFIX_HITS, "prefix_hit_tokens"))
 

@@ -35,7 +35,10 @@ DECODE_STEPS = MetricSpec("graphserve_decode_steps", "counter",
                           "Pure-decode steps run, by batch bucket and path (graph replay or eager).",
                           ("model", "bucket", "path"))
 MIXED_STEPS = MetricSpec("graphserve_mixed_steps", "counter",
-                         "Steps that ran prefill chunks (with any decode rows) in one eager forward.")
+                         "Steps that ran prefill chunks (with any decode rows) in one forward.")
+MIXED_GRAPH_STEPS = MetricSpec("graphserve_mixed_graph_steps", "counter",
+                               "Mixed steps that replayed piecewise CUDA graphs (small steps; the "
+                               "rest of the mixed steps ran eagerly).")
 PREFILL_TOKENS = MetricSpec("graphserve_prefill_tokens", "counter",
                             "Tokens run in prefill chunks (prompts not served by the prefix cache, "
                             "and recomputes after preemption).")
@@ -76,7 +79,7 @@ ROUTER_DECISIONS = MetricSpec("graphserve_router_decisions", "counter",
                               "(the caller sent no request shape).",
                               ("outcome",))
 
-CATALOG: tuple[MetricSpec, ...] = (DECODE_STEPS, MIXED_STEPS, PADDED_ROWS, TTFT, TPOT, GENERATED_TOKENS,
+CATALOG: tuple[MetricSpec, ...] = (DECODE_STEPS, MIXED_STEPS, MIXED_GRAPH_STEPS, PADDED_ROWS, TTFT, TPOT, GENERATED_TOKENS,
                                    PROMPT_TOKENS, PREFILL_TOKENS, MIXED_DECODE_ROWS, RUNNING_SEQS,
                                    FREE_KV_SLOTS, QUEUED_REQUESTS, KV_BLOCKS_USED, PREFILL_BACKLOG,
                                    PREEMPTIONS, PREFIX_QUERIED, PREFIX_HITS, CAPTURE_SECONDS, GRAPH_BYTES,

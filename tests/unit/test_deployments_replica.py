@@ -125,13 +125,15 @@ def test_metrics_export_counter_deltas_and_gauges():
     s1 = engine.stats()
     metrics.update(s1)
     s2 = s1.__class__(**{**s1.__dict__, "decode_steps": {(2, "eager"): 7, (4, "eager"): 1},
-                         "generated_tokens": 10, "running": 0})
+                         "generated_tokens": 10, "running": 0,
+                         "mixed_steps": s1.mixed_steps + 4, "mixed_graph_steps": s1.mixed_graph_steps + 3})
     metrics.update(s2)
     steps = made[catalog.DECODE_STEPS.name].calls
     assert steps == [("inc", 5, {"bucket": "2", "path": "eager"}),
                      ("inc", 2, {"bucket": "2", "path": "eager"}),
                      ("inc", 1, {"bucket": "4", "path": "eager"})]
     assert made[catalog.GENERATED_TOKENS.name].calls == [("inc", 10, None)]
+    assert made[catalog.MIXED_GRAPH_STEPS.name].calls == [("inc", 3, None)]
     assert made[catalog.RUNNING_SEQS.name].calls[-1] == ("set", 0, None)
     # Startup gauges are refreshed at every update: Ray drops a gauge value nobody sets again.
     assert made[catalog.CAPTURE_SECONDS.name].calls == [("set", 0.0, None)] * 2

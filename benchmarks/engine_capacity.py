@@ -120,7 +120,7 @@ def phase_report(name: str, model: str, recs: list[dict], before, after, wall: f
            "prefill_tokens_per_s_engine": after.prefill_tokens_per_s,
            "prefix_hit_rate": (d("prefix_hit_tokens") / d("prefix_queried_tokens")) if d("prefix_queried_tokens") else None,
            "decode_buckets": {f"{b}:{p}": v for (b, p), v in sorted(decode.items()) if v}}
-    if gemm and bw and model in RF.PRESETS and recs:
+    if gemm and bw and RF.known(model) and recs:
         kv_tokens = (after.total_blocks - 1) * after.block_size
         roof = RF.roofline(model, [(r["prompt"], r["tokens"]) for r in recs], kv_tokens, gemm, bw)
         rep["roofline"] = roof
@@ -292,7 +292,8 @@ def main() -> None:
             rec["configs"].append(run_config(a, name, msl, gemm, bw, budget, full))
             C.write_json(out, finish(rec, a))
             if mi == 0 and li == 0 and a.baseline_tree and cuda and budget.ok(60):
-                rec["baseline_b1"] = baseline_b1(a.baseline_tree, f"random:{model}", 512, 128,
+                source = f"random:{model}" if model in RF.PRESETS else model
+                rec["baseline_b1"] = baseline_b1(a.baseline_tree, source, 512, 128,
                                                  min(120.0, budget.left() - 40))
                 C.log(f"baseline b1: {rec['baseline_b1']}")
     C.write_json(out, finish(rec, a))

@@ -10,12 +10,16 @@ Contract
 - `roofline(name, requests, kv_tokens, F, BW)`: issue 8's T_roof of a set of (prompt, output)
   requests on one GPU; `work_floor(name, requests, F, BW)`: what they cost whatever the schedule
   (every token's matmuls at F + the KV bytes decode attention reads at BW).
-- `name` is a key of `PRESETS`: the engine's `random:<name>` shapes (replica/presets.py), which
-  the HF baselines build too, so both sides read the same bytes per step. No ray; torch only inside the
-  two rate measurements.
+- `name` is a key of `PRESETS` (the engine's `random:<name>` shapes, replica/presets.py, which the
+  HF baselines build too, so both sides read the same bytes per step) or a checkpoint directory,
+  whose config.json gives the same fields (`layout`). No ray; torch only inside the two rate
+  measurements.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 import statistics
 import time
 from typing import Sequence
@@ -47,9 +51,34 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
 
 # ---------------------------------------------------------------- the decode floor
 
+LAYOUT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim")
+
+
+@functools.lru_cache(maxsize=None)
+def layout(name: str) -> dict:
+    """The shape fields the bounds read: a preset's, or a checkpoint directory's config.json."""
+    if name in PRESETS:
+        return PRESETS[name]
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                         "directory with a config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    fields = {k: cfg[k] for k in LAYOUT_FIELDS if cfg.get(k) is not None}
+    fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
+    return fields
+
+
+def known(name: str) -> bool:
+    """Whether `layout(name)` can answer (so a benchmark can report a roofline for it)."""
+    return name in PRESETS or os.path.isfile(os.path.join(name, "config.json"))
+
+
 def weight_bytes(name: str, batch: int, dtype_bytes: int = 2) -> int:
     """Weight bytes one decode step must read (see module docstring)."""
-    p = PRESETS[name]
+    p = layout(name)
     h, i, nl = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
     hd = p.get("head_dim") or h // p["num_attention_heads"]
     q = p["num_attention_heads"] * hd
@@ -62,7 +91,7 @@ def weight_bytes(name: str, batch: int, dtype_bytes: int = 2) -> int:
 
 
 def kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:
-    p = PRESETS[name]
+    p = layout(name)
     hd = p.get("head_dim") or p["hidden_size"] // p["num_attention_heads"]
     return p["num_hidden_layers"] * 2 * p["num_key_value_heads"] * hd * dtype_bytes
 
@@ -102,7 +131,7 @@ def prefill_flops(name: str, prompt_tokens: int, prompts: int) -> float:
     """Matmul FLOPs of prefilling: every layer's weight matrices for every prompt token, the lm_head
     once per prompt (only the last position's logits are needed). Attention FLOPs are left out, as
     in the roofline's definition, which makes the bound conservative for long prompts."""
-    p = PRESETS[name]
+    p = layout(name)
     layers = weight_bytes(name, 0, 1) - p["vocab_size"] * p["hidden_size"] - p["hidden_size"]
     layers -= p["num_hidden_layers"] * 2 * p["hidden_size"]            # norms are not matmuls
     return 2.0 * layers * prompt_tokens + 2.0 * p["vocab_size"] * p["hidden_size"] * prompts

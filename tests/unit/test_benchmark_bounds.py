@@ -38,3 +38,19 @@ def test_the_roofline_undercounts_decode_at_many_rows_and_overcounts_it_at_one()
     assert roof["t_roof_s"] / RF.work_floor("llama-8b", burst, F, BW)["floor_s"] < 0.8
     one = [(300, 300)]                              # R = 1: every step reads all weights
     assert RF.roofline("llama-8b", one, 10**7, F, BW)["t_roof_s"] > RF.work_floor("llama-8b", one, F, BW)["floor_s"]
+
+
+def test_a_checkpoint_directory_has_the_bounds_of_its_config(tmp_path):
+    """A layout given as a checkpoint (its config.json, as HF writes it) reads as the same numbers as
+    the preset of that shape; a directory without a config names the presets."""
+    import json
+
+    fields = {k: v for k, v in RF.PRESETS["qwen2-7b"].items() if k != "model_type"}
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "model_type": "qwen2", "head_dim": None}))
+    ckpt, reqs = str(tmp_path), [(300, 200)] * 40
+    assert RF.known(ckpt) and not RF.known(str(tmp_path / "nothing"))
+    assert RF.weight_bytes(ckpt, 64) == RF.weight_bytes("qwen2-7b", 64)
+    assert RF.kv_bytes_per_token(ckpt) == RF.kv_bytes_per_token("qwen2-7b") == 28 * 2 * 4 * 128 * 2
+    assert RF.roofline(ckpt, reqs, 10**6, F, BW) == RF.roofline("qwen2-7b", reqs, 10**6, F, BW)
+    with pytest.raises(ValueError, match="llama-8b"):
+        RF.layout(str(tmp_path / "nothing"))

@@ -8,8 +8,8 @@ results/mixed_step_probe-h200-2026-11-30.json). Those are the steps a chat turn'
 waits on under light load.
 
 So, as vLLM does with torch.compile's piecewise graphs, everything but attention is captured: for
-each padded token count S (16, 32, 64, 128, 192, 256, ... up to `max_tokens`), L + 1 graphs over static
-buffers, split at each layer's attention:
+each padded token count S (config.MIXED_LADDER up to `max_tokens`: 16, 32, 64, 128, 192, 256,
+384, ...), L + 1 graphs over static buffers, split at each layer's attention:
 
     graph 0:      residual = embed(tokens); q = qkv(0, norm(residual))      -> q[:S], K/V stored
     eager:        a[:n] = attention(q[:n], layer 0, the step's tile map)     (n real tokens)
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from replica import kernels as K
 from replica.config import MIXED_LADDER
+
 
 def sizes_up_to(max_tokens: int) -> tuple[int, ...]:
     """Padded token counts captured: the MIXED_LADDER up to max_tokens."""

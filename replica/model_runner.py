@@ -294,6 +294,7 @@ class ModelRunner:
 
     # -- introspection (tests, stats) -----------------------------------------------------------
     def input_addresses(self) -> list[int]:
-        mixed = [t.data_ptr() for t in (self.mixed.cols, self.mixed.q, self.mixed.a, self.mixed.residual)] \
-            if self.mixed.sizes else []
-        return [self.decode.inputs.data_ptr(), self.decode.logits.data_ptr(), self.out.tokens.data_ptr()] + mixed
+        """Static buffers the graphs read: decode inputs and outputs, and the mixed-step pieces'."""
+        m = self.mixed
+        mixed = [m.cols, m.q, m.a, m.residual] if m.sizes else []
+        return [t.data_ptr() for t in [self.decode.inputs, self.decode.logits, self.out.tokens, *mixed]]

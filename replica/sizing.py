@@ -21,8 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, MIXED_LADDER, ConfigError, EngineConfig, ladder_up_to,
-                            round_rows)
+from replica.config import (DEFAULT_CPU_ROWS, MAX_ROWS_CUDA, MIXED_LADDER, ConfigError, EngineConfig,
+                            ladder_up_to, round_rows)
 
 log = logging.getLogger("replica")
 

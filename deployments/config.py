@@ -84,6 +84,11 @@ class AppArgs(BaseModel):
     # Mixed steps of up to this many tokens replay piecewise CUDA graphs; null: sized from the
     # model (llama-8b 384, llama-1b 1024; replica/sizing.py); 0: always eager.
     mixed_graph_tokens: Optional[int] = Field(None, ge=0)
+    # Fraction of each GPU's memory an engine may hold (weights + graphs + KV pool; vLLM's
+    # gpu_memory_utilization). Lower it when something else shares the GPU.
+    memory_utilization: float = Field(0.90, ge=0.05, le=0.99)
+    # False: no CUDA graphs, every step eager (vLLM's enforce_eager; for debugging, not speed).
+    use_cuda_graphs: bool = True
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
     seed: int = 0
@@ -187,6 +192,7 @@ class AppArgs(BaseModel):
                             block_size=self.block_size, enable_prefix_cache=self.enable_prefix_cache,
                             step_token_budget=self.step_token_budget,
                             mixed_graph_tokens=self.mixed_graph_tokens, fallback=self.fallback,
+                            memory_utilization=self.memory_utilization, use_cuda_graphs=self.use_cuda_graphs,
                             seed=self.seed, engine_process=self.engine_process)
 
     def replica_capacity(self, gpus: bool = True) -> int:

@@ -59,6 +59,12 @@ def test_one_ladder_and_the_default_ladder_serve_every_rank():
     assert AppArgs(mixed_graph_tokens=0).engine_config(0).mixed_graph_tokens == 0
     with pytest.raises(ValidationError):
         AppArgs(mixed_graph_tokens=-1)
+    eng = AppArgs(memory_utilization=0.5, use_cuda_graphs=False).engine_config(0)
+    assert (eng.memory_utilization, eng.use_cuda_graphs) == (0.5, False)
+    assert (AppArgs().engine_config(0).memory_utilization, AppArgs().engine_config(0).use_cuda_graphs) == (0.90, True)
+    for bad in (dict(memory_utilization=1.0), dict(memory_utilization=0.0), dict(use_cuda_graphs="sometimes")):
+        with pytest.raises(ValidationError):
+            AppArgs(**bad)
 
 
 def test_cpu_cluster_gets_one_cpu_replica_per_tier():

@@ -46,9 +46,10 @@ def sizes_up_to(max_tokens: int) -> tuple[int, ...]:
 
 
 class MixedGraphs:
-    def __init__(self, model, kv, max_tokens: int, use_graphs: bool):
+    def __init__(self, model, kv, max_tokens: int):
+        """`max_tokens` 0 (CPU, graphs off, or configured so): no sizes, nothing captured."""
         self.model, self.kv = model, kv
-        self.sizes = sizes_up_to(max_tokens) if use_graphs else ()
+        self.sizes = sizes_up_to(max_tokens)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0

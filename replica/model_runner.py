@@ -105,7 +105,7 @@ class ModelRunner:
                                table_rows, c.max_seq_len, self.dtype, self.device)
         self.decode = DecodeStep(self.model, self.kv, self.tables, self.out, self.out.tokens.shape[0])
         self.graphs = DecodeGraphs(self.decode, plan.buckets, c.use_cuda_graphs)
-        self.mixed = MixedGraphs(self.model, self.kv, self.mixed_tokens, c.use_cuda_graphs)
+        self.mixed = MixedGraphs(self.model, self.kv, self.mixed_tokens)
         size_s = time.perf_counter() - t0
         with torch.inference_mode():
             self.graphs.capture_all(self._fill_padding, log=log.info, also=self.mixed.capture)

@@ -52,7 +52,7 @@ def _step(core, q_lens, prefixes, seed):
 def test_pieces_compute_the_eager_mixed_forward(q_lens, prefixes):
     core = _core()
     r = core.runner
-    mg = MixedGraphs(r.model, r.kv, 64, use_graphs=True)
+    mg = MixedGraphs(r.model, r.kv, 64)
     assert mg.sizes == (16, 32, 64) and mg.fits(8) is None       # nothing captured on CPU
     with torch.inference_mode():
         tokens, positions, slots, meta, last = _step(core, q_lens, prefixes, seed=len(q_lens))
@@ -120,7 +120,7 @@ def test_the_runner_through_the_pieces_matches_hf(tiny_llama_dir):
                               batch_buckets=(1, 2, 4, 8), step_token_budget=24, engine_process="thread"))
     try:
         r = eng.core.runner
-        r.mixed = _EagerPieces(r.model, r.kv, 16, use_graphs=True)          # sizes (16,)
+        r.mixed = _EagerPieces(r.model, r.kv, 16)          # sizes (16,)
         shared = list(range(30, 62))                                        # 4 blocks of 8
         waves = [[shared + [5, 6], shared + list(range(100, 120))],          # 24-token steps: eager
                  [[3, 1, 4], [9] * 7, shared + [7, 8, 9]]]                  # small (cached prefix)

@@ -62,7 +62,8 @@ class EngineConfig:
     # KV pool budget in bytes. None: on CUDA, `memory_utilization` of the card minus weights,
     # measured activation/graph memory and sampler tables; on CPU, max_num_seqs full sequences.
     kv_cache_bytes: Optional[int] = None
-    # Fraction of the GPU's total memory the engine may hold (weights + graphs + KV pool).
+    # Fraction of the GPU's total memory this engine may hold (weights + graphs + KV pool), counted
+    # from what it allocates itself: two engines at 0.45 share one GPU (vLLM's gpu_memory_utilization).
     memory_utilization: float = 0.90
     # A decode batch larger than the largest captured bucket: "eager" runs it without a graph
     # (counted as a fallback step); "queue" never runs it, extra requests wait for a free row.

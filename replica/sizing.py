@@ -6,7 +6,10 @@ CUDA (`plan_cuda`), after the weights are loaded:
 2. activation: the peak extra memory of one full-mode decode step at those rows plus one mixed
    forward of the step token budget, measured eagerly against a two-block probe cache (it
    bounds the graph pool and the mixed step's transient tensors); reserved x1.2 + 64 MiB;
-3. blocks: `kv_cache_bytes`, else memory_utilization x total - memory in use - the reserve;
+3. blocks: `kv_cache_bytes`, else memory_utilization x total - what this engine holds - the
+   reserve, never more than is free (vLLM's gpu_memory_utilization: a share of the card per engine,
+   so two engines at 0.45 share one GPU whichever starts first; memory other processes held when
+   the CUDA context came up is theirs, not ours);
 4. rows again: never more than the pool holds at `expected_seq_len` (unless max_num_seqs was given);
 5. buckets: `batch_buckets`, else the ladder up to rows.
 The step token budget (`step_budget`, both devices): `step_token_budget` if given; else on CUDA
@@ -102,14 +105,21 @@ def rows_guess(c: EngineConfig, budget_bytes: int, bytes_per_token: int) -> int:
     return max(1, min(MAX_ROWS_CUDA, round_rows(fit)))
 
 
-def plan_cuda(c: EngineConfig, total: int, in_use: int, activation_bytes: int,
+def share_left(c: EngineConfig, total: int, free: int, own: int) -> int:
+    """Bytes this engine may still allocate: its share of the card (`memory_utilization` x total)
+    less what it already holds (`own`), and never more than is free now."""
+    return min(int(total * c.memory_utilization) - own, free)
+
+
+def plan_cuda(c: EngineConfig, total: int, free: int, own: int, activation_bytes: int,
               bytes_per_block: int, probed_rows: int) -> MemoryPlan:
-    """Steps 3-5, given the measured activation peak at `probed_rows`."""
+    """Steps 3-5, given the measured activation peak at `probed_rows`; `own` is the memory this
+    engine holds now (weights, sampler tables), `free` the card's free memory."""
     reserve = int(activation_bytes * 1.2) + (64 << 20)
     if c.kv_cache_bytes is not None:
         budget = c.kv_cache_bytes
     else:
-        budget = int(total * c.memory_utilization) - in_use - reserve
+        budget = share_left(c, total, free, own) - reserve
     blocks = budget // bytes_per_block + 1
     _check_blocks(c, blocks, bytes_per_block)
     rows = probed_rows

@@ -224,3 +224,25 @@ def test_every_kernel_selfcheck_on_the_device(dtype):
     results = selfcheck.run("cuda", dtype)
     assert results and all(v == "ok" for v in results.values()), \
         {k: v for k, v in results.items() if v != "ok"}
+
+
+def test_two_engines_share_one_gpu_by_memory_utilization():
+    """Two engine processes at memory_utilization 0.3 (two replicas on one GPU, num_gpus 0.5): the
+    second sizes its pool from its own share, not from what the first holds, and both serve."""
+    total = torch.cuda.mem_get_info()[1]
+    cfg = dict(model="random:llama-1b", device="cuda", dtype="bfloat16", max_seq_len=256, memory_utilization=0.3,
+               engine_process="process")
+    first = Engine(EngineConfig(**cfg))
+    try:
+        second = Engine(EngineConfig(**cfg))
+        try:
+            pools = [e.stats().kv_cache_bytes for e in (first, second)]
+            assert all(0.2 * total < p <= 0.3 * total for p in pools), (pools, total)
+            assert abs(pools[0] - pools[1]) < 0.02 * total
+            for e in (first, second):
+                tokens, _, _ = run(collect(e, ids=[1, 2, 3], max_tokens=4, ignore_eos=True))
+                assert len(tokens) == 4
+        finally:
+            second.shutdown()
+    finally:
+        first.shutdown()

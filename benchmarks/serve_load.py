@@ -84,6 +84,9 @@ def parse_args(argv=None):
     ap.add_argument("--burst-scale", type=float, default=1.0, help="multiplies every burst's job counts")
     ap.add_argument("--capacity", default="", help="pin capacities, e.g. mix=20000,heavy=12000 (tokens/s)")
     ap.add_argument("--num-replicas", type=int, default=2)
+    ap.add_argument("--gpus-per-replica", type=float, default=None,
+                    help="e.g. 0.5 with --num-replicas 4 on 2 GPUs (pair with --memory-utilization 0.45)")
+    ap.add_argument("--memory-utilization", type=float, default=None, help="each replica's share of its GPU")
     ap.add_argument("--ingress-replicas", type=int, default=None,
                     help="AppArgs ingress_replicas (default: the app's, one per GPU replica; each "
                          "ingress runs its own router, and ours is told the count)")
@@ -119,6 +122,8 @@ def plan(a) -> list[str]:
 def app_args(a, router: str) -> dict:
     return {"model": a.model, "max_seq_len": a.max_seq_len, "num_replicas": a.num_replicas,
             "ingress_replicas": a.ingress_replicas, "block_size": a.block_size, **LAYOUTS[a.layout],
+            **({"num_gpus_per_replica": a.gpus_per_replica} if a.gpus_per_replica is not None else {}),
+            **({"memory_utilization": a.memory_utilization} if a.memory_utilization is not None else {}),
             "router": {"request_router_class": ROUTERS[router],
                        "request_routing_stats_period_s": a.stats_period_s}}
 

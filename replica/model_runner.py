@@ -80,8 +80,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.empty(1, device=self.device)          # creates the context here, timed
-            # what others hold (and our context) is not ours to size against: sizing.share_left
-            self._free_at_init = torch.cuda.mem_get_info(self.device)[0]
         init_s = time.perf_counter() - t0
         self.dtype = resolve_dtype(c.dtype, self.device)
         t0 = time.perf_counter()
@@ -142,7 +140,7 @@ class ModelRunner:
             return plan, plan.rows
         free, total = torch.cuda.mem_get_info(self.device)
         per_token = bytes_per_block // c.block_size
-        budget0 = sizing.share_left(c, total, free, max(0, self._free_at_init - free))
+        budget0 = sizing.share_left(c, total, free, self._own_bytes())
         rows = sizing.rows_guess(c, budget0, per_token)
         width = max(rows, c.batch_buckets[-1] if c.batch_buckets else 0)
         self._alloc_row_state(width)
@@ -150,9 +148,13 @@ class ModelRunner:
             self.model.shape, self.mixed_tokens, self.model.embed.element_size())
         torch.cuda.empty_cache()             # the probe's buffers are gone: let mem_get_info see it
         free, total = torch.cuda.mem_get_info(self.device)
-        plan = sizing.plan_cuda(c, total, free, max(0, self._free_at_init - free), activation,
-                                bytes_per_block, rows)
+        plan = sizing.plan_cuda(c, total, free, self._own_bytes(), activation, bytes_per_block, rows)
         return plan, rows
+
+    def _own_bytes(self) -> int:
+        """What this process's allocator holds: per process, so engines that start together on
+        one GPU do not count each other's weights (free memory would)."""
+        return torch.cuda.memory_reserved(self.device)
 
     def _alloc_row_state(self, width: int) -> None:
         self.tables = SamplingTables(width, self.vocab_size, self.device)

@@ -8,8 +8,8 @@ CUDA (`plan_cuda`), after the weights are loaded:
    bounds the graph pool and the mixed step's transient tensors); reserved x1.2 + 64 MiB;
 3. blocks: `kv_cache_bytes`, else memory_utilization x total - what this engine holds - the
    reserve, never more than is free (vLLM's gpu_memory_utilization: a share of the card per engine,
-   so two engines at 0.45 share one GPU whichever starts first; memory other processes held when
-   the CUDA context came up is theirs, not ours);
+   so two engines at 0.45 share one GPU whichever starts first; what the engine holds is its
+   process's allocator, so memory of other processes is theirs, not ours);
 4. rows again: never more than the pool holds at `expected_seq_len` (unless max_num_seqs was given);
 5. buckets: `batch_buckets`, else the ladder up to rows.
 The step token budget (`step_budget`, both devices): `step_token_budget` if given; else on CUDA

@@ -175,3 +175,28 @@ def test_bootstrap_interval_holds_the_ratio_and_narrows_with_samples():
     slower = bootstrap_ratio([2 * x for x in many_o], many_d, 50, rounds=300)
     assert 1.6 < slower["lo"] <= slower["hi"] < 2.5          # a real 2x difference shows as one
     assert bootstrap_ratio([], many_d, 50) is None and bootstrap_ratio(many_o, [], 50) is None
+
+
+def test_phase_bootstrap_sees_one_outlier_phase_that_request_resampling_hides():
+    """Six phases of 400 requests each from one distribution for both routers, except that one of
+    ours has a slow tail (its replicas' state, shared by its requests). Resampling requests gives a
+    narrow interval away from 1; resampling whole phases gives one that holds 1. A 2x slowdown in
+    every phase is still told apart; no shared phase gives None."""
+    from benchmarks.serve_spread import bootstrap_ratio, bootstrap_ratio_by_phase
+    import random
+    rng = random.Random(2)
+    draw = lambda scale=1.0: [scale * rng.expovariate(1 / 60) for _ in range(400)]  # noqa: E731
+    keys = [f"chat/s{s}/{k}" for s in range(3) for k in ("lo", "hi")]
+    default = {k: draw() for k in keys}
+    ours = {k: draw() for k in keys}
+    ours[keys[2]] = ours[keys[2]][:380] + [x * 8 for x in ours[keys[2]][380:]]   # one phase's tail
+    pooled = lambda by: [x for v in by.values() for x in v]  # noqa: E731
+    by_request = bootstrap_ratio(pooled(ours), pooled(default), 99, rounds=300)
+    by_phase = bootstrap_ratio_by_phase(ours, default, 99, rounds=300)
+    assert by_phase["ratio"] == pytest.approx(by_request["ratio"]) and by_phase["phases"] == 6
+    assert by_request["lo"] > 1.0                              # requests: "ours is worse"
+    assert by_phase["lo"] <= 1.0 < by_phase["hi"]              # phases: cannot tell
+    assert by_phase["hi"] - by_phase["lo"] > by_request["hi"] - by_request["lo"]
+    slower = bootstrap_ratio_by_phase({k: [2 * x for x in v] for k, v in default.items()}, default, 50, rounds=300)
+    assert slower["lo"] == pytest.approx(2.0) == slower["hi"]   # paired: the same phases, 2x each
+    assert bootstrap_ratio_by_phase({"a": [1.0]}, {"b": [1.0]}, 50) is None

@@ -31,6 +31,7 @@ it before 9.5 minutes either way.
 
   . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-ladder.json
   . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-tiers.json
+  . .gpubundle/activate && python benchmarks/serve_load.py --num-replicas 4 --gpus-per-replica 0.5 --memory-utilization 0.45 --traces chat,chat-long --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-4rep.json   # two replicas per GPU, ~5 min
   python benchmarks/serve_load.py --device cpu --port 8123            # CPU smoke, ~1.5 min, numbers mean nothing
 """
 from __future__ import annotations

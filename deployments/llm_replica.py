@@ -50,8 +50,9 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def routing_stats(s: Any) -> ReplicaStats:
-    """What the router reads (router/stats.py) from an engine's `EngineStats`."""
+def routing_stats(s: Any, device: str = "") -> ReplicaStats:
+    """What the router reads (router/stats.py) from an engine's `EngineStats`; `device` names the
+    GPU the replica runs on (`device_key`)."""
     return ReplicaStats(captured_buckets=tuple(s.captured_buckets), max_seq_len=s.max_seq_len,
                         max_num_seqs=s.max_num_seqs, running=s.running, free_slots=s.free_slots,
                         queued=s.queued, graphs=s.graphs, fallback=s.fallback, block_size=s.block_size,
@@ -59,7 +60,14 @@ def routing_stats(s: Any) -> ReplicaStats:
                         prefill_backlog_tokens=s.prefill_backlog_tokens, decode_rows=s.decode_rows,
                         prefill_tokens_per_s=s.prefill_tokens_per_s, decode_step_s=dict(s.decode_step_s),
                         mean_output_tokens=s.mean_output_tokens, min_remaining_steps=s.min_remaining_steps,
-                        prefix_hashes=tuple(s.prefix_hashes or ()))
+                        prefix_hashes=tuple(s.prefix_hashes or ()), device=device)
+
+
+def device_key() -> str:
+    """"<node id>:<gpu ids>" of this replica's GPUs; "" without GPUs. Replicas at num_gpus < 1
+    that share a GPU publish the same key."""
+    gpus = _gpu_ids()
+    return f"{ray.get_runtime_context().get_node_id()}:{','.join(sorted(gpus))}" if gpus else ""
 
 
 def _gpu_ids() -> list[str]:
@@ -73,6 +81,7 @@ class LLMReplica:
         ctx = serve.get_replica_context()
         self._rank = ctx.rank.rank
         self._replica = ctx.replica_tag
+        self._device = device_key()
         config = args.engine_config(self._rank)
         started = time.perf_counter()
         self._engine = _import(args.engine_class)(config)   # loads, captures, starts the step loop
@@ -90,7 +99,7 @@ class LLMReplica:
 
     # -- Serve hooks ----------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:
-        return routing_stats(self._engine.stats()).to_dict()
+        return routing_stats(self._engine.stats(), self._device).to_dict()
 
     def check_health(self) -> None:
         self._engine.check_health()

@@ -14,6 +14,7 @@ the formula with the source of every input.
     t_first = max(backlog / rate, wait) + (prompt_tokens - cached) / rate
     t_last  = t_first + decode_steps * step(min(rows, row_limit))
     score   = t_last + FIRST_TOKEN_WEIGHT / n * t_first
+    (replicas that share a GPU: t_first adds their queued prefill seconds, each step their step)
 
 Pure arithmetic on plain numbers: no Ray, no torch, no clock. It never raises for usable stats
 (`policy.is_usable`) and a hint from `coerce_hint`, whatever the version-2 fields hold (NaN,
@@ -80,10 +81,33 @@ class Estimate(NamedTuple):
         return self.bucket - self.rows if self.bucket is not None else 0
 
 
+class Shared(NamedTuple):
+    """What the other replicas on this replica's GPU hold (they time-share it, `ReplicaStats.device`):
+    the seconds of prefill queued there, and the seconds their decode steps add to each of ours."""
+    prefill_s: float = 0.0
+    step_s: float = 0.0
+
+
+NO_SHARED = Shared()
+_NOTHING_NEW = Batch(1, 0, 0, (), 1)   # a probe batch: one row, no prompt, no decode
+
+
+def device_load(stats: ReplicaStats, ahead: Outstanding = Outstanding(), prior: Prior = NO_PRIOR,
+                age_s: float = 0.0) -> Shared:
+    """What this replica puts on its GPU for a neighbour's estimate: the seconds until its queued
+    prefill is done (or a row frees), and its decode step at the rows it holds (0 when none)."""
+    e = estimate(_NOTHING_NEW, stats, ahead, prior, age_s=age_s)
+    held = e.rows - 1
+    return Shared(e.first_token_s, step_time(stats, held, prior)[0] if held > 0 else 0.0)
+
+
 def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding(),
-             prior: Prior = NO_PRIOR, recent: Container[int] = (), age_s: float = 0.0) -> Estimate:
+             prior: Prior = NO_PRIOR, recent: Container[int] = (), age_s: float = 0.0,
+             shared: Shared = NO_SHARED) -> Estimate:
     """The batch's first- and last-token times on this replica (see the module docstring);
-    `age_s`: how old the stats are (it shortens the published time to the first free row)."""
+    `age_s`: how old the stats are (it shortens the published time to the first free row);
+    `shared`: the load of replicas on the same GPU, whose prefill runs before ours and whose
+    steps interleave with ours."""
     own = batch.prompt_tokens - cached_tokens(batch, stats, recent)
     rate = prefill_rate(stats, prior)
     shown = _int(stats.running) + _int(stats.queued)
@@ -101,8 +125,8 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     if waves == 1 and not _admits_now(batch, stats, ahead, own):
         waves = 2
     wait = wait_steps(batch, stats, total - cap, waves, _num(age_s) / step) * step
-    first = max(backlog / rate, wait) + own / rate
-    return Estimate(first, first + batch.decode_steps * step, rows, bucket, waves, own)
+    first = max(backlog / rate + _num(shared.prefill_s), wait) + own / rate
+    return Estimate(first, first + batch.decode_steps * (step + _num(shared.step_s)), rows, bucket, waves, own)
 
 
 def queued_prefill(pending: float, ahead: Outstanding, rate: float, age_s: float) -> float:

@@ -17,7 +17,7 @@ import random
 from typing import Any, Container, Hashable, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 from router.buckets import validate_buckets
-from router.estimate import Estimate, estimate, fleet_prior, score
+from router.estimate import NO_SHARED, Estimate, Shared, device_load, estimate, fleet_prior, score
 from router.hint import batch_of, coerce_hint  # noqa: F401 (coerce_hint: part of this API)
 from router.inflight import Outstanding
 from router.stats import ReplicaStats, RoutingHint
@@ -132,6 +132,7 @@ def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], wor
     short for the batch, and the estimates."""
     batch = batch_of(hint)
     prior = fleet_prior(candidates[i][1] for i in usable)
+    shared = _shared_by_device(candidates, usable, work, prior, now)
     ests: dict[int, Estimate] = {}
     scored, too_short = [], []
     for i in usable:
@@ -140,9 +141,29 @@ def _by_estimate(hint: RoutingHint, candidates: Sequence, usable: list[int], wor
             too_short.append(i)
             continue
         ests[i] = estimate(batch, stats, work(i), prior, recent.get(key) or (),
-                           age_s=max(now - stats.timestamp, 0.0))
+                           age_s=max(now - stats.timestamp, 0.0), shared=shared.get(i, NO_SHARED))
         scored.append((score(ests[i], batch), draws[i], i))
     return _resolve_near_ties(scored, ests), too_short, ests
+
+
+def _shared_by_device(candidates: Sequence, usable: list[int], work, prior, now: float) -> dict[int, Shared]:
+    """Per usable candidate that shares its GPU with other usable ones (the same non-empty
+    `device`), the sum of their `device_load`; replicas alone on a GPU get nothing."""
+    groups: dict[str, list[int]] = {}
+    for i in usable:
+        dev = candidates[i][1].device
+        if dev:
+            groups.setdefault(dev, []).append(i)
+    out: dict[int, Shared] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        loads = {j: device_load(candidates[j][1], work(j), prior, max(now - candidates[j][1].timestamp, 0.0))
+                 for j in members}
+        for i in members:
+            others = [loads[j] for j in members if j != i]
+            out[i] = Shared(sum(o.prefill_s for o in others), sum(o.step_s for o in others))
+    return out
 
 
 def _resolve_near_ties(scored: list[tuple[float, float, int]],

@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any, Mapping, Optional
 
 MAX_PREFIX_HASHES = 4096   # bound on a replica's published prefix summary
+MAX_DEVICE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ReplicaStats:
     mean_output_tokens: float = 0.0     # finished sequences' output tokens (moving average; 0: none yet)
     min_remaining_steps: int = 0        # decode steps until its first running sequence ends (0: none)
     prefix_hashes: tuple[int, ...] = () # cached prefix hashes at summary depths (bounded)
+    # The GPU(s) it runs on, "<node id>:<gpu ids>" ("": unknown or CPU). Replicas publishing the
+    # same value time-share one device (num_gpus < 1), and the estimate charges each the others' work.
+    device: str = ""
 
     @cached_property
     def prefix_set(self) -> frozenset[int]:
@@ -97,6 +101,7 @@ class ReplicaStats:
                 mean_output_tokens=float(d.get("mean_output_tokens", 0.0)),
                 min_remaining_steps=int(d.get("min_remaining_steps", 0)),
                 prefix_hashes=tuple(int(h) for h in list(d.get("prefix_hashes") or ())[:MAX_PREFIX_HASHES]),
+                device=str(d.get("device") or "")[:MAX_DEVICE_CHARS],
             )
         except (KeyError, TypeError, ValueError):
             return None

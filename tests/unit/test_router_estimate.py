@@ -232,3 +232,18 @@ def test_degenerate_stats_give_finite_estimates(kw):
 
 def test_prior_of_nothing():
     assert fleet_prior([]) == NO_PRIOR
+
+
+def test_a_gpu_neighbours_queue_comes_first_and_its_steps_interleave():
+    """`shared` (replicas on the same GPU): their queued prefill seconds delay the first token, and
+    their step adds to each decode step; device_load reads both off a neighbour's stats."""
+    from router.estimate import Shared, device_load
+    s = measured()
+    b = batch_of(job([tokens(5, 100)], max_tokens=11))
+    alone, beside = estimate(b, s), estimate(b, s, shared=Shared(prefill_s=0.5, step_s=0.02))
+    assert beside.first_token_s == pytest.approx(alone.first_token_s + 0.5)
+    assert beside.last_token_s - beside.first_token_s == pytest.approx(10 * (0.010 + 0.02))
+    busy = measured(running=4, decode_rows=4, free_slots=60, prefill_backlog_tokens=5_000)
+    load = device_load(busy)
+    assert load.prefill_s == pytest.approx(5_000 / 10_000) and load.step_s == pytest.approx(0.012)
+    assert device_load(measured()) == Shared(0.0, 0.0)

@@ -333,3 +333,46 @@ def test_without_hint_rank_by_load_only():
              ("mid", stats((16, 32), running=3))]
     r = rank(None, cands)
     assert r.outcome == NO_HINT and r.tiers == [["idle"], ["mid"], ["busy"], ["unknown"]]
+
+
+# --- replicas that share a GPU (num_gpus < 1) ------------------------------------------------------
+
+def test_an_idle_replica_loses_to_one_alone_when_its_gpu_neighbour_is_busy():
+    """Four replicas on two GPUs: "a" is idle but shares GPU 0 with "b" (200 rows decoding and a
+    40k-token prefill queue); "c" and "d" share GPU 1 and are idle. Without device keys "a" and
+    "c" look the same; with them, "a" pays its neighbour's queue and steps, and loses to "c" and "d"
+    (and even to "b": a row in b's batch costs less than a step of its own between b's steps)."""
+    h = job([tokens(1, 256)], max_tokens=128)
+    busy = dict(running=200, decode_rows=200, prefill_backlog_tokens=40_000)
+    blind = [("a", paged(LADDER)), ("b", paged(LADDER, **busy)), ("c", paged(LADDER)), ("d", paged(LADDER))]
+    seen = [(k, paged(LADDER, device=dev, **(busy if k == "b" else {})))
+            for k, dev in (("a", "n:0"), ("b", "n:0"), ("c", "n:1"), ("d", "n:1"))]
+    sb, ss = scores(rank(h, blind), h), scores(rank(h, seen), h)
+    assert sb["a"] == pytest.approx(sb["c"])                        # blind: a and c are equal
+    r = rank(h, seen)
+    assert [t[0] for t in r.tiers] in (["c", "d", "b", "a"], ["d", "c", "b", "a"])
+    assert r.estimates["a"].first_token_s >= 40_000 / 40_000          # b's queue runs first on GPU 0
+    assert ss["a"] > sb["a"] + 128 * STEPS[64] * 0.9                  # and b's steps interleave with a's
+    assert ss["c"] == pytest.approx(sb["c"])                          # idle neighbours cost nothing
+
+
+def test_a_replica_alone_on_its_gpu_is_estimated_as_before():
+    """Distinct device keys (one replica per GPU, the default) change no estimate."""
+    h = job([tokens(2, 512), tokens(3, 512)], max_tokens=64)
+    plain = [("x", paged(LADDER, running=30, decode_rows=30, prefill_backlog_tokens=5_000)), ("y", paged(LADDER))]
+    keyed = [(k, paged(LADDER, device=f"n:{i}", **({"running": 30, "decode_rows": 30,
+                                                      "prefill_backlog_tokens": 5_000} if k == "x" else {})))
+             for i, k in enumerate(("x", "y"))]
+    assert scores(rank(h, plain), h) == pytest.approx(scores(rank(h, keyed), h))
+
+
+def test_this_routers_sends_to_a_neighbour_count_before_its_stats_show_them():
+    """A burst at t=0: every replica idle in its stats. What this router already sent to "b" (on
+    GPU 0 with "a") makes "a" worse than the replicas of GPU 1, so the burst spreads over GPUs."""
+    h = job([tokens(4, 512)] * 8, max_tokens=128)
+    cands = [(k, paged(LADDER, device=dev)) for k, dev in (("a", "n:0"), ("b", "n:0"), ("c", "n:1"), ("d", "n:1"))]
+    sent = {"b": Outstanding(sequences=64, recent_sequences=64, recent_prompt_tokens=64 * 512)}
+    r = rank(h, cands, outstanding=sent)
+    assert {r.tiers[0][0], r.tiers[1][0]} == {"c", "d"} and {r.tiers[2][0], r.tiers[3][0]} == {"a", "b"}
+    blind = rank(h, [(k, paged(LADDER)) for k, _ in cands], outstanding=sent)
+    assert blind.tiers[-1] == ["b"]                               # blind, "a" is as good as c and d

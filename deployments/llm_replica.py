@@ -125,7 +125,8 @@ class LLMReplica:
     def counters(self) -> dict[str, Any]:
         """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""
         s = self._engine.stats()
-        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(), "pid": os.getpid(),
+        return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(), "device": self._device,
+                "pid": os.getpid(),
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],

@@ -74,6 +74,8 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
     replicas = wait_for(both_replicas, 60, "both LLMReplica replicas (one per fake GPU) to be up")
     assert all(r["captured_buckets"] == ladder for r in replicas)
     assert sorted(r["gpu_ids"][0] for r in replicas) == ["0", "1"]
+    # one GPU each: distinct device keys, so the router charges neither for the other's work
+    assert sorted(r["device"].rsplit(":", 1)[1] for r in replicas) == ["0", "1"]
     ingress = serve.get_deployment_handle("OpenAIIngress", APP_NAME)   # one per GPU replica, by default
     wait_for(lambda: len({r["pid"] for r in ingress.broadcast("counters").results()}) == 2, 60,
              "two OpenAIIngress replicas (the default on two GPUs) to be up")

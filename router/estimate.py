@@ -89,16 +89,28 @@ class Shared(NamedTuple):
 
 
 NO_SHARED = Shared()
-_NOTHING_NEW = Batch(1, 0, 0, (), 1)   # a probe batch: one row, no prompt, no decode
 
 
 def device_load(stats: ReplicaStats, ahead: Outstanding = Outstanding(), prior: Prior = NO_PRIOR,
                 age_s: float = 0.0) -> Shared:
-    """What this replica puts on its GPU for a neighbour's estimate: the seconds until its queued
-    prefill is done (or a row frees), and its decode step at the rows it holds (0 when none)."""
-    e = estimate(_NOTHING_NEW, stats, ahead, prior, age_s=age_s)
-    held = e.rows - 1
-    return Shared(e.first_token_s, step_time(stats, held, prior)[0] if held > 0 else 0.0)
+    """What this replica puts on its GPU for a neighbour's estimate: the seconds its queued
+    prefill takes, and its decode step at the rows it holds (0 when none)."""
+    rate = prefill_rate(stats, prior)
+    held, backlog = _held_and_backlog(stats, ahead, rate, age_s)
+    rows = min(held, row_limit(stats))
+    return Shared(backlog / rate, step_time(stats, rows, prior)[0] if rows > 0 else 0.0)
+
+
+def _held_and_backlog(stats: ReplicaStats, ahead: Outstanding, rate: float, age_s: float) -> tuple[int, float]:
+    """Sequences the replica holds now (its stats less those seen finishing, plus what this router
+    sent since) and the prompt tokens queued for prefill there now."""
+    shown = _int(stats.running) + _int(stats.queued)
+    published = max(shown - _int(ahead.finished_sequences), 0)
+    pending = _num(stats.prefill_backlog_tokens)
+    if shown:   # the backlog of sequences seen finishing since the stats is gone: pro rata
+        pending *= published / shown
+    held = max(published + _int(ahead.recent_sequences), _int(ahead.sequences))
+    return held, queued_prefill(pending, ahead, rate, _num(age_s))
 
 
 def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding(),
@@ -110,13 +122,7 @@ def estimate(batch: Batch, stats: ReplicaStats, ahead: Outstanding = Outstanding
     steps interleave with ours."""
     own = batch.prompt_tokens - cached_tokens(batch, stats, recent)
     rate = prefill_rate(stats, prior)
-    shown = _int(stats.running) + _int(stats.queued)
-    published = max(shown - _int(ahead.finished_sequences), 0)
-    pending = _num(stats.prefill_backlog_tokens)
-    if shown:   # the backlog of sequences seen finishing since the stats is gone: pro rata
-        pending *= published / shown
-    backlog = queued_prefill(pending, ahead, rate, _num(age_s))
-    held = max(published + _int(ahead.recent_sequences), _int(ahead.sequences))
+    held, backlog = _held_and_backlog(stats, ahead, rate, age_s)
     total = min(held + batch.sequences, MAX_COUNT)
     cap = row_limit(stats)
     rows = min(total, cap)

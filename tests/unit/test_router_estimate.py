@@ -247,3 +247,5 @@ def test_a_gpu_neighbours_queue_comes_first_and_its_steps_interleave():
     load = device_load(busy)
     assert load.prefill_s == pytest.approx(5_000 / 10_000) and load.step_s == pytest.approx(0.012)
     assert device_load(measured()) == Shared(0.0, 0.0)
+    full = device_load(measured(running=64, decode_rows=64, free_slots=0))   # rows full, no prefill queued
+    assert full.prefill_s == 0.0 and full.step_s > 0.012       # its wait for a row is not GPU time

@@ -77,6 +77,29 @@ def test_a_burst_of_one_prompt_requests_spreads_prompt_tokens():
     assert all(abs(toks[n] - 20_500) <= 4_000 for n in "AB"), toks
 
 
+@pytest.mark.parametrize("keyed", [True, False])
+def test_a_burst_over_two_replicas_per_gpu_fills_one_replica_on_each_gpu(keyed):
+    """Four idle replicas, two per GPU (the 4-replica run on 2x H200), a mix-like burst: batch jobs
+    of 8-64 prompts among one-prompt requests. With device keys a row in the GPU's running batch
+    costs less than a step of its own between that batch's steps, so each GPU's work goes to one
+    of its replicas and the GPUs split it about evenly; without keys all four replicas get work."""
+    hints = [job([tokens(100 * j + i, 400) for i in range(n)], max_tokens=128)
+             for j, n in enumerate([8, 64, 16, 32, 48, 8, 24, 64])]
+    hints += [job([tokens(10_000 + i, 300)], max_tokens=128) for i in range(40)]
+    gpu = {"A": "n:0", "B": "n:0", "C": "n:1", "D": "n:1"}
+    chosen = route_burst([replica(k, paged(device=dev if keyed else "")) for k, dev in gpu.items()], hints)
+    per_replica, per_gpu = Counter(), Counter()
+    for h, name in zip(hints, chosen):
+        per_replica[name] += h.num_sequences
+        per_gpu[gpu[name]] += h.num_sequences
+    total = sum(per_gpu.values())                                   # 304 sequences
+    assert all(0.4 * total <= per_gpu[d] <= 0.6 * total for d in ("n:0", "n:1")), per_gpu
+    if keyed:
+        assert sorted(gpu[n] for n in per_replica) == ["n:0", "n:1"], per_replica
+    else:
+        assert len(per_replica) == 4, per_replica
+
+
 def test_a_prefix_heavy_burst_sticks_to_the_prefix_holder_until_the_estimate_says_otherwise():
     """Forty requests sharing a 1024-token prefix that only A holds: the first ones all go to A,
     each adding a little prefill and a row there, until A's growing load outweighs the 1024 tokens

@@ -1,0 +1,152 @@
+"""What the router adds in front of the engine: Ray's default router vs ours, on the graphserve app
+with an engine that answers at once (no model, no GPU), so only the Serve path is measured.
+
+For each router it deploys `deployments.app:build_app` with `engine_class=
+benchmarks.route_overhead:InstantEngine` on 2 replicas (2 fake GPUs, the app's default of one
+ingress per GPU replica). Then, at each --concurrency, it sends --requests HTTP completions
+(token-id prompts of --prompt-tokens, max_tokens 1, not streamed). Reported per router and
+concurrency:
+- the client latency p50 / p99;
+- the replicas' arrival p50 / p99: from the ingress's stamp (`PromptBatch.sent_at`, before it
+  hashes the prompt's blocks for the hint) to the replica's runner, from the replicas'
+  `arrival_ms_counts` (log-spaced buckets, 26% wide).
+It prints ours / default ratios. Numbers are for this host's CPUs; the point is the difference
+between the routers on identical requests.
+
+  python benchmarks/route_overhead.py --out /tmp/route_overhead.json     # ~2 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import common as C  # noqa: E402
+from benchmarks.serve_load import ROUTERS  # noqa: E402
+from deployments.latency_histogram import difference, percentile as hist_percentile  # noqa: E402
+
+APP = "route-overhead"
+
+
+class InstantEngine:
+    """A stand-in engine (AppArgs.engine_class): one token per request, at once."""
+
+    def __init__(self, config):
+        self.model_name = config.model
+        self._buckets = tuple(config.batch_buckets)
+
+    async def generate(self, request):
+        from replica.sampling_params import GenerationChunk
+        yield GenerationChunk(request.request_id or "r", (97,), "a", "length", prompt_tokens=1,
+                              completion_tokens=1)
+
+    def stats(self):
+        from replica.stats import EngineStats
+        n = self._buckets[-1]
+        return EngineStats(captured_buckets=self._buckets, graphs=False, max_seq_len=4096, max_num_seqs=n,
+                           running=0, free_slots=n, queued=0, fallback="eager")
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def deploy(router: str, port: int):
+    from ray import serve
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+    args = AppArgs(model="random:tiny", batch_buckets=[1, 2, 4, 8], max_seq_len=4096, num_replicas=2,
+                   engine_class="benchmarks.route_overhead:InstantEngine",
+                   router={"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 0.5})
+    serve.run(build_app(args), name=APP, route_prefix="/", logging_config={"enable_access_log": False})
+    return serve.get_deployment_handle("LLMReplica", APP)
+
+
+def arrival_counts(handle) -> list[int]:
+    reports = handle.broadcast("counters").results()
+    counts = [r["arrival_ms_counts"] for r in reports]
+    return [sum(c) for c in zip(*counts)]
+
+
+async def send(url: str, n: int, concurrency: int, prompt_tokens: int) -> list[float]:
+    import aiohttp
+    latencies: list[float] = []
+    queue = list(range(n))
+
+    async def worker(session):
+        while queue:
+            i = queue.pop()
+            body = {"model": "random:tiny", "prompt": [(7 * i + k) % 250 + 1 for k in range(prompt_tokens)],
+                    "max_tokens": 1}
+            t = time.perf_counter()
+            async with session.post(url, json=body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+            latencies.append((time.perf_counter() - t) * 1e3)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*[worker(session) for _ in range(concurrency)])
+    return latencies
+
+
+def measure(router: str, a) -> dict:
+    from ray import serve
+    handle = deploy(router, a.port)
+    url = f"http://127.0.0.1:{a.port}/v1/completions"
+    asyncio.run(send(url, 20, 4, a.prompt_tokens))            # warm-up, not measured
+    out = {}
+    for conc in a.concurrency:
+        before = arrival_counts(handle)
+        lat = asyncio.run(send(url, a.requests, conc, a.prompt_tokens))
+        arrival = difference(arrival_counts(handle), before)
+        out[str(conc)] = {"client_ms_p50": C.percentile(lat, 50), "client_ms_p99": C.percentile(lat, 99),
+                          "arrival_ms_p50": hist_percentile(arrival, 50),
+                          "arrival_ms_p99": hist_percentile(arrival, 99), "requests": len(lat)}
+        print(f"{router:8s} concurrency {conc:3d}: client p50 {out[str(conc)]['client_ms_p50']:6.2f} "
+              f"p99 {out[str(conc)]['client_ms_p99']:6.2f} ms, arrival p50 {out[str(conc)]['arrival_ms_p50']:.2f} "
+              f"p99 {out[str(conc)]['arrival_ms_p99']:.2f} ms", flush=True)
+    serve.delete(APP)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    ap.add_argument("--prompt-tokens", type=int, default=1000)
+    ap.add_argument("--port", type=int, default=8124)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    import ray
+    from ray import serve
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    ray.init(address="local", num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})
+    res = {"env": C.env_info("cpu"), "args": vars(a), "routers": {}}
+    try:
+        for router in ("default", "ours"):
+            res["routers"][router] = measure(router, a)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    res["ours_over_default"] = {
+        conc: {k: (res["routers"]["ours"][conc][k] / v if v else None)
+               for k, v in res["routers"]["default"][conc].items() if k != "requests"}
+        for conc in res["routers"]["default"]}
+    for conc, r in res["ours_over_default"].items():
+        print(f"ours/default at concurrency {conc}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,9 @@ with an engine that answers at once (no model, no GPU), so only the Serve path i
 For each router it deploys `deployments.app:build_app` with `engine_class=
 benchmarks.route_overhead:InstantEngine` on 2 replicas (2 fake GPUs, the app's default of one
 ingress per GPU replica). Then, at each --concurrency, it sends --requests HTTP completions
-(token-id prompts of --prompt-tokens, max_tokens 1, not streamed). Reported per router and
-concurrency:
+(token-id prompts of --prompt-tokens, max_tokens 1, not streamed); with --hold-s the engine holds
+each request that long before answering, so the routers rank with that many requests in flight
+(a loaded server holds hundreds per ingress). Reported per router and concurrency:
 - the client latency p50 / p99;
 - the replicas' arrival p50 / p99: from the ingress's stamp (`PromptBatch.sent_at`, before it
   hashes the prompt's blocks for the hint) to the replica's runner, from the replicas'
@@ -31,6 +32,7 @@ from benchmarks.serve_load import ROUTERS  # noqa: E402
 from deployments.latency_histogram import difference, percentile as hist_percentile  # noqa: E402
 
 APP = "route-overhead"
+HOLD_ENV = "GRAPHSERVE_ROUTE_OVERHEAD_HOLD_S"   # read by InstantEngine in the replica processes
 
 
 class InstantEngine:
@@ -42,6 +44,7 @@ class InstantEngine:
 
     async def generate(self, request):
         from replica.sampling_params import GenerationChunk
+        await asyncio.sleep(float(os.environ.get(HOLD_ENV, "0")))
         yield GenerationChunk(request.request_id or "r", (97,), "a", "length", prompt_tokens=1,
                               completion_tokens=1)
 
@@ -62,7 +65,8 @@ def deploy(router: str, port: int):
     from ray import serve
     from deployments.app import build_app
     from deployments.config import AppArgs
-    args = AppArgs(model="random:tiny", batch_buckets=[1, 2, 4, 8], max_seq_len=4096, num_replicas=2,
+    args = AppArgs(model="random:tiny", batch_buckets=[1, 2, 4, 8, 16, 32, 64, 128], max_seq_len=4096,
+                   num_replicas=2,
                    engine_class="benchmarks.route_overhead:InstantEngine",
                    router={"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 0.5})
     serve.run(build_app(args), name=APP, route_prefix="/", logging_config={"enable_access_log": False})
@@ -92,7 +96,7 @@ async def send(url: str, n: int, concurrency: int, prompt_tokens: int) -> list[f
                     raise RuntimeError(f"HTTP {resp.status}")
             latencies.append((time.perf_counter() - t) * 1e3)
 
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await asyncio.gather(*[worker(session) for _ in range(concurrency)])
     return latencies
 
@@ -101,7 +105,7 @@ def measure(router: str, a) -> dict:
     from ray import serve
     handle = deploy(router, a.port)
     url = f"http://127.0.0.1:{a.port}/v1/completions"
-    asyncio.run(send(url, 20, 4, a.prompt_tokens))            # warm-up, not measured
+    asyncio.run(send(url, 8, 8, a.prompt_tokens))             # warm-up, not measured
     out = {}
     for conc in a.concurrency:
         before = arrival_counts(handle)
@@ -122,11 +126,13 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     ap.add_argument("--prompt-tokens", type=int, default=1000)
+    ap.add_argument("--hold-s", type=float, default=0.0, help="seconds the engine holds each request")
     ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     import ray
     from ray import serve
+    os.environ[HOLD_ENV] = str(a.hold_s)
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     ray.init(address="local", num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})

@@ -20,8 +20,9 @@ was first sent.
   yet), and those requests' send times and prompt tokens one by one; the sequences sent before it
   that completed after it (what those stats still show);
   `prefixes(now, since)` gives per replica the hashes of prompts sent there.
-Pure Python, no clock of its own, never raises on unknown ids. Views cost O(live requests +
-replicas) plus, amortized, O(1) per completed request.
+Pure Python, no clock of its own, never raises on unknown ids. Views cost O(requests recorded at
+a replica since its stats + replicas) plus, amortized, O(1) per completed request; `counts` and a
+replica without stats, O(live requests there).
 
 Why reservations: Ray calls `on_request_routed` only after the chosen replica accepted the
 request, one RPC later. In a burst, every pending request is ranked before the first acceptance
@@ -77,6 +78,7 @@ class _Entry(NamedTuple):
     hashes: tuple[int, ...]
     sent_at: float
     expires: float | None      # None once confirmed
+    added_at: float            # when it was recorded at this replica (>= sent_at)
 
 
 class InFlight:
@@ -84,6 +86,12 @@ class InFlight:
         self._ttl_s = ttl_s
         self._keep_s = keep_prefixes_s
         self._at: dict[str, _Entry] = {}                              # live requests
+        # The same entries by replica in the order they were added there (`added_at` ascending),
+        # with their sequence sums, and the unconfirmed ones' deadlines: views read only the
+        # entries added since a replica's stats, not every live request.
+        self._by_replica: dict[Hashable, dict[str, _Entry]] = {}
+        self._sequences: dict[Hashable, int] = {}
+        self._deadlines: dict[str, float] = {}
         self._done: dict[Hashable, deque[_Done]] = {}                 # completed, oldest first
         self._hashes: dict[Hashable, Counter] = {}                    # replica -> hash -> holders
         self._ended: OrderedDict[str, None] = OrderedDict()           # completed before confirmed
@@ -96,7 +104,7 @@ class InFlight:
             return  # already confirmed (a late re-rank must not downgrade it)
         self._ended.pop(request_id, None)   # ranked again: a retry, not a finished request
         self._remove(request_id)
-        self._add(request_id, _Entry(replica, work, tuple(hashes), now, now + self._ttl_s))
+        self._add(request_id, _Entry(replica, work, tuple(hashes), now, now + self._ttl_s, now))
 
     def unreserve(self, request_id: str) -> None:
         """Drop an unconfirmed reservation (the request is being ranked again); keep a confirmed one."""
@@ -113,11 +121,12 @@ class InFlight:
             return  # it already completed
         e = self._at.get(request_id)
         if e is not None and e.replica == replica:
-            self._at[request_id] = e._replace(expires=None)
+            self._at[request_id] = self._by_replica[replica][request_id] = e._replace(expires=None)
+            self._deadlines.pop(request_id, None)
             return
         self._remove(request_id)
         sent_at = e.sent_at if e is not None else now
-        self._add(request_id, _Entry(replica, work, tuple(hashes), sent_at, None))
+        self._add(request_id, _Entry(replica, work, tuple(hashes), sent_at, None, now))
 
     def complete(self, request_id: str, now: float) -> None:
         e = self._remove(request_id)
@@ -135,7 +144,7 @@ class InFlight:
                 self._count(e.replica, done.popleft().hashes, -1)
 
     def drop_replica(self, replica: Hashable) -> None:
-        for rid in [rid for rid, e in self._at.items() if e.replica == replica]:
+        for rid in list(self._by_replica.get(replica, ())):
             self._remove(rid)
         self._done.pop(replica, None)
         self._hashes.pop(replica, None)
@@ -150,14 +159,18 @@ class InFlight:
         sequences sent before `since[replica]` and completed after it."""
         self._prune(now, since)
         out: dict[Hashable, list] = {}
-        for e in self._at.values():
-            o = out.setdefault(e.replica, [0, 0, 0, 0, []])
-            o[0] += e.work.sequences
-            t = since.get(e.replica)
-            if t is None or not e.sent_at < t:   # NaN timestamps count as "not covered"
+        for replica, entries in self._by_replica.items():
+            o = out[replica] = [self._sequences[replica], 0, 0, 0, []]
+            t = since.get(replica)
+            measured = t is not None and t == t          # a stats time to measure from (not NaN)
+            for e in reversed(entries.values()) if measured else entries.values():
+                if measured and e.added_at < t:
+                    break                                # it and all before it: sent before t
+                if measured and e.sent_at < t:
+                    continue                             # a moved reservation sent before t
                 o[1] += e.work.sequences
                 o[2] += e.work.prompt_tokens
-                if t is not None and t == t:     # a stats time to measure from (not NaN)
+                if measured:
                     o[4].append((e.sent_at - t, e.work.prompt_tokens))
         for replica, done in self._done.items():
             t = since.get(replica)
@@ -178,7 +191,7 @@ class InFlight:
     def _prune(self, now: float, since: Mapping[Hashable, float]) -> None:
         """Drop expired reservations, and completed requests that a replica's stats stamped at or
         after their completion cover (or older than `keep_prefixes_s`)."""
-        for rid in [rid for rid, e in self._at.items() if e.expires is not None and e.expires < now]:
+        for rid in [rid for rid, deadline in self._deadlines.items() if deadline < now]:
             self._remove(rid)
         for replica, done in list(self._done.items()):
             t = since.get(replica)
@@ -190,11 +203,21 @@ class InFlight:
 
     def _add(self, request_id: str, e: _Entry) -> None:
         self._at[request_id] = e
+        self._by_replica.setdefault(e.replica, {})[request_id] = e
+        self._sequences[e.replica] = self._sequences.get(e.replica, 0) + e.work.sequences
+        if e.expires is not None:
+            self._deadlines[request_id] = e.expires
         self._count(e.replica, e.hashes, +1)
 
     def _remove(self, request_id: str) -> _Entry | None:
         e = self._at.pop(request_id, None)
         if e is not None:
+            entries = self._by_replica[e.replica]
+            del entries[request_id]
+            self._sequences[e.replica] -= e.work.sequences
+            if not entries:
+                del self._by_replica[e.replica], self._sequences[e.replica]
+            self._deadlines.pop(request_id, None)
             self._count(e.replica, e.hashes, -1)
         return e
 

@@ -143,3 +143,25 @@ def test_with_peers_scales_what_the_stats_cannot_show_yet():
     assert o.with_peers(1) is o
     assert o.with_peers(3) == Outstanding(sequences=3, recent_sequences=6, recent_prompt_tokens=2100,
                                           finished_sequences=3, recent_sends=((0.1, 900), (0.2, 1200)))
+
+
+def test_recent_work_reads_only_what_was_added_since_the_stats_and_stays_exact():
+    """Many requests long in flight, a few sent since the stats, and a reservation sent before the
+    stats but confirmed at another replica after them (added late, sent early): the recent view
+    holds exactly the requests sent at or after the stats' time, in send order."""
+    f = InFlight(ttl_s=5.0)
+    for i in range(200):                                    # sent at 0.00 .. 1.99, confirmed
+        f.reserve(f"old{i}", "A", Work(1, 10), now=i / 100)
+        f.confirm(f"old{i}", "A", Work(1, 10), now=i / 100)
+    f.reserve("moved", "B", Work(2, 50), now=9.5)           # guessed B before the stats ...
+    f.reserve("new1", "A", Work(3, 30), now=10.2)
+    f.confirm("moved", "A", Work(2, 70), now=10.3)          # ... Ray took A after them
+    f.reserve("new2", "A", Work(4, 40), now=10.4)
+    o = f.outstanding(10.5, {"A": 10.0})["A"]
+    assert o.sequences == 200 + 2 + 3 + 4
+    assert (o.recent_sequences, o.recent_prompt_tokens) == (3 + 4, 30 + 40)
+    assert [(round(age, 6), tokens) for age, tokens in o.recent_sends] == [(0.2, 30), (0.4, 40)]
+    f.complete("new1", now=10.6)
+    f.drop_replica("B")
+    assert f.outstanding(10.6, {"A": 10.0})["A"].recent_sequences == 4
+    assert f.outstanding(10.6, {})["A"].recent_sequences == 200 + 2 + 4   # no stats: all of it

@@ -8,6 +8,7 @@ ingress per GPU replica). Then, at each --concurrency, it sends --requests HTTP 
 each request that long before answering, so the routers rank with that many requests in flight
 (a loaded server holds hundreds per ingress). Reported per router and concurrency:
 - the client latency p50 / p99;
+- CPU ms per request of the ingress, replica and proxy processes (/proc, this host);
 - the replicas' arrival p50 / p99: from the ingress's stamp (`PromptBatch.sent_at`, before it
   hashes the prompt's blocks for the hint) to the replica's runner, from the replicas'
   `arrival_ms_counts` (log-spaced buckets, 26% wide).
@@ -73,10 +74,31 @@ def deploy(router: str, port: int):
     return serve.get_deployment_handle("LLMReplica", APP)
 
 
-def arrival_counts(handle) -> list[int]:
-    reports = handle.broadcast("counters").results()
-    counts = [r["arrival_ms_counts"] for r in reports]
-    return [sum(c) for c in zip(*counts)]
+PROCESS_KINDS = ("OpenAIIngress", "LLMReplica", "ProxyActor")
+
+
+def cpu_seconds_by_kind() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this host's Serve processes, summed by kind (from
+    /proc; empty where there is none)."""
+    out = {k: 0.0 for k in PROCESS_KINDS}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            kind = next((k for k in PROCESS_KINDS if k in cmd), None)
+            if kind:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[kind] += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def arrival_counts(handle) -> dict[str, list[int]]:
+    """Each replica's arrival histogram counts, by replica tag."""
+    return {r["replica"]: r["arrival_ms_counts"] for r in handle.broadcast("counters").results()}
 
 
 async def send(url: str, n: int, concurrency: int, prompt_tokens: int) -> list[float]:
@@ -108,15 +130,20 @@ def measure(router: str, a) -> dict:
     asyncio.run(send(url, 8, 8, a.prompt_tokens))             # warm-up, not measured
     out = {}
     for conc in a.concurrency:
-        before = arrival_counts(handle)
+        before, cpu_before = arrival_counts(handle), cpu_seconds_by_kind()
         lat = asyncio.run(send(url, a.requests, conc, a.prompt_tokens))
-        arrival = difference(arrival_counts(handle), before)
+        cpu = {k: (v - cpu_before[k]) * 1e3 / max(len(lat), 1) for k, v in cpu_seconds_by_kind().items()}
+        per_replica = {k: difference(v, before.get(k, [])) for k, v in arrival_counts(handle).items()}
+        arrival = [sum(c) for c in zip(*per_replica.values())]
         out[str(conc)] = {"client_ms_p50": C.percentile(lat, 50), "client_ms_p99": C.percentile(lat, 99),
                           "arrival_ms_p50": hist_percentile(arrival, 50),
-                          "arrival_ms_p99": hist_percentile(arrival, 99), "requests": len(lat)}
+                          "arrival_ms_p99": hist_percentile(arrival, 99), "requests": len(lat),
+                          "split": sorted((sum(c) for c in per_replica.values()), reverse=True),
+                          **{f"cpu_ms_per_request_{k}": v for k, v in cpu.items()}}
         print(f"{router:8s} concurrency {conc:3d}: client p50 {out[str(conc)]['client_ms_p50']:6.2f} "
               f"p99 {out[str(conc)]['client_ms_p99']:6.2f} ms, arrival p50 {out[str(conc)]['arrival_ms_p50']:.2f} "
-              f"p99 {out[str(conc)]['arrival_ms_p99']:.2f} ms", flush=True)
+              f"p99 {out[str(conc)]['arrival_ms_p99']:.2f} ms, split {out[str(conc)]['split']}; CPU ms per "
+              "request " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()), flush=True)
     serve.delete(APP)
     return out
 
@@ -126,6 +153,7 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     ap.add_argument("--prompt-tokens", type=int, default=1000)
+    ap.add_argument("--routers", default="default,ours", help="in run order")
     ap.add_argument("--hold-s", type=float, default=0.0, help="seconds the engine holds each request")
     ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out")
@@ -138,19 +166,25 @@ def main(argv=None) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})
     res = {"env": C.env_info("cpu"), "args": vars(a), "routers": {}}
     try:
-        for router in ("default", "ours"):
+        for router in a.routers.split(","):
             res["routers"][router] = measure(router, a)
     finally:
         serve.shutdown()
         ray.shutdown()
+    if set(res["routers"]) != {"default", "ours"}:
+        return _save(res, a.out)
     res["ours_over_default"] = {
         conc: {k: (res["routers"]["ours"][conc][k] / v if v else None)
-               for k, v in res["routers"]["default"][conc].items() if k != "requests"}
+               for k, v in res["routers"]["default"][conc].items() if k not in ("requests", "split")}
         for conc in res["routers"]["default"]}
     for conc, r in res["ours_over_default"].items():
         print(f"ours/default at concurrency {conc}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v))
-    if a.out:
-        with open(a.out, "w") as f:
+    _save(res, a.out)
+
+
+def _save(res: dict, path) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
 

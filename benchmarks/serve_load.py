@@ -16,18 +16,20 @@ chat, chat-long):
          --drain-s after the window.
 At a stop, what still runs is cancelled (aborted in the engine) and kept as measured so far
 (serve_clients.py); the next phase starts once the replicas are idle. Capacity, per trace: the
-tokens/s of the first router's seed-0 burst of that trace (the default router runs first, so the
-open-loop rates are fractions of what the baseline sustains, and both routers get identical
+tokens/s of the first router's seed-0 burst of that trace (the default router runs seed 0 first,
+so the open-loop rates are fractions of what the baseline sustains, and both routers get identical
 jobs); --capacity pins it instead. Metrics, pooling and bars: benchmarks/serve_report.py.
 
 Time: every phase is bounded (bursts by --burst-cap-s, open loops by window + drain), so a phase
 costs at most its bound + ~1 s. --budget-s (from the script's start) splits what is left between
-the routers still to run; a phase that would not fit its router's share is skipped and recorded
-(`skipped`), and a later router runs only the phases the first one ran. GPU defaults (2x H200,
-llama-8b): ray start ~10 s, each deploy ~30 s, 36 phases per router of <= 7-7.5 s + ~1 s (bursts
-sized to ~3-6 s of work; heavy's 512-token outputs and chat's turns may reach the cap): pass
-`--window-s 5 --drain-s 1 --burst-cap-s 6` to keep one layout at ~8 min; the budget (530 s) stops
-it before 9.5 minutes either way.
+the segments still to run by phase count; a phase that would not fit its segment's share is
+skipped and recorded (`skipped`), and a router runs a seed's phase only if the other router ran
+it when that one went first. `--order alternate` (default) swaps which router goes first every
+seed (benchmarks/serve_plan.py `segments`: 4 deploys for 3 seeds). GPU defaults (2x H200,
+llama-8b): ray start ~10 s, each deploy ~15-30 s, 36 phases per router of <= 7-7.5 s + ~1 s
+(bursts sized to ~3-6 s of work; heavy's 512-token outputs and chat's turns may reach the cap):
+pass `--window-s 5 --drain-s 1 --burst-cap-s 6` to keep one layout at ~8.5 min; the budget
+(530 s) stops it before 9.5 minutes either way.
 
   . .gpubundle/activate && python benchmarks/serve_load.py --layout ladder --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-ladder.json
   . .gpubundle/activate && python benchmarks/serve_load.py --layout tiers --window-s 5 --drain-s 1 --burst-cap-s 6 --out $OUT/serve_load-tiers.json
@@ -50,6 +52,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
 from benchmarks import serve_traces as T  # noqa: E402
 from benchmarks.serve_clients import Clients, LoopLag, run_phase  # noqa: E402
+from benchmarks.serve_plan import plan, segments  # noqa: E402
 from benchmarks.serve_spread import print_spread, spread  # noqa: E402
 from benchmarks.serve_report import (bars, headline, ingress_latency, phase_metrics, print_summary, replica_delta,  # noqa: E402
                                      summarize)
@@ -78,6 +81,8 @@ def parse_args(argv=None):
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="ladder")
     C.add_sized_args(ap, SIZES)
     ap.add_argument("--routers", default="default,ours", help="in run order; the first sets the rates")
+    ap.add_argument("--order", choices=("alternate", "blocks"), default="alternate",
+                    help="alternate: the first router swaps every seed (4 deploys for 3 seeds); blocks: one each")
     ap.add_argument("--traces", default="mix,heavy,chat,chat-long")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--phases", default="burst,lo,hi")
@@ -111,11 +116,6 @@ def _cuda_count() -> int:
 def traces(a) -> dict[str, T.Trace]:
     table = T.TRACES["gpu" if a.device.startswith("cuda") else "cpu"]
     return {name: table[name] for name in a.traces.split(",")}
-
-
-def plan(a) -> list[str]:
-    """Phase keys 'trace/s<seed>/<kind>', seed-major: a budget cut loses the last seeds first."""
-    return [f"{t}/s{s}/{k}" for s in a.seeds.split(",") for t in a.traces.split(",") for k in a.phases.split(",")]
 
 
 # ---------------------------------------------------------------- deployment
@@ -224,6 +224,7 @@ class Run:
         self.path = C.out_path(a.out, f"serve_load-{a.layout}.json")
         self.traces, self.plan = traces(a), plan(a)
         self.jobs: dict[str, list[T.Job]] = {}
+        self.seeds_run: dict[str, set[str]] = {}      # router -> seeds ("s0", ...) it has started
         self.overhead = PHASE_OVERHEAD_S
         pinned = dict(kv.split("=") for kv in a.capacity.split(",") if kv)
         self.res = {"env": env_info(a), "args": vars(a), "app_args": app_args(a, "ours"),
@@ -324,23 +325,27 @@ class Run:
                       f" hit {C.fmt(m['graph_hit'], '.2f')} pfx {C.fmt(m['prefix_hit_rate'], '.2f')} split "
                       f"{':'.join(map(str, m['split']))} cut {m['all']['cut']} err {m['all']['errors']} {spent:.1f}s")
 
-    def router(self, i: int, name: str, deploy_est: float) -> float:
-        """Deploy, run this router's phases inside its share of the budget, delete. Returns the
-        deploy time."""
+    def segment(self, name: str, keys: list[str], phases_left: int, deploy_est: float) -> float:
+        """Deploy `name`, run these phases inside their share of the budget (by phase count),
+        delete. A phase whose seed the other router already ran runs only if that one ran it.
+        Returns the deploy time."""
         from ray import serve
-        routers = self.a.routers.split(",")
-        share = (self.budget.left() - TAIL_S) / (len(routers) - i)
+        share = (self.budget.left() - TAIL_S) * len(keys) / max(phases_left, 1)
         deadline = time.time() + share
-        first = self.res["routers"].get(routers[0], {}).get("phases", {})
-        keys = self.plan if i == 0 else [k for k in self.plan if k in first]
+        others = [r for r in self.res["routers"] if r != name]
+        keys = [k for k in keys if all(k.split("/")[1] not in self.seeds_run.get(r, ()) or
+                                       k in self.res["routers"][r]["phases"] for r in others)]
+        self.seeds_run.setdefault(name, set()).update(k.split("/")[1] for k in keys)
         if share < deploy_est + 20 or not keys:
-            why = f"budget: {share:.0f} s share" if keys else f"{routers[0]} ran no phase"
-            self.res["skipped"].append(f"{name}: whole router ({why})")
+            why = f"budget: {share:.0f} s share" if keys else "the other router ran none of them"
+            self.res["skipped"].append(f"{name}: a segment of {len(keys)} phases ({why})")
             return deploy_est
-        out = self.res["routers"][name] = {"phases": {}}
+        out = self.res["routers"].setdefault(name, {"phases": {}})
         try:
-            out["deploy_s"] = deploy(self.a, name)
-            C.log(name, "deployed in", C.rnd(out["deploy_s"]), "s")
+            t = deploy(self.a, name)
+            out.setdefault("deploy_s", t)
+            out.setdefault("deploys", []).append(t)
+            C.log(name, "deployed in", C.rnd(t), "s")
             asyncio.run(self.phases(name, keys, deadline - 10.0))   # ~10 s for the delete
         except Exception as e:  # noqa: BLE001 - keep the other router's numbers
             import traceback
@@ -350,15 +355,16 @@ class Run:
             serve.delete(APP)
             gpus_free(self.a)
             self.save()
-        return out.get("deploy_s", deploy_est)
+        return out.get("deploys", [deploy_est])[-1]
 
     def main(self) -> None:
         a = self.a
         C.log("layout", a.layout, "routers", a.routers, "traces", a.traces, "seeds", a.seeds, "->", self.path)
         self.res.update(start_ray(a))
         deploy_est = 40.0 if a.device.startswith("cuda") else 10.0
-        for i, name in enumerate(a.routers.split(",")):
-            deploy_est = self.router(i, name, deploy_est)
+        order = segments(a, self.plan)
+        for i, (name, keys) in enumerate(order):
+            deploy_est = self.segment(name, keys, sum(len(k) for _, k in order[i:]), deploy_est)
         self.res["total_s"] = time.time() - C.T0
         self.save()
         print_summary(self.res, self.res["summary"])

@@ -25,3 +25,17 @@ def test_without_the_flags_the_app_defaults_stand():
     args = AppArgs(**sent)
     assert replica_options(args, gpus_in_cluster=2.0)["ray_actor_options"]["num_gpus"] == 1.0
     assert args.engine_config(0).memory_utilization == 0.90
+
+
+def test_the_alternating_order_swaps_the_first_router_every_seed_in_four_deploys():
+    a = parse_args(["--device", "cpu", "--traces", "mix,chat", "--seeds", "0,1,2", "--phases", "burst,lo"])
+    from benchmarks.serve_plan import plan, segments
+    keys = plan(a)
+    order = segments(a, keys)
+    assert [r for r, _ in order] == ["default", "ours", "default", "ours"]      # d0 | o0 o1 | d1 d2 | o2
+    seeds = [sorted({k.split("/")[1] for k in ks}) for _, ks in order]
+    assert seeds == [["s0"], ["s0", "s1"], ["s1", "s2"], ["s2"]]
+    for router in ("default", "ours"):                                         # every phase once per router
+        assert sorted(k for r, ks in order if r == router for k in ks) == sorted(keys)
+    a.order = "blocks"
+    assert segments(a, keys) == [("default", keys), ("ours", keys)]

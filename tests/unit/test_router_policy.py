@@ -374,5 +374,7 @@ def test_this_routers_sends_to_a_neighbour_count_before_its_stats_show_them():
     sent = {"b": Outstanding(sequences=64, recent_sequences=64, recent_prompt_tokens=64 * 512)}
     r = rank(h, cands, outstanding=sent)
     assert {r.tiers[0][0], r.tiers[1][0]} == {"c", "d"} and {r.tiers[2][0], r.tiers[3][0]} == {"a", "b"}
+    assert r.estimates["a"].first_token_s > r.estimates["c"].first_token_s + 0.5   # b's 32k queued tokens
     blind = rank(h, [(k, paged(LADDER)) for k, _ in cands], outstanding=sent)
     assert blind.tiers[-1] == ["b"]                               # blind, "a" is as good as c and d
+    assert blind.estimates["a"].first_token_s == blind.estimates["c"].first_token_s

@@ -2,8 +2,8 @@
 with an engine that answers at once (no model, no GPU), so only the Serve path is measured.
 
 For each router it deploys `deployments.app:build_app` with `engine_class=
-benchmarks.route_overhead:InstantEngine` on 2 replicas (2 fake GPUs, the app's default of one
-ingress per GPU replica). Then, at each --concurrency, it sends --requests HTTP completions
+benchmarks.route_overhead:HoldingEngine` (replica/instant_engine.py's stand-in, holding requests
+--hold-s) on 2 replicas (2 fake GPUs, the app's default of one ingress per GPU replica). Then, at each --concurrency, it sends --requests HTTP completions
 (token-id prompts of --prompt-tokens, max_tokens 1, not streamed); with --hold-s the engine holds
 each request that long before answering, so the routers rank with that many requests in flight
 (a loaded server holds hundreds per ingress). Reported per router and concurrency:
@@ -31,35 +31,19 @@ sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
 from benchmarks.serve_load import ROUTERS  # noqa: E402
 from deployments.latency_histogram import difference, percentile as hist_percentile  # noqa: E402
+from replica.instant_engine import InstantEngine  # noqa: E402
 
 APP = "route-overhead"
-HOLD_ENV = "GRAPHSERVE_ROUTE_OVERHEAD_HOLD_S"   # read by InstantEngine in the replica processes
+HOLD_ENV = "GRAPHSERVE_ROUTE_OVERHEAD_HOLD_S"   # read by HoldingEngine in the replica processes
 
 
-class InstantEngine:
-    """A stand-in engine (AppArgs.engine_class): one token per request, at once."""
-
-    def __init__(self, config):
-        self.model_name = config.model
-        self._buckets = tuple(config.batch_buckets)
+class HoldingEngine(InstantEngine):
+    """The stand-in engine, holding each request `HOLD_ENV` seconds before its one token."""
 
     async def generate(self, request):
-        from replica.sampling_params import GenerationChunk
         await asyncio.sleep(float(os.environ.get(HOLD_ENV, "0")))
-        yield GenerationChunk(request.request_id or "r", (97,), "a", "length", prompt_tokens=1,
-                              completion_tokens=1)
-
-    def stats(self):
-        from replica.stats import EngineStats
-        n = self._buckets[-1]
-        return EngineStats(captured_buckets=self._buckets, graphs=False, max_seq_len=4096, max_num_seqs=n,
-                           running=0, free_slots=n, queued=0, fallback="eager")
-
-    def check_health(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
+        async for chunk in super().generate(request):
+            yield chunk
 
 
 def deploy(router: str, port: int):
@@ -68,7 +52,7 @@ def deploy(router: str, port: int):
     from deployments.config import AppArgs
     args = AppArgs(model="random:tiny", batch_buckets=[1, 2, 4, 8, 16, 32, 64, 128], max_seq_len=4096,
                    num_replicas=2,
-                   engine_class="benchmarks.route_overhead:InstantEngine",
+                   engine_class="benchmarks.route_overhead:HoldingEngine",
                    router={"request_router_class": ROUTERS[router], "request_routing_stats_period_s": 0.5})
     serve.run(build_app(args), name=APP, route_prefix="/", logging_config={"enable_access_log": False})
     return serve.get_deployment_handle("LLMReplica", APP)

@@ -35,32 +35,6 @@ CONCURRENT = 3          # apps deployed at once (start-up waits overlap)
 INGRESS_REPLICAS = 1
 
 
-class InstantEngine:
-    """A stand-in decode engine (AppArgs.engine_class) that starts at once: what this test places
-    is the ingress; a real engine would only add torch's import time to every deploy."""
-
-    def __init__(self, config):
-        self.model_name = config.model
-        self._buckets = tuple(config.batch_buckets)
-
-    async def generate(self, request):
-        from replica.sampling_params import GenerationChunk
-
-        yield GenerationChunk(request.request_id or "r", (97,), "a", "length", prompt_tokens=1,
-                              completion_tokens=1)
-
-    def stats(self):
-        from replica.stats import EngineStats
-
-        return EngineStats(captured_buckets=self._buckets, graphs=False, max_seq_len=128,
-                           max_num_seqs=self._buckets[-1], running=0, free_slots=self._buckets[-1],
-                           queued=0, fallback="eager")
-
-    def check_health(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
 MARK = "@@placement "
 
 
@@ -139,7 +113,7 @@ def driver_main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     args = AppArgs(model="random:tiny", batch_buckets=[1, 2], max_seq_len=128, num_replicas=1,
                    num_gpus_per_replica=0.5, ingress_replicas=INGRESS_REPLICAS, ingress_num_cpus=0.5,
-                   engine_class="test_multinode_placement:InstantEngine")
+                   engine_class="replica.instant_engine:InstantEngine")
     report = {"deploys": 0, "failed": [], "errors": [], "on_head": 0,
               "seconds": {"cluster": round(time.monotonic() - started, 1)}}
     t0 = time.monotonic()

@@ -98,8 +98,8 @@ class MixedGraphs:
         self.cols.zero_()                     # padding everywhere: token 0, position 0, slot 0
         layers = len(self.model.layers)
         with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # compile outside the capture
-                for i in range(layers + 1):
+            for size in reversed(self.sizes):  # compile outside the capture: pieces 2..L-1
+                for i in sorted({0, 1, layers}):  # repeat piece 1's kernels at its shapes
                     self._piece(i, size)
             for size in reversed(self.sizes):
                 graphs = []

@@ -5,6 +5,7 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     add_rms_norm(x, residual, weight, eps)            -> (normed, new_residual)  # residual updated in place
     silu_mul(gate_up)                                 -> silu(gate) * up
     use_triton(t) -> bool                             # True when t is on CUDA and triton imports
+    prefetch_compile_key() -> thread | None           # start-up: Triton's cache key, in the background
   Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table
   row r at cache[block_tables[r, p // BS], :, p % BS]; block_tables int32 [R, max_blocks]):
     rope_store_kv_paged(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads,
@@ -29,6 +30,7 @@ parameters); run each op once before capture so Triton compiles outside it.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -49,11 +51,27 @@ except ImportError:  # no triton (e.g. a minimal CPU install): reference only
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "paged_decode_attention",
-           "paged_prefill_attention", "rms_norm", "rope_store_kv_paged", "silu_mul", "use_triton"]
+           "paged_prefill_attention", "prefetch_compile_key", "rms_norm", "rope_store_kv_paged", "silu_mul", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda
+
+
+def prefetch_compile_key() -> Optional[threading.Thread]:
+    """Start computing Triton's compiler key in a background thread; join it before the first
+    kernel launch. A process's first compile (a disk-cache hit included) hashes Triton's sources
+    and its ~0.5 GB libtriton (0.33 s on an H200 host, results/startup-*.json); hashlib releases
+    the GIL, so it overlaps device init and weight loading. None without Triton."""
+    if not HAS_TRITON:
+        return None
+    try:
+        from triton.runtime.cache import triton_key          # Triton 3.x; memoized per process
+    except ImportError:
+        return None
+    thread = threading.Thread(target=triton_key, name="graphserve-triton-key", daemon=True)
+    thread.start()
+    return thread
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ HF's modeling code is the reference the tests compare against (same weights, sam
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -100,6 +101,19 @@ class LlamaModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    @contextlib.contextmanager
+    def first_layers(self, n: int):
+        """Run only the first n layers inside the block (start-up only: the stack is restored on
+        exit). Every layer has the same kernels at the same shapes, so a forward over a few layers
+        compiles what the whole stack launches (warm-up) and reaches the whole stack's activation
+        peak (sizing), at a fraction of the launches and FLOPs."""
+        full = self.layers
+        self.layers = full[:max(1, n)]
+        try:
+            yield self
+        finally:
+            self.layers = full
 
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])

@@ -136,3 +136,25 @@ def test_the_runner_through_the_pieces_matches_hf(tiny_llama_dir):
         assert s.mixed_decode_rows > 0 and s.prefix_hit_tokens > 0
     finally:
         eng.shutdown()
+
+
+def test_first_layers_runs_the_leading_layers_and_restores_the_stack():
+    """`first_layers(1)` on the 2-layer tiny model computes what a model holding only layer 0
+    computes (not the full stack), and the stack is back afterwards, after an error too."""
+    from replica.models.llama import LlamaModel
+
+    core = _core()
+    r, m = core.runner, core.runner.model
+    with torch.inference_mode():
+        tokens, positions, slots, meta, last = _step(core, [7], [0], seed=3)
+        full = m.forward_mixed(tokens, positions, slots, meta, r.kv, last)
+        with m.first_layers(1) as short:
+            assert len(short.layers) == 1
+            one = m.forward_mixed(tokens, positions, slots, meta, r.kv, last)
+        alone = LlamaModel(m.shape, m.embed, m.layers[:1], m.norm, m.lm_head, m.cos, m.sin)
+        torch.testing.assert_close(one, alone.forward_mixed(tokens, positions, slots, meta, r.kv, last))
+        assert not torch.allclose(one, full)
+    assert len(m.layers) == 2
+    with pytest.raises(RuntimeError), m.first_layers(1):
+        raise RuntimeError("boom")
+    assert len(m.layers) == 2

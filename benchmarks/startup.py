@@ -1,0 +1,124 @@
+"""Where engine start-up time goes (issue 8, "fast start": ready within 5 s plus the weight read).
+
+Three views of one model's start, on one GPU:
+  imports   `python -X importtime -c "import replica.model_runner"` in fresh processes (what the
+            engine process imports before its config arrives): total wall time, and the modules
+            with the largest cumulative import time. `import torch` alone is timed beside it.
+  engine    `replica.Engine` on the process backend, built `--repeats` times: its StartupReport
+            (process start, imports, device init, weights, sizing, warm-up, capture, ready) and
+            the wall time of the `Engine()` call. The first build may compile Triton kernels;
+            later ones find them in the cache, as a restarted replica does.
+  profile   (--profile) the same build on the thread backend under cProfile, in this process
+            (torch already imported): the functions with the largest cumulative time, which is
+            what names the slow part inside sizing, warm-up and capture.
+Prints the ready bar (ready < 5 s + weights read) and writes JSON with the card and date.
+
+  python benchmarks/startup.py --out $OUT/startup.json                # GPU, ~1-2 min for 8B
+  python benchmarks/startup.py --device cpu --models tiny --repeats 1   # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import common as C  # noqa: E402
+
+IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def import_profile(module: str, top: int) -> dict:
+    """Wall time of importing `module` in a fresh interpreter, and its slowest imports (cumulative
+    microseconds, with their nesting depth so a reader sees which contain which)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT] + sys.path[1:])}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    rows = []
+    for line in done.stderr.splitlines():
+        if m := IMPORT_LINE.match(line):
+            rows.append({"module": m.group(4), "cumulative_s": int(m.group(2)) / 1e6,
+                         "self_s": int(m.group(1)) / 1e6, "depth": (len(m.group(3)) - 1) // 2})
+    rows.sort(key=lambda r: -r["cumulative_s"])
+    return {"module": module, "wall_s": wall, "returncode": done.returncode, "top": rows[:top],
+            "self_top": sorted(rows, key=lambda r: -r["self_s"])[:top]}
+
+
+def python_floor() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+def build(model: str, msl: int, device: str, backend: str, extra: dict) -> dict:
+    from replica import Engine, EngineConfig
+    cfg = EngineConfig(model=model, max_seq_len=msl, device=device, engine_process=backend, **extra)
+    t0 = time.perf_counter()
+    eng = Engine(cfg)
+    wall = time.perf_counter() - t0
+    s = eng.stats()
+    eng.shutdown()
+    C.free_device_memory(device)
+    return {"backend": backend, "engine_call_s": wall, "startup": C.stats_dict(s.startup),
+            "buckets": len(s.captured_buckets), "max_num_seqs": s.max_num_seqs}
+
+
+def profiled_build(model: str, msl: int, device: str, extra: dict, top: int) -> dict:
+    prof = cProfile.Profile()
+    prof.enable()
+    rec = build(model, msl, device, "thread", extra)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    rec["profile"] = buf.getvalue().splitlines()
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", default="llama-8b")
+    ap.add_argument("--max-seq-len", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--import-runs", type=int, default=2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    cuda = a.device.startswith("cuda")
+    extra = {} if cuda else {"batch_buckets": (1, 2, 4), "block_size": 8}
+    rec = {"env": C.env_info(a.device), "args": vars(a), "python_start_s": python_floor(),
+           "imports": [import_profile("replica.model_runner", a.top) for _ in range(a.import_runs)],
+           "torch_only": [import_profile("torch", 10) for _ in range(a.import_runs)], "models": {}}
+    C.log("python", f"{rec['python_start_s']:.2f} s; replica.model_runner",
+          [round(r["wall_s"], 2) for r in rec["imports"]], "s; torch alone",
+          [round(r["wall_s"], 2) for r in rec["torch_only"]], "s")
+    for r in rec["imports"][-1]["top"][:12]:
+        C.log(f"  {'  ' * r['depth']}{r['module']}: {r['cumulative_s']:.2f} s")
+    for name in a.models.split(","):
+        model = f"random:{name}" if cuda or not name.startswith(("random:", "/")) else name
+        builds = [build(model, a.max_seq_len, a.device, "process", extra) for _ in range(a.repeats)]
+        for b in builds:
+            st = b["startup"]
+            b["ready_bar"] = st["ready_seconds"] < 5.0 + st["load_seconds"]
+            C.log(name, {k: C.rnd(v, 2) for k, v in st.items() if k.endswith("seconds")}, "bar", b["ready_bar"])
+        rec["models"][name] = {"builds": builds}
+        if a.profile:
+            p = profiled_build(model, a.max_seq_len, a.device, extra, a.top)
+            rec["models"][name]["profile"] = p
+            print("\n".join(p["profile"][:a.top + 12]))
+        C.write_json(C.out_path(a.out, "startup.json"), rec)
+    C.write_json(C.out_path(a.out, "startup.json"), rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Start-up shortcuts on a real GPU (skipped without CUDA): they must not change what is built.
+
+Warm-up and the activation probe run only the first layers (`LlamaModel.first_layers`), and the
+mixed-step warm-up only pieces 0, 1 and L. On a model deeper than that, capturing the layers that
+were never warmed must compile nothing (a Triton compile inside a capture would fail the build),
+the graphs must give HF generate's tokens, and the probe must find the whole stack's peak.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+from engine_helpers import collect, run
+from replica import Engine, EngineConfig
+from replica.graphs import WARMUP_LAYERS
+from replica.models.llama import LlamaModel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_layers_never_warmed_capture_and_match_hf_generate(tmp_path):
+    from hf_fixtures import save_tiny_llama
+
+    layers = WARMUP_LAYERS + 3
+    hf = save_tiny_llama(tmp_path, seed=5, num_hidden_layers=layers).to("cuda")
+    eng = Engine(EngineConfig(model=str(tmp_path), device="cuda", dtype="float32", batch_buckets=(1, 2, 4, 8),
+                              max_seq_len=256, block_size=16, max_num_seqs=8, kv_cache_bytes=32 << 20,
+                              engine_process="thread"))
+    prompts = [[3 + i] * (5 + 7 * i) for i in range(6)]
+    try:
+        assert len(eng.core.runner.model.layers) == layers
+        assert eng.core.runner.mixed.graphs, "mixed-step graphs were captured"
+
+        async def together():
+            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=16, temperature=0.0,
+                                                  ignore_eos=True) for p in prompts])
+        for p, (toks, _, _) in zip(prompts, run(together())):
+            ids = torch.tensor([p], device="cuda")
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref
+        s = eng.stats()
+        assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+        assert s.mixed_graph_steps > 0
+    finally:
+        eng.shutdown()
+
+
+def test_probe_over_two_layers_finds_the_whole_stacks_peak():
+    """llama-1b's 16 layers, one built runner: its activation probe (a full-mode decode step at the
+    sized width and a mixed forward of the step budget) peaks at the same bytes over two layers as
+    over all of them. (Two engines in one process would not compare: the second sizes from what
+    the first left reserved, so it probes another width.)"""
+    eng = Engine(EngineConfig(model="random:llama-1b", device="cuda", dtype="bfloat16", max_seq_len=2048,
+                              memory_utilization=0.3, use_cuda_graphs=False, engine_process="thread"))
+    r = eng.core.runner
+    width, kept = r.out.tokens.shape[0], (r.decode, r.kv)    # the probe swaps in its own step
+    try:
+        with torch.inference_mode():
+            short = r._probe_activation(width)
+            r.decode, r.kv = kept
+            with mock.patch.object(LlamaModel, "first_layers", lambda self, n: contextlib.nullcontext(self)):
+                whole = r._probe_activation(width)
+    finally:
+        r.decode, r.kv = kept
+        eng.shutdown()
+    assert whole > 256 << 20, whole          # the budget's activations, not noise
+    assert abs(short - whole) <= 0.01 * whole, (short, whole)

@@ -167,7 +167,7 @@ class ModelRunner:
         """Peak memory of a full-mode decode step at `width` rows and a mixed forward of the token
         budget, against a two-block cache (every row padding). Over the first two layers: a
         layer's temporaries are freed before the next one's, so more layers add launches and
-        FLOPs (8B's 8k-token budget: ~130 TFLOP over its 32 layers), not peak."""
+        FLOPs (the step budget is ~40 TFLOP through the whole stack), not peak."""
         c, s = self.config, self.model.shape
         probe_kv = PagedKVCache(2, c.block_size, s.num_layers, s.num_kv_heads, s.head_dim, width,
                                 c.max_seq_len, self.dtype, self.device)

@@ -51,7 +51,8 @@ except ImportError:  # no triton (e.g. a minimal CPU install): reference only
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "paged_decode_attention",
-           "paged_prefill_attention", "prefetch_compile_key", "rms_norm", "rope_store_kv_paged", "silu_mul", "use_triton"]
+           "paged_prefill_attention", "prefetch_compile_key", "rms_norm", "rope_store_kv_paged",
+           "silu_mul", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -8,6 +8,8 @@ Three views of one model's start, on one GPU:
             (process start, imports, device init, weights, sizing, warm-up, capture, ready) and
             the wall time of the `Engine()` call. The first build may compile Triton kernels;
             later ones find them in the cache, as a restarted replica does.
+  bytecode  (--bytecode-runs N) `import torch, triton` as the environment has it and from a
+            bytecode cache (the engine process's PYTHONPYCACHEPREFIX where torch ships no .pyc)
   profile   (--profile) the same build on the thread backend under cProfile, in this process
             (torch already imported): the functions with the largest cumulative time, which is
             what names the slow part inside sizing, warm-up and capture.
@@ -26,6 +28,7 @@ import pstats
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +54,23 @@ def import_profile(module: str, top: int) -> dict:
     rows.sort(key=lambda r: -r["cumulative_s"])
     return {"module": module, "wall_s": wall, "returncode": done.returncode, "top": rows[:top],
             "self_top": sorted(rows, key=lambda r: -r["self_s"])[:top]}
+
+
+def bytecode_effect(runs: int, prefix: str) -> dict:
+    """Wall time of `import torch, triton` in fresh interpreters as the environment has it, and
+    with bytecode cached under `prefix` (PYTHONDONTWRITEBYTECODE cleared: the first run writes it),
+    what replica.process_worker.bytecode_env gives the engine process where torch has no .pyc."""
+    def timed(env: dict) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, triton"], env=env, check=True)
+        return time.perf_counter() - t0
+
+    plain = {**os.environ}
+    cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cached["PYTHONPYCACHEPREFIX"] = prefix
+    return {"dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+            "plain_s": [timed(plain) for _ in range(runs)],
+            "cached_s": [timed(cached) for _ in range(runs + 1)]}   # the first one fills the cache
 
 
 def python_floor() -> float:
@@ -93,12 +113,19 @@ def main() -> None:
     ap.add_argument("--import-runs", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--bytecode-runs", type=int, default=0,
+                    help="time `import torch, triton` N times plain and N+1 from a bytecode cache")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     extra = {} if cuda else {"batch_buckets": (1, 2, 4), "block_size": 8}
     rec = {"env": C.env_info(a.device), "args": vars(a), "python_start_s": python_floor(),
            "imports": [import_profile("replica.model_runner", a.top) for _ in range(a.import_runs)],
            "torch_only": [import_profile("torch", 10) for _ in range(a.import_runs)], "models": {}}
+    if a.bytecode_runs:
+        with tempfile.TemporaryDirectory() as prefix:
+            rec["bytecode"] = bytecode_effect(a.bytecode_runs, prefix)
+        C.log("import torch, triton:", {k: [round(x, 2) for x in v] if isinstance(v, list) else v
+                                        for k, v in rec["bytecode"].items()})
     C.log("python", f"{rec['python_start_s']:.2f} s; replica.model_runner",
           [round(r["wall_s"], 2) for r in rec["imports"]], "s; torch alone",
           [round(r["wall_s"], 2) for r in rec["torch_only"]], "s")

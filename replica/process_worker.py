@@ -157,9 +157,10 @@ class ProcessWorker:
 def bytecode_env(env: dict[str, str]) -> dict[str, str]:
     """`env` for the engine process, set up so its imports reuse compiled bytecode. Images often set
     PYTHONDONTWRITEBYTECODE and ship torch without .pyc files; then every engine start compiles
-    torch's and Triton's sources again (`import torch, triton` 4.9-5.1 s on the H200 host, 2.1-2.3
-    s from cached bytecode; results/startup-*.json). Bytecode then goes to a cache directory
-    (PYTHONPYCACHEPREFIX: nothing is written beside the sources), as Triton caches its kernels.
+    torch's and Triton's sources again (`import torch, triton` 4.9-5.1 s on the H200 host, 2.1-2.3 s
+    from cached bytecode: benchmarks/results/bytecode-imports-h200-*.json). Bytecode then goes to a
+    cache directory (PYTHONPYCACHEPREFIX: nothing is written beside the sources), as Triton caches
+    its kernels.
     `GRAPHSERVE_PYCACHE`: that directory (default ~/.cache/graphserve/pycache), or "off". Left
     alone when the caller chose a prefix, or when torch has its bytecode beside its sources."""
     choice = env.get(PYCACHE_ENV, "")

@@ -66,3 +66,20 @@ def replay_vs_eager(core, prompts, params):
     finally:
         core.abort_all()
     return step, replay, eager
+
+
+def assert_greedy_matches_hf(engine, hf, prompts, max_tokens):
+    """Send every prompt at once (greedy, ignore_eos) and assert each one's tokens equal HF
+    `generate` on the HF model's device. The explicit attention mask matters: with pad_token_id 0,
+    HF would otherwise mask the prompt's own zeros."""
+    import torch
+
+    async def together():
+        return await asyncio.gather(*[collect(engine, ids=p, max_tokens=max_tokens, temperature=0.0,
+                                              ignore_eos=True) for p in prompts])
+    for p, (toks, _, _) in zip(prompts, run(together())):
+        ids = torch.tensor([p], device=hf.device)
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                          min_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert toks == ref, (p, toks, ref)

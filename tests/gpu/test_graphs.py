@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from engine_helpers import collect, replay_vs_eager, run
+from engine_helpers import assert_greedy_matches_hf, collect, replay_vs_eager, run
 from replica import Engine, EngineConfig, SamplingParams
 from replica.graphs import CaptureClosedError
 from replica.worker import EngineCore
@@ -126,15 +126,7 @@ def test_qwen2_layout_graphs_match_hf_generate_on_gpu(tmp_path):
     gen = torch.Generator().manual_seed(3)
     prompts = _prompts(5, gen) + [list(range(30, 200))]       # one long enough for several splits
     try:
-        async def together():
-            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=24, temperature=0.0,
-                                                  ignore_eos=True) for p in prompts])
-        for p, (toks, _, _) in zip(prompts, run(together())):
-            ids = torch.tensor([p], device="cuda")   # explicit mask: pad 0 would mask prompt zeros
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                              min_new_tokens=24, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist()
-            assert toks == ref
+        assert_greedy_matches_hf(eng, hf, prompts, max_tokens=24)
         s = eng.stats()
         assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
         assert s.mixed_graph_steps > 0

@@ -7,14 +7,13 @@ the graphs must give HF generate's tokens, and the probe must find the whole sta
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from unittest import mock
 
 import pytest
 import torch
 
-from engine_helpers import collect, run
+from engine_helpers import assert_greedy_matches_hf
 from replica import Engine, EngineConfig
 from replica.graphs import WARMUP_LAYERS
 from replica.models.llama import LlamaModel
@@ -34,15 +33,7 @@ def test_layers_never_warmed_capture_and_match_hf_generate(tmp_path):
     try:
         assert len(eng.core.runner.model.layers) == layers
         assert eng.core.runner.mixed.graphs, "mixed-step graphs were captured"
-
-        async def together():
-            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=16, temperature=0.0,
-                                                  ignore_eos=True) for p in prompts])
-        for p, (toks, _, _) in zip(prompts, run(together())):
-            ids = torch.tensor([p], device="cuda")
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            assert toks == ref
+        assert_greedy_matches_hf(eng, hf, prompts, max_tokens=16)
         s = eng.stats()
         assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
         assert s.mixed_graph_steps > 0

@@ -34,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import common as C  # noqa: E402
+from benchmarks import roofline as RF  # noqa: E402
 
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
@@ -103,24 +104,12 @@ def profiled_build(model: str, msl: int, device: str, extra: dict, top: int) -> 
     return rec
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", default="llama-8b")
-    ap.add_argument("--max-seq-len", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--import-runs", type=int, default=2)
-    ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--bytecode-runs", type=int, default=0,
-                    help="time `import torch, triton` N times plain and N+1 from a bytecode cache")
-    a = ap.parse_args()
-    cuda = a.device.startswith("cuda")
-    extra = {} if cuda else {"batch_buckets": (1, 2, 4), "block_size": 8}
-    rec = {"env": C.env_info(a.device), "args": vars(a), "python_start_s": python_floor(),
+def import_views(a) -> dict:
+    """The import-time views: interpreter start, the engine process's imports, torch alone, and
+    (--bytecode-runs) plain vs cached bytecode."""
+    rec = {"python_start_s": python_floor(),
            "imports": [import_profile("replica.model_runner", a.top) for _ in range(a.import_runs)],
-           "torch_only": [import_profile("torch", 10) for _ in range(a.import_runs)], "models": {}}
+           "torch_only": [import_profile("torch", 10) for _ in range(a.import_runs)]}
     if a.bytecode_runs:
         with tempfile.TemporaryDirectory() as prefix:
             rec["bytecode"] = bytecode_effect(a.bytecode_runs, prefix)
@@ -131,20 +120,45 @@ def main() -> None:
           [round(r["wall_s"], 2) for r in rec["torch_only"]], "s")
     for r in rec["imports"][-1]["top"][:12]:
         C.log(f"  {'  ' * r['depth']}{r['module']}: {r['cumulative_s']:.2f} s")
+    return rec
+
+
+def model_views(name: str, a, extra: dict) -> dict:
+    """`--repeats` process-backend builds of one model (a preset name or a checkpoint directory),
+    each with the ready bar, and (--profile) a cProfiled thread-backend build."""
+    model = f"random:{name}" if name in RF.PRESETS else name
+    builds = [build(model, a.max_seq_len, a.device, "process", extra) for _ in range(a.repeats)]
+    for b in builds:
+        st = b["startup"]
+        b["ready_bar"] = st["ready_seconds"] < 5.0 + st["load_seconds"]
+        C.log(name, {k: C.rnd(v, 2) for k, v in st.items() if k.endswith("seconds")}, "bar", b["ready_bar"])
+    rec = {"builds": builds}
+    if a.profile:
+        rec["profile"] = profiled_build(model, a.max_seq_len, a.device, extra, a.top)
+        print("\n".join(rec["profile"]["profile"][:a.top + 12]))
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", default="llama-8b", help="comma list of presets or checkpoint directories")
+    ap.add_argument("--max-seq-len", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--import-runs", type=int, default=2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--bytecode-runs", type=int, default=0,
+                    help="time `import torch, triton` N times plain and N+1 from a bytecode cache")
+    a = ap.parse_args()
+    extra = {} if a.device.startswith("cuda") else {"batch_buckets": (1, 2, 4), "block_size": 8}
+    out = C.out_path(a.out, "startup.json")
+    rec = {"env": C.env_info(a.device), "args": vars(a), **import_views(a), "models": {}}
     for name in a.models.split(","):
-        model = f"random:{name}" if cuda or not name.startswith(("random:", "/")) else name
-        builds = [build(model, a.max_seq_len, a.device, "process", extra) for _ in range(a.repeats)]
-        for b in builds:
-            st = b["startup"]
-            b["ready_bar"] = st["ready_seconds"] < 5.0 + st["load_seconds"]
-            C.log(name, {k: C.rnd(v, 2) for k, v in st.items() if k.endswith("seconds")}, "bar", b["ready_bar"])
-        rec["models"][name] = {"builds": builds}
-        if a.profile:
-            p = profiled_build(model, a.max_seq_len, a.device, extra, a.top)
-            rec["models"][name]["profile"] = p
-            print("\n".join(p["profile"][:a.top + 12]))
-        C.write_json(C.out_path(a.out, "startup.json"), rec)
-    C.write_json(C.out_path(a.out, "startup.json"), rec)
+        rec["models"][name] = model_views(name, a, extra)
+        C.write_json(out, rec)
+    C.write_json(out, rec)
 
 
 if __name__ == "__main__":

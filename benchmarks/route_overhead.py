@@ -11,7 +11,8 @@ each request that long before answering, so the routers rank with that many requ
 - CPU ms per request of the ingress, replica and proxy processes (/proc, this host);
 - the replicas' arrival p50 / p99: from the ingress's stamp (`PromptBatch.sent_at`, before it
   hashes the prompt's blocks for the hint) to the replica's runner, from the replicas'
-  `arrival_ms_counts` (log-spaced buckets, 26% wide).
+  `arrival_ms_counts` (log-spaced buckets, 26% wide);
+- with --count-tasks, the actor tasks each router caused on replicas and proxies (Ray's state API).
 It prints ours / default ratios. Numbers are for this host's CPUs; the point is the difference
 between the routers on identical requests.
 
@@ -107,6 +108,15 @@ async def send(url: str, n: int, concurrency: int, prompt_tokens: int) -> list[f
     return latencies
 
 
+def task_counts(enabled: bool) -> dict[str, int]:
+    """Actor tasks run so far, by name (Ray's state API; needs the dashboard and Serve's task
+    events, both on with --count-tasks); {} when off."""
+    if not enabled:
+        return {}
+    from ray.util.state import summarize_tasks
+    return {name: sum(v["state_counts"].values()) for name, v in summarize_tasks()["cluster"]["summary"].items()}
+
+
 def measure(router: str, a) -> dict:
     from ray import serve
     handle = deploy(router, a.port)
@@ -114,15 +124,20 @@ def measure(router: str, a) -> dict:
     asyncio.run(send(url, 8, 8, a.prompt_tokens))             # warm-up, not measured
     out = {}
     for conc in a.concurrency:
-        before, cpu_before = arrival_counts(handle), cpu_seconds_by_kind()
+        before, cpu_before, tasks_before = arrival_counts(handle), cpu_seconds_by_kind(), task_counts(a.count_tasks)
         lat = asyncio.run(send(url, a.requests, conc, a.prompt_tokens))
         cpu = {k: (v - cpu_before[k]) * 1e3 / max(len(lat), 1) for k, v in cpu_seconds_by_kind().items()}
+        if a.count_tasks:
+            time.sleep(3)                                     # task events reach the state API late
+        tasks = {k: n - tasks_before.get(k, 0) for k, n in task_counts(a.count_tasks).items()
+                 if n > tasks_before.get(k, 0) and k.startswith(("ServeReplica", "ProxyActor"))}
         per_replica = {k: difference(v, before.get(k, [])) for k, v in arrival_counts(handle).items()}
         arrival = [sum(c) for c in zip(*per_replica.values())]
         out[str(conc)] = {"client_ms_p50": C.percentile(lat, 50), "client_ms_p99": C.percentile(lat, 99),
                           "arrival_ms_p50": hist_percentile(arrival, 50),
                           "arrival_ms_p99": hist_percentile(arrival, 99), "requests": len(lat),
                           "split": sorted((sum(c) for c in per_replica.values()), reverse=True),
+                          **({"actor_tasks": tasks} if a.count_tasks else {}),
                           **{f"cpu_ms_per_request_{k}": v for k, v in cpu.items()}}
         print(f"{router:8s} concurrency {conc:3d}: client p50 {out[str(conc)]['client_ms_p50']:6.2f} "
               f"p99 {out[str(conc)]['client_ms_p99']:6.2f} ms, arrival p50 {out[str(conc)]['arrival_ms_p50']:.2f} "
@@ -140,13 +155,18 @@ def main(argv=None) -> None:
     ap.add_argument("--routers", default="default,ours", help="in run order")
     ap.add_argument("--hold-s", type=float, default=0.0, help="seconds the engine holds each request")
     ap.add_argument("--port", type=int, default=8124)
+    ap.add_argument("--count-tasks", action="store_true",
+                    help="count the actor tasks each router causes (starts the dashboard; slower)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     import ray
     from ray import serve
     os.environ[HOLD_ENV] = str(a.hold_s)
+    if a.count_tasks:
+        os.environ["RAY_SERVE_ENABLE_TASK_EVENTS"] = "1"   # Serve turns replicas' task events off
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    ray.init(address="local", num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_gpus=2, include_dashboard=a.count_tasks, log_to_driver=False,
+             logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config={"log_level": "WARNING"})
     res = {"env": C.env_info("cpu"), "args": vars(a), "routers": {}}
     try:
@@ -159,7 +179,7 @@ def main(argv=None) -> None:
         return _save(res, a.out)
     res["ours_over_default"] = {
         conc: {k: (res["routers"]["ours"][conc][k] / v if v else None)
-               for k, v in res["routers"]["default"][conc].items() if k not in ("requests", "split")}
+               for k, v in res["routers"]["default"][conc].items() if k not in ("requests", "split", "actor_tasks")}
         for conc in res["routers"]["default"]}
     for conc, r in res["ours_over_default"].items():
         print(f"ours/default at concurrency {conc}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v))

@@ -83,3 +83,11 @@ def assert_greedy_matches_hf(engine, hf, prompts, max_tokens):
                           min_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(p):].tolist()
         assert toks == ref, (p, toks, ref)
+
+
+def assert_steps_replayed_graphs(engine):
+    """Every pure-decode step so far replayed a graph, and some mixed steps replayed the piecewise
+    mixed-step graphs."""
+    s = engine.stats()
+    assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+    assert s.mixed_graph_steps > 0, (s.mixed_graph_steps, s.mixed_steps)

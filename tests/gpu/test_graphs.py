@@ -15,7 +15,8 @@ from unittest import mock
 import pytest
 import torch
 
-from engine_helpers import assert_greedy_matches_hf, collect, replay_vs_eager, run
+from engine_helpers import (assert_greedy_matches_hf, assert_steps_replayed_graphs, collect,
+                            replay_vs_eager, run)
 from replica import Engine, EngineConfig, SamplingParams
 from replica.graphs import CaptureClosedError
 from replica.worker import EngineCore
@@ -127,9 +128,7 @@ def test_qwen2_layout_graphs_match_hf_generate_on_gpu(tmp_path):
     prompts = _prompts(5, gen) + [list(range(30, 200))]       # one long enough for several splits
     try:
         assert_greedy_matches_hf(eng, hf, prompts, max_tokens=24)
-        s = eng.stats()
-        assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
-        assert s.mixed_graph_steps > 0
+        assert_steps_replayed_graphs(eng)
     finally:
         eng.shutdown()
 

@@ -35,6 +35,14 @@ from replica.stats import StartupReport
 
 log = logging.getLogger("replica")
 
+# An eager mixed step runs its matmuls at a multiple of this many rows (zero-padded; the model
+# skips padding in attention). cuBLAS chooses a GEMM algorithm per shape and remembers it: a row
+# count it has not seen costs ~110 us more host time per GEMM call (H200 host, 31 vs 141 us
+# median, results/step_profile-*.json), and a mixed step's token count is new almost every
+# step, 129 GEMMs per llama-8b step. Padding to 16 bounds the shapes to budget / 16 and costs
+# 8 rows of GPU work on average.
+EAGER_MIXED_ROWS = 16
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -246,6 +254,10 @@ class ModelRunner:
         cols = [d.tokens + c.tokens, d.positions + c.positions, d.slots + c.slots, tok_rows, d.src,
                 logit_rows, d.table_rows + [c.table_rows[i] for i in picked],
                 d.steps + [c.steps[i] for i in picked]]
+        size = self.mixed.fits(len(cols[0]))
+        if not size:   # eager: tokens, positions, slots padded to the rows every matmul sees
+            pad = [0] * (-len(cols[0]) % EAGER_MIXED_ROWS)
+            cols[:3] = [x + pad for x in cols[:3]]
         # Each column starts 16-byte aligned in the one H2D buffer (int64: an even offset): Triton
         # compiles a pointer's 16-byte alignment into the kernel, so a column at an odd offset (an
         # odd token count) would need a second variant of the rope kernel, JIT-compiled mid-run.
@@ -257,10 +269,10 @@ class ModelRunner:
         if nd:   # decode rows whose input is still on the device
             tokens = tokens.clone()
             tokens[:nd] = torch.where(src >= 0, self.out.tokens[src.clamp(min=0)], tokens[:nd])
-        self.kv.write_table(rows, positions, slots)
+        n = len(rows)
+        self.kv.write_table(rows, positions[:n], slots[:n])
         meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d.positions] + c.kv_lens,
                                    d.table_rows + c.table_rows, self.device)
-        size = self.mixed.fits(len(tokens))
         if size:
             logits = self.mixed.run(size, tokens, positions, slots, meta, logit_rows_t)
         else:

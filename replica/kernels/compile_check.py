@@ -78,10 +78,8 @@ def _fused(arch: int) -> dict:
         p = "*" + dt
         types = dict(qkv_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                      slot_ptr="*i64", q_ptr=p, k_ptr=p, v_ptr=p, **{n: "i32" for n in ints})
-        half = triton.next_power_of_2(hd // 2)
-        consts = dict(NUM_HEADS=h, NUM_KV_HEADS=kvh, HEAD_DIM=hd, HALF_BLOCK=half, BLOCK_SIZE=16)
-        k = _compile(fused._rope_store_kv_kernel, types, consts, arch, 1 if half <= 64 else 2,
-                     aligned=hd % 16 == 0)
+        consts, warps = fused.rope_launch_config(h, kvh, hd, 16)
+        k = _compile(fused._rope_store_kv_kernel, types, consts, arch, warps, aligned=hd % 16 == 0)
         out[f"rope_store_kv_paged.{dt}_hd{hd}"] = _resources(k)
     return out
 

@@ -108,49 +108,58 @@ def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# rope_store_kv_paged: grid (N, H + KVH). Program (n, j): j < H rotates q head j into q_out;
-# j >= H rotates k head j-H into the k cache and copies v head j-H into the v cache. In qkv the k
-# head kh lives at column (H + kh) * hd, i.e. at j * hd, like the q heads. The caches are paged
-# [num_blocks, KVH, BLOCK_SIZE, hd]; slot is a flat token address written at
+# rope_store_kv_paged: grid (N, 2). Program (n, 0) rotates all H query heads of token n into q_out as
+# one [H, hd/2] tile pair; program (n, 1) rotates the KVH key heads into the k cache and copies the
+# value heads into the v cache. (One program per (token, head) before: 40 programs of 64 elements
+# per llama-8b token, ~1 TB/s on an H200 at 2560 tokens, where whole-row tiles stream at the copy
+# rate.) In qkv, head j (q heads, then k heads, then v heads) starts at column j * hd. The caches
+# are paged [num_blocks, KVH, BLOCK_SIZE, hd]; slot is a flat token address written at
 # [slot // BLOCK_SIZE, :, slot % BLOCK_SIZE] (positions only drive the rotation).
+@triton.jit
+def _rotate(src, cos, sin, offs, mask, half):
+    # rows of src [heads, hd] -> (first halves, second halves) rotated, fp32 [heads, HALF_BLOCK]
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin   # out[i] = x[i] c - x[i + hd/2] s, and its pair
+
+
 @triton.jit
 def _rope_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                           stride_qkv, stride_cos, stride_sin, stride_qn, stride_qh,
                           stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     half = HEAD_DIM // 2
     offs = tl.arange(0, HALF_BLOCK)
-    mask = offs < half
+    d_mask = offs < half
     pos = tl.load(pos_ptr + row)
-    c = tl.load(cos_ptr + pos * stride_cos + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_sin + offs, mask=mask, other=0.0).to(tl.float32)
-    src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c - x2 * s   # out[i]        = x[i] c[i] - x[i + hd/2] s[i]
-    o2 = x2 * c + x1 * s   # out[i + hd/2] = x[i + hd/2] c[i] + x[i] s[i]
-    if head < NUM_HEADS:
-        dst = q_ptr + row * stride_qn + head * stride_qh
-        tl.store(dst + offs, o1.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + half + offs, o2.to(q_ptr.dtype.element_ty), mask=mask)
+    c = tl.load(cos_ptr + pos * stride_cos + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sin + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    src = qkv_ptr + row * stride_qkv
+    if tl.program_id(1) == 0:
+        heads = tl.arange(0, BLOCK_H)
+        q_mask = (heads < NUM_HEADS)[:, None] & d_mask[None, :]
+        q1, q2 = _rotate(src + heads[:, None] * HEAD_DIM, c, s, offs[None, :], q_mask, half)
+        q_dst = q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs[None, :]
+        tl.store(q_dst, q1.to(q_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(q_dst + half, q2.to(q_ptr.dtype.element_ty), mask=q_mask)
     else:
-        kvh = head - NUM_HEADS
+        kvh = tl.arange(0, BLOCK_KVH)
+        mask = (kvh < NUM_KV_HEADS)[:, None] & d_mask[None, :]
         slot = tl.load(slot_ptr + row)  # int64: slot * stride may exceed 2**31
         blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        kdst = k_ptr + blk * stride_ks + kvh * stride_kh + off * stride_kl
-        tl.store(kdst + offs, o1.to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(kdst + half + offs, o2.to(k_ptr.dtype.element_ty), mask=mask)
-        # v head kvh: copied unrotated, both halves
-        vsrc = qkv_ptr + row * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kvh) * HEAD_DIM
-        vdst = v_ptr + blk * stride_vs + kvh * stride_vh + off * stride_vl
-        v1 = tl.load(vsrc + offs, mask=mask, other=0.0)
-        v2 = tl.load(vsrc + half + offs, mask=mask, other=0.0)
-        tl.store(vdst + offs, v1.to(v_ptr.dtype.element_ty), mask=mask)
-        tl.store(vdst + half + offs, v2.to(v_ptr.dtype.element_ty), mask=mask)
+        o1, o2 = _rotate(src + (NUM_HEADS + kvh)[:, None] * HEAD_DIM, c, s, offs[None, :], mask, half)
+        kdst = k_ptr + blk * stride_ks + off * stride_kl + kvh[:, None] * stride_kh + offs[None, :]
+        tl.store(kdst, o1.to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(kdst + half, o2.to(k_ptr.dtype.element_ty), mask=mask)
+        # value heads: copied unrotated, both halves
+        vsrc = src + (NUM_HEADS + NUM_KV_HEADS + kvh)[:, None] * HEAD_DIM + offs[None, :]
+        vdst = v_ptr + blk * stride_vs + off * stride_vl + kvh[:, None] * stride_vh + offs[None, :]
+        tl.store(vdst, tl.load(vsrc, mask=mask, other=0.0).to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(vdst + half, tl.load(vsrc + half, mask=mask, other=0.0).to(v_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def rope_supported(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -170,21 +179,29 @@ def rope_paged_supported(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             and bs > 0 and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape)
 
 
+def rope_launch_config(num_heads: int, num_kv_heads: int, hd: int, block_size: int) -> tuple[dict, int]:
+    """(constexprs, num_warps) of the rope kernel: the q program's tile is [H, hd/2] twice, one
+    warp per 512 elements of it (llama-8b: 4 warps), 1 to 8."""
+    half, block_h = triton.next_power_of_2(hd // 2), triton.next_power_of_2(num_heads)
+    consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=hd, HALF_BLOCK=half,
+                  BLOCK_H=block_h, BLOCK_KVH=triton.next_power_of_2(num_kv_heads), BLOCK_SIZE=block_size)
+    return consts, max(1, min(8, block_h * half // 512))
+
+
 def _launch_rope(qkv, cos, sin, positions, slots, k_cache, v_cache, num_heads, num_kv_heads, out,
                  block_size):
     n = qkv.shape[0]
     hd = k_cache.shape[-1]
     if out is None:
         out = torch.empty((n, num_heads, hd), dtype=qkv.dtype, device=qkv.device)
-    half_block = triton.next_power_of_2(hd // 2)
-    grid = (n, num_heads + num_kv_heads)
+    consts, num_warps = rope_launch_config(num_heads, num_kv_heads, hd, block_size)
+    grid = (n, 2)
     _rope_store_kv_kernel[grid](
         qkv, cos, sin, positions, slots, out, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=hd, HALF_BLOCK=half_block,
-        BLOCK_SIZE=block_size, num_warps=1 if half_block <= 64 else 2)
+        num_warps=num_warps, **consts)
     return out
 
 

@@ -178,9 +178,22 @@ class LlamaModel:
         """One eager forward over packed chunks (prefill chunks and 1-token decode rows alike):
         `meta` (kernels.PrefillMeta) says where each chunk starts and how much KV it sees; token n
         attends causally within its chunk and to its sequence's earlier KV. One weight read serves
-        every chunk. Returns the logits [len(logit_rows), V] of the rows `logit_rows` (int64)."""
+        every chunk. Returns the logits [len(logit_rows), V] of the rows `logit_rows` (int64).
+        Rows past `meta.num_tokens` are padding (token 0 at position 0, K/V to slot 0 in the
+        scratch block): every matmul runs them, attention skips them (their output is zero), and
+        no real row reads them."""
+        n = meta.num_tokens
+        padded = None
+        if tokens.shape[0] > n:
+            s = self.shape
+            padded = torch.zeros(tokens.shape[0], s.num_heads, s.head_dim, dtype=self.dtype, device=self.device)
+
         def attend(q, k_cache, v_cache):
-            return K.paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, meta, self.scale)
+            if padded is None:
+                return K.paged_prefill_attention(q, k_cache, v_cache, kv.block_tables, meta, self.scale)
+            # one buffer for every layer: layer i's o-proj reads it before layer i + 1 writes it
+            K.paged_prefill_attention(q[:n], k_cache, v_cache, kv.block_tables, meta, self.scale, out=padded[:n])
+            return padded
 
         h = self._layers(self.embed[tokens], positions, slots, kv, attend)
         return F.linear(h[logit_rows], self.lm_head)

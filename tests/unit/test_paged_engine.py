@@ -8,6 +8,7 @@ import random
 
 from engine_helpers import collect, run
 from replica import Engine, EngineConfig
+from replica.model_runner import EAGER_MIXED_ROWS
 from test_engine_vs_hf import hf_greedy
 
 
@@ -76,14 +77,17 @@ def test_mixed_steps_and_growth_to_max_seq_len_match_hf(tiny_llama_dir):
         model, seen = eng.core.runner.model, []
         forward = model.forward_mixed
 
-        def watched(tokens, positions, slots, *rest):       # what the rope kernel gets pointers to
-            seen.append((tokens.numel(), positions.data_ptr() % 16, slots.data_ptr() % 16))
-            return forward(tokens, positions, slots, *rest)
+        def watched(tokens, positions, slots, meta, *rest):  # what the rope kernel gets pointers to
+            seen.append((meta.num_tokens, tokens.numel(), positions.data_ptr() % 16, slots.data_ptr() % 16))
+            return forward(tokens, positions, slots, meta, *rest)
         model.forward_mixed = watched
         got = _greedy_all(eng, prompts, 40)                  # the first reaches max_seq_len at 14 tokens
         # every mixed step's columns start 16-byte aligned, odd token counts included (Triton
-        # compiles pointer alignment into a kernel: one variant, compiled at startup)
-        assert any(n % 2 for n, _, _ in seen) and all(a == b == 0 for _, a, b in seen), seen
+        # compiles pointer alignment into a kernel: one variant, compiled at startup); the rows
+        # the matmuls see are padded to a multiple of EAGER_MIXED_ROWS (cuBLAS: few shapes)
+        assert any(n % 2 for n, _, _, _ in seen) and all(a == b == 0 for _, _, a, b in seen), seen
+        assert all(rows % EAGER_MIXED_ROWS == 0 and n <= rows < n + EAGER_MIXED_ROWS for n, rows, _, _ in seen)
+        assert any(rows > n for n, rows, _, _ in seen), "no step was padded"
         assert got[0] == hf_greedy(hf, prompts[0], 14)
         assert got[1] == hf_greedy(hf, prompts[1], 40) and got[2] == hf_greedy(hf, prompts[2], 33)
         s = eng.stats()

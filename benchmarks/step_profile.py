@@ -1,0 +1,306 @@
+"""Where a loaded engine's GPU time goes, by kernel kind, in the burst's mixed and decode steps.
+
+engine_capacity says how far a burst is from its roofline; this says which kernels the gap is
+in. It builds the engine as a replica does (`EngineCore`: sizing, ladder, graphs), submits
+engine_capacity's seeded burst, steps it by hand, and runs the torch profiler (CUPTI) over a
+window of mixed steps and a window of full-batch decode steps. For each window it reports:
+- wall time per step, and GPU kernel time per step by kind (gemm, attention, elementwise, other);
+- the GEMMs' achieved TFLOP/s against the rate measured in the same run (8192^3);
+- the top kernels by time.
+
+`--gemm-sweep` also times the model's four projection GEMMs at every token count from
+`--sweep-lo` to `--sweep-hi` in steps of `--sweep-step`, each against the same GEMM with its
+row count padded up to a multiple of 128: cuBLAS picks a kernel per shape, and some row counts
+run far below the rate of their neighbours (448 rows ran at half the rate of 512 in session 7).
+
+    python3 benchmarks/step_profile.py --model llama-8b --out $OUT/step_profile.json --gemm-sweep   # GPU
+    python3 benchmarks/step_profile.py --model tiny --device cpu --burst 24 --lo 8 --hi 16           # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import pstats
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common as C  # noqa: E402
+from benchmarks import roofline as RF  # noqa: E402
+from benchmarks.decode_shapes import timed_ms  # noqa: E402
+from benchmarks.engine_capacity import burst_requests  # noqa: E402
+
+from replica import EngineConfig, SamplingParams  # noqa: E402
+from replica.presets import PRESETS  # noqa: E402
+from replica.sequence import Sequence  # noqa: E402
+from replica.worker import EngineCore  # noqa: E402
+
+KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm100")),
+         ("attention", ("decode_split", "decode_combine", "prefill_kernel", "prefill_merge", "attention")),
+         ("elementwise", ("rms_norm", "silu_mul", "rope_store", "elementwise", "index", "copy", "fill",
+                          "reduce", "argmax", "cat", "gather", "scatter")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, needles in KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other"
+
+
+def host_launch_probe(device: str, hidden: int = 4096, out: int = 28672, calls: int = 40) -> dict:
+    """Host microseconds of one F.linear launch with the GPU idle (synchronized first), at a fixed
+    row count and at a new row count every call (an eager mixed step's token count changes every
+    step): what the host pays per GEMM before the kernel is queued."""
+    if device != "cuda":
+        return {}
+    w = torch.randn(out, hidden, device=device, dtype=torch.bfloat16)
+    x = torch.randn(4096, hidden, device=device, dtype=torch.bfloat16)
+    res = {}
+    for label, rows in (("fixed_rows", [2560] * calls), ("new_rows_each_call", [2000 + 7 * i for i in range(calls)]),
+                        ("rows_multiple_of_64", [2048 + 64 * (i % 8) for i in range(calls)])):
+        F.linear(x[:rows[0]], w)
+        ts = []
+        for m in rows:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            F.linear(x[:m], w)
+            ts.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        res[label] = {"median_us": sorted(ts)[len(ts) // 2] * 1e6, "max_us": max(ts) * 1e6,
+                      "first_us": ts[0] * 1e6}
+    return res
+
+
+def timed_steps(core: EngineCore, steps: int, device: str, sync_first: bool = False) -> dict:
+    """Run `steps` engine steps without the profiler; wall and host time per step by phase
+    (`collect` is the host waiting for the step before: the GPU is ahead when it is large)."""
+    phases = collections.Counter()
+    targets = {"schedule": core.scheduler, "launch": core.runner, "collect": core.runner,
+               "postprocess": core.scheduler}
+    originals = {name: getattr(obj, name) for name, obj in targets.items()}
+
+    launch_profile = cProfile.Profile()
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            if sync_first and name == "launch":
+                C.sync(device)                 # the GPU idle: launch's own host time, no queue waits
+            t = time.perf_counter()
+            if name == "launch":
+                launch_profile.enable()
+            try:
+                return fn(*args, **kw)
+            finally:
+                if name == "launch":
+                    launch_profile.disable()
+                phases[name] += time.perf_counter() - t
+        return wrapper
+    for name, obj in targets.items():
+        setattr(obj, name, timed(name, originals[name]))
+    alloc0 = allocator_counts(device)
+    try:
+        mixed0 = core.tokens["mixed_steps"]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        C.sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        for name, obj in targets.items():
+            delattr(obj, name)                 # the instance attribute goes; the method is back
+    n = max(1, steps)
+    alloc1 = allocator_counts(device)
+    text = io.StringIO()
+    if launch_profile.getstats():
+        pstats.Stats(launch_profile, stream=text).sort_stats("tottime").print_stats(12)
+    return {"steps": steps, "mixed_steps": core.tokens["mixed_steps"] - mixed0, "wall_ms_per_step": wall / n * 1e3,
+            "host_ms_per_step": {k: v / n * 1e3 for k, v in phases.items()},
+            "allocator_calls": {k: alloc1[k] - alloc0.get(k, 0) for k in alloc1},
+            "launch_cprofile_top": text.getvalue().splitlines()[-20:]}
+
+
+def allocator_counts(device: str) -> dict:
+    """CUDA caching allocator and pinned host allocator counters (cudaMalloc/cudaFree and retries
+    synchronize the device: a step that makes them waits for the one before)."""
+    if device != "cuda":
+        return {}
+    dev = torch.cuda.memory_stats()
+    out = {k: dev.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                       "num_sync_all_streams")}
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    out.update({f"host_{k}": host.get(k, 0) for k in ("num_host_alloc", "num_host_free")})
+    return out
+
+
+def kernel_gaps(kernels: list, top: int = 6) -> dict:
+    """Idle time between consecutive kernels (start-sorted, [start_us, end_us, name]) and the
+    largest gaps with their neighbours: where the GPU waited for the host."""
+    kernels.sort()
+    gaps, idle, end = [], 0.0, None
+    for start, stop, name in kernels:
+        if end is not None and start > end[0]:
+            idle += start - end[0]
+            gaps.append((start - end[0], end[1][:60], name[:60]))
+        if end is None or stop > end[0]:
+            end = (stop, name)
+    gaps.sort(reverse=True)
+    return {"idle_ms": idle / 1e3, "span_ms": (kernels[-1][1] - kernels[0][0]) / 1e3 if kernels else 0.0,
+            "gaps_over_50us": sum(1 for g in gaps if g[0] > 50),
+            "largest": [{"us": g[0], "after": g[1], "before": g[2]} for g in gaps[:top]]}
+
+
+def profile_steps(core: EngineCore, steps: int, device: str) -> dict:
+    """Run `steps` engine steps under the profiler; kernel time by kind and the top kernels."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    kinds = collections.Counter()
+    mixed0, decode0 = core.tokens["mixed_steps"], sum(core.steps.values())
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        C.sync(device)
+        wall = time.perf_counter() - t0
+    per_kernel = collections.Counter()
+    counts = collections.Counter()
+    spans = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            per_kernel[ev.name] += us
+            counts[ev.name] += 1
+            spans.append([ev.time_range.start, ev.time_range.end, ev.name])
+    for name, us in per_kernel.items():
+        kinds[kernel_kind(name)] += us
+    host_self = collections.Counter()
+    for ev in prof.key_averages():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            host_self[ev.key] += ev.self_cpu_time_total
+    n = max(1, steps)
+    return {"steps": steps, "mixed_steps": core.tokens["mixed_steps"] - mixed0,
+            "decode_steps": sum(core.steps.values()) - decode0,
+            "wall_ms_per_step": wall / n * 1e3,
+            "gpu_ms_per_step": {k: us / n / 1e3 for k, us in sorted(kinds.items())},
+            "gpu_busy_fraction": sum(kinds.values()) / 1e6 / wall if wall else None,
+            "gaps": kernel_gaps(spans) if spans else None,
+            "top_kernels": [{"name": name[:120], "ms_per_step": us / n / 1e3, "calls_per_step": counts[name] / n}
+                            for name, us in per_kernel.most_common(15)],
+            "top_host_self_ms_per_step": {name[:80]: us / n / 1e3 for name, us in host_self.most_common(15)}}
+
+
+def run_burst(a) -> dict:
+    core = EngineCore(EngineConfig(model=f"random:{a.model}", device=a.device, max_seq_len=a.max_seq_len))
+    reqs = burst_requests(a.burst, a.lo, a.hi, a.seed)
+    for i, (prompt, out) in enumerate(reqs):
+        core.scheduler.submit(Sequence(f"r{i}", prompt, SamplingParams(max_tokens=out, temperature=0.0,
+                                                                       ignore_eos=True), i))
+    rec = {"requests": len(reqs), "prompt_tokens": sum(len(p) for p, _ in reqs),
+           "output_tokens": sum(o for _, o in reqs), "buckets": list(core.runner.plan.buckets),
+           "step_token_budget": core.runner.step_token_budget}
+    C.sync(a.device)
+    t0 = time.perf_counter()
+    for _ in range(a.skip):                               # let the first mixed steps settle
+        core.step()
+    rec["mixed_launch_gpu_idle"] = timed_steps(core, 4, a.device, sync_first=True)
+    rec["mixed_unprofiled"] = timed_steps(core, a.window, a.device)
+    rec["mixed_window"] = profile_steps(core, a.window, a.device)
+    while core.scheduler.waiting or any(s.num_computed < len(s.prompt_ids)
+                                        for s in core.scheduler.running.values()):
+        core.step()                                       # finish admitting: decode at full width next
+    for _ in range(3):
+        core.step()
+    rec["decode_unprofiled"] = timed_steps(core, a.window, a.device)
+    rec["decode_window"] = profile_steps(core, a.window, a.device)
+    while core.has_work():
+        core.step()
+    C.sync(a.device)
+    rec["burst_wall_s"] = time.perf_counter() - t0
+    rec["mixed_steps"] = core.tokens["mixed_steps"]
+    rec["decode_steps"] = sum(core.steps.values())
+    return rec
+
+
+def gemm_sweep(a, gemm_tflops: float) -> list[dict]:
+    p = PRESETS[a.model]
+    d, inter, h, kvh = p["hidden_size"], p["intermediate_size"], p["num_attention_heads"], p["num_key_value_heads"]
+    hd = d // h
+    dt = torch.bfloat16 if a.device == "cuda" else torch.float32
+    shapes = {"wqkv": ((h + 2 * kvh) * hd, d), "wo": (d, h * hd), "w13": (2 * inter, d), "w2": (d, inter)}
+    weights = {k: torch.randn(o, i, device=a.device, dtype=dt) * 0.02 for k, (o, i) in shapes.items()}
+    biggest = -(-a.sweep_hi // 128) * 128
+    xs = {i: torch.randn(biggest, i, device=a.device, dtype=dt) for i in {d, h * hd, inter}}
+    rows = []
+    for m in range(a.sweep_lo, a.sweep_hi + 1, a.sweep_step):
+        padded = -(-m // 128) * 128
+        flop = sum(2 * m * o * i for o, i in shapes.values())
+        ms = sum(timed_ms(lambda w=w, x=xs[w.shape[1]]: F.linear(x[:m], w), a.device, calls=4, replays=5)
+                 for w in weights.values())
+        ms_pad = sum(timed_ms(lambda w=w, x=xs[w.shape[1]]: F.linear(x[:padded], w), a.device, calls=4, replays=5)
+                     for w in weights.values()) if padded != m else ms
+        rows.append({"tokens": m, "ms": ms, "tflops": flop / ms / 1e9, "padded": padded, "padded_ms": ms_pad,
+                     "of_gemm_rate": flop / ms / 1e9 / gemm_tflops if gemm_tflops else None})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-seq-len", type=int, default=8192)
+    ap.add_argument("--burst", type=int, default=500)
+    ap.add_argument("--lo", type=int, default=200)
+    ap.add_argument("--hi", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", type=int, default=8, help="steps before the mixed window")
+    ap.add_argument("--window", type=int, default=12, help="steps per profiled window")
+    ap.add_argument("--gemm-sweep", action="store_true")
+    ap.add_argument("--sweep-lo", type=int, default=1800)
+    ap.add_argument("--sweep-hi", type=int, default=2700)
+    ap.add_argument("--sweep-step", type=int, default=13)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rec = {"env": C.env_info(a.device), "args": vars(a)}
+    rec["gemm_TFLOPs"] = gemm = RF.gemm_rate(a.device) / 1e12 if a.device == "cuda" else None
+    rec["burst"] = run_burst(a)
+    for w in ("mixed_window", "decode_window"):
+        r = rec["burst"][w]
+        C.log(f"{w}: {r['mixed_steps']} mixed + {r['decode_steps']} decode steps, wall {r['wall_ms_per_step']:.2f} "
+              f"ms/step, GPU " + ", ".join(f"{k} {v:.2f}" for k, v in r["gpu_ms_per_step"].items()))
+        for k in r["top_kernels"][:8]:
+            C.log(f"   {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:.0f}  {k['name']}")
+        C.log("   host self time: " + ", ".join(f"{k} {v:.2f}" for k, v in list(r["top_host_self_ms_per_step"].items())[:10]))
+        g = r["gaps"] or {}
+        C.log(f"   GPU idle {g.get('idle_ms', 0) / max(1, r['steps']):.2f} ms/step; largest gaps: "
+              + "; ".join(f"{x['us']:.0f} us after {x['after']}" for x in g.get("largest", [])[:4]))
+        u = rec["burst"][w.replace("window", "unprofiled")]
+        C.log(f"   unprofiled: {u['mixed_steps']} mixed of {u['steps']}, wall {u['wall_ms_per_step']:.2f} ms/step, "
+              "host " + ", ".join(f"{k} {v:.2f}" for k, v in u["host_ms_per_step"].items())
+              + f"; allocator {u['allocator_calls']}")
+        for line in u["launch_cprofile_top"]:
+            C.log("     " + line)
+    g = rec["burst"]["mixed_launch_gpu_idle"]
+    C.log(f"mixed steps launched on an idle GPU: host " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                     g["host_ms_per_step"].items()))
+    for line in g["launch_cprofile_top"]:
+        C.log("     " + line)
+    rec["linear_host_us"] = host_launch_probe(a.device)
+    C.log(f"F.linear host time per launch: {rec['linear_host_us']}")
+    if a.gemm_sweep:
+        rec["gemm_sweep"] = gemm_sweep(a, gemm or 0.0)
+        for r in rec["gemm_sweep"]:
+            C.log(f"tokens {r['tokens']:5d}: {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s; padded to {r['padded']}: "
+                  f"{r['padded_ms']:.3f} ms")
+    C.write_json(C.out_path(a.out, "step_profile"), rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,9 @@ window of mixed steps and a window of full-batch decode steps. For each window i
 - the GEMMs' achieved TFLOP/s against the rate measured in the same run (8192^3);
 - the top kernels by time.
 
-`--gemm-sweep` also times the model's four projection GEMMs at every token count from
+`--first-call-syncs` instead builds the engine and checks, for every GEMM shape an eager mixed
+step can run, whether its first call waits for the device (cuBLAS loading a kernel: it stalls
+the whole step queue). `--gemm-sweep` also times the model's four projection GEMMs at every token count from
 `--sweep-lo` to `--sweep-hi` in steps of `--sweep-step`, each against the same GEMM with its
 row count padded up to a multiple of 128: cuBLAS picks a kernel per shape, and some row counts
 run far below the rate of their neighbours (448 rows ran at half the rate of 512 in session 7).
@@ -77,6 +79,37 @@ def host_launch_probe(device: str, hidden: int = 4096, out: int = 28672, calls: 
         res[label] = {"median_us": sorted(ts)[len(ts) // 2] * 1e6, "max_us": max(ts) * 1e6,
                       "first_us": ts[0] * 1e6}
     return res
+
+
+def first_call_syncs(core: EngineCore, busy_ms: float = 20.0, step: int = 16) -> dict:
+    """After startup, the first call of each GEMM an eager mixed step can run (the four layer
+    GEMMs at every padded token count above the piecewise graphs' sizes, the lm_head at every
+    padded logit-row count) with `busy_ms` of work queued ahead of it: a call whose host time
+    reaches into that work waited for the device (a sync inside cuBLAS, e.g. loading a kernel)."""
+    from replica.model_runner import EAGER_MIXED_ROWS, LOGIT_ROWS
+    r, m = core.runner, core.runner.model
+    L, top = m.layers[0], r.step_token_budget
+    lo = (r.mixed.sizes[-1] if r.mixed.sizes else 0) + 1
+    x = {d: torch.zeros(top + EAGER_MIXED_ROWS, d, dtype=r.dtype, device=r.device)
+         for d in {L.wqkv.shape[1], L.w2.shape[1]}}
+    calls = [(f"layer {name}", rows, w) for rows in range(-(-lo // step) * step, top + 1, step)
+             for name, w in (("wqkv", L.wqkv), ("wo", L.wo), ("w13", L.w13), ("w2", L.w2))]
+    calls += [("lm_head", rows, m.lm_head) for rows in range(LOGIT_ROWS, r.rows + LOGIT_ROWS, LOGIT_ROWS)]
+    cycles = int(busy_ms * 1e-3 * torch.cuda.get_device_properties(r.device).clock_rate * 1e3)
+    synced = collections.Counter()
+    examples = []
+    with torch.inference_mode():
+        for name, rows, w in calls:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(cycles)
+            t = time.perf_counter()
+            F.linear(x[w.shape[1]][:rows], w)
+            host_ms = (time.perf_counter() - t) * 1e3
+            if host_ms > busy_ms / 4:
+                synced[name] += 1
+                examples.append((name, rows, round(host_ms, 1)))
+        torch.cuda.synchronize()
+    return {"calls": len(calls), "synced": dict(synced), "examples": examples[:20]}
 
 
 def timed_steps(core: EngineCore, steps: int, device: str, sync_first: bool = False) -> dict:
@@ -263,6 +296,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=8, help="steps before the mixed window")
     ap.add_argument("--window", type=int, default=12, help="steps per profiled window")
     ap.add_argument("--gemm-sweep", action="store_true")
+    ap.add_argument("--first-call-syncs", action="store_true",
+                    help="only: build the engine, then find the eager GEMM shapes whose first call waits for the device")
     ap.add_argument("--sweep-lo", type=int, default=1800)
     ap.add_argument("--sweep-hi", type=int, default=2700)
     ap.add_argument("--sweep-step", type=int, default=13)
@@ -270,6 +305,12 @@ def main() -> None:
     a = ap.parse_args()
     rec = {"env": C.env_info(a.device), "args": vars(a)}
     rec["gemm_TFLOPs"] = gemm = RF.gemm_rate(a.device) / 1e12 if a.device == "cuda" else None
+    if a.first_call_syncs:
+        core = EngineCore(EngineConfig(model=f"random:{a.model}", device=a.device, max_seq_len=a.max_seq_len))
+        rec["first_call_syncs"] = first_call_syncs(core)
+        C.log(f"first calls that waited for the device: {rec['first_call_syncs']}")
+        C.write_json(C.out_path(a.out, "step_profile"), rec)
+        return
     rec["burst"] = run_burst(a)
     for w in ("mixed_window", "decode_window"):
         r = rec["burst"][w]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from replica import kernels as K
 from replica import sizing
@@ -42,6 +43,11 @@ log = logging.getLogger("replica")
 # step, 129 GEMMs per llama-8b step. Padding to 16 bounds the shapes to budget / 16 and costs
 # 8 rows of GPU work on average.
 EAGER_MIXED_ROWS = 16
+# A mixed step's logits are computed for its sampled rows padded to a multiple of this, and the
+# lm_head GEMM runs once at every such count at startup: the first call at a new small row count
+# can load another cuBLAS kernel (lazy module loading), which waits for the whole queue, ~30 ms
+# of a loaded step's host time (H200: results/step_profile-*.json, benchmarks/step_profile.py).
+LOGIT_ROWS = 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +126,7 @@ class ModelRunner:
         size_s = time.perf_counter() - t0
         with torch.inference_mode():
             self.graphs.capture_all(self._fill_padding, log=log.info, also=self.mixed.capture)
+            logit_warmup_s = self._warm_logit_shapes()
         if self.mixed.graphs:
             log.info("mixed steps of up to %d tokens replay piecewise graphs (sizes %s, %.2f s)",
                      self.mixed.sizes[-1], list(self.mixed.sizes), self.mixed.capture_seconds)
@@ -133,7 +140,7 @@ class ModelRunner:
             weights_bytes=self.model.weight_bytes(), kv_cache_bytes=self.kv.nbytes,
             graph_bytes=self.graphs.graph_bytes, graph_bytes_estimate=plan.activation_bytes,
             device_init_seconds=init_s, load_seconds=load_s, sizing_seconds=size_s,
-            warmup_seconds=self.graphs.warmup_seconds,
+            warmup_seconds=self.graphs.warmup_seconds + logit_warmup_s,
             capture_seconds=self.graphs.capture_seconds)
 
     def _sync(self) -> None:
@@ -190,6 +197,19 @@ class ModelRunner:
             peak = sizing.measure_peak(run, self.device)
         del self.decode, self.kv
         return peak
+
+    def _warm_logit_shapes(self) -> float:
+        """The lm_head GEMM once at every row count a mixed step's logits can have (LOGIT_ROWS up
+        to a row per sequence), so that no step loads a cuBLAS kernel. Seconds taken."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        top = -(-self.rows // LOGIT_ROWS) * LOGIT_ROWS
+        h = torch.zeros(top, self.model.shape.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in range(LOGIT_ROWS, top + 1, LOGIT_ROWS):
+            F.linear(h[:rows], self.model.lm_head)
+        self._sync()
+        return time.perf_counter() - t0
 
     def _mixed_probe(self, kv: PagedKVCache) -> torch.Tensor:
         """A mixed step as the server runs them, on the scratch row of `kv`: one decode row
@@ -250,6 +270,8 @@ class ModelRunner:
         ends = list(itertools.accumulate(q_lens))
         picked = [i for i, smp in enumerate(c.sample) if smp]
         logit_rows = list(range(nd)) + [ends[nd + i] - 1 for i in picked]
+        ns = len(logit_rows)
+        logit_rows += [0] * (-ns % LOGIT_ROWS)                   # padding rows: sliced off below
         tok_rows = d.table_rows + [r for r, q in zip(c.table_rows, c.q_lens) for _ in range(q)]
         cols = [d.tokens + c.tokens, d.positions + c.positions, d.slots + c.slots, tok_rows, d.src,
                 logit_rows, d.table_rows + [c.table_rows[i] for i in picked],
@@ -277,7 +299,7 @@ class ModelRunner:
             logits = self.mixed.run(size, tokens, positions, slots, meta, logit_rows_t)
         else:
             logits = self.model.forward_mixed(tokens, positions, slots, meta, self.kv, logit_rows_t)
-        ns = len(logit_rows)
+        logits = logits[:ns]
         if plain:
             self.out.tokens[:ns].copy_(greedy(logits))
         else:

@@ -1,0 +1,243 @@
+"""Can decode attention confined to a few SMs still read KV at the copy rate? A flat-loop probe.
+
+Decode attention would have to run beside the GEMMs on SMs of its own to overlap with them (see
+docs/perf-notes.md, sessions 8-9). The engine's split kernel reaches ~4 TB/s only with thousands
+of CTAs in flight. Its persistent variant (`paged_decode_attention(programs=P)`) walks work
+items one after another; each item's loop drains the load pipeline at its end, and one program
+per SM read 20-27 GB/s. 132 SMs at that rate is ~3 TB/s, so attention needs every SM.
+
+This probe asks whether the drain is the limit. Its kernel walks a flat range of (item, key tile)
+pairs, stream-K style: program p takes tiles [p * chunk, (p + 1) * chunk) of all rows x KV heads
+x tiles, so the software pipeline runs across item boundaries and never drains. An item cut
+between two programs leaves two fp32 partials, merged after. It measures:
+- GB/s of K/V read at P programs, against the engine's grid kernel on the same pool;
+- correctness against the reference attention (max relative error);
+- with `--overlap`, overlap_probe's pipelined schedule (two half-batches, GEMMs on one stream
+  with a cuBLASLt SM carveout of P, attention on another), the flat kernel on P programs.
+
+Probe only: every row has the same context (`--ctx`), so item and tile follow from the flat
+index by division. The engine's variable lengths would need a prefix sum over rows.
+
+    python3 benchmarks/flat_attention_probe.py --out $OUT/flat_attention.json --overlap   # GPU, ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common as C  # noqa: E402
+from benchmarks import overlap_probe as OP  # noqa: E402
+from benchmarks.decode_shapes import timed_ms  # noqa: E402
+
+from replica.kernels import reference  # noqa: E402
+from replica.kernels.paged_attention import LOG2E, _load_kv_tile  # noqa: E402
+from replica.presets import PRESETS  # noqa: E402
+
+
+@triton.jit
+def _flat_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, total, chunk,
+                        tiles, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
+                        stride_vh, stride_vn, stride_bt, KVH: tl.constexpr, GROUP: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    # flat tile t -> item t // tiles = (row, kv head), key tile t % tiles; partials [items, 2, ...]:
+    # part 0 is the segment that starts at the item's first tile, part 1 one that starts mid-item
+    start = tl.program_id(0) * chunk
+    end = tl.minimum(start + chunk, total)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for t in range(start, end):
+        item = t // tiles
+        j = t % tiles
+        b = (item // KVH).to(tl.int64)
+        kvh = item % KVH
+        first = (j == 0) | (t == start)     # arithmetic, not a branch: the loop stays pipelinable
+        m_i = tl.where(first, float("-inf"), m_i)
+        l_i = tl.where(first, 0.0, l_i)
+        acc = tl.where(first, 0.0, acc)
+        heads = kvh * GROUP + offs_g
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        table = bt_ptr + b * stride_bt
+        n = j * BLOCK_N + offs_n
+        k = _load_kv_tile(k_ptr + kvh * stride_kh, table, n, n >= 0, offs_d, stride_kb, stride_kn,
+                          HEAD_DIM, HEAD_DIM, BLOCK_SIZE, False)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_kv_tile(v_ptr + kvh * stride_vh, table, n, n >= 0, offs_d, stride_vb, stride_vn,
+                          HEAD_DIM, HEAD_DIM, BLOCK_SIZE, False)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        last = (j == tiles - 1) | (t == end - 1)
+        part = ((t - j) < start).to(tl.int64)          # the segment began before this program's range
+        idx = (item.to(tl.int64) * 2 + part) * BLOCK_G + offs_g
+        keep = (offs_g >= 0) & last                          # masked stores, no branch
+        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+        tl.store(pm_ptr + idx, m_i, mask=keep)
+        tl.store(pl_ptr + idx, l_i, mask=keep)
+
+
+@triton.jit
+def _flat_decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, total,
+                            chunk, tiles, stride_qb, stride_qh, stride_bt, KVH: tl.constexpr,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            BLOCK_G: tl.constexpr):
+    # as _flat_decode_kernel, one KV block (BLOCK_SIZE keys) per tile, each K and V block one TMA
+    # load of [BLOCK_SIZE, HEAD_DIM] from the cache seen as rows [(block * KVH + kvh) * BS + off]
+    start = tl.program_id(0) * chunk
+    end = tl.minimum(start + chunk, total)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for t in range(start, end):
+        item = t // tiles
+        j = t % tiles
+        b = (item // KVH).to(tl.int64)
+        kvh = item % KVH
+        first = (j == 0) | (t == start)     # arithmetic, not a branch: the loop stays pipelinable
+        m_i = tl.where(first, float("-inf"), m_i)
+        l_i = tl.where(first, 0.0, l_i)
+        acc = tl.where(first, 0.0, acc)
+        heads = kvh * GROUP + offs_g
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        blk = tl.load(bt_ptr + b * stride_bt + j)
+        row0 = (blk * KVH + kvh) * BLOCK_SIZE
+        k = k_desc.load([row0, 0])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = v_desc.load([row0, 0])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        last = (j == tiles - 1) | (t == end - 1)
+        part = ((t - j) < start).to(tl.int64)
+        idx = (item.to(tl.int64) * 2 + part) * BLOCK_G + offs_g
+        keep = (offs_g >= 0) & last                          # masked stores, no branch
+        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+        tl.store(pm_ptr + idx, m_i, mask=keep)
+        tl.store(pl_ptr + idx, l_i, mask=keep)
+
+
+def flat_decode(q, k, v, tables, ctx: int, scale: float, programs: int, block_n: int = 64,
+                num_warps: int = 4, num_stages: int = 3, tma: bool = False) -> torch.Tensor:
+    """q [B, H, hd], every row `ctx` keys (ctx % block_n == 0) -> out [B, H, hd]. `tma`: the TMA
+    kernel (one block per tile: block_n is the cache's block size)."""
+    bsz, h, hd = q.shape
+    kvh, bs = k.shape[1], k.shape[2]
+    block_n = bs if tma else block_n
+    group, block_g = h // kvh, max(16, triton.next_power_of_2(h // kvh))
+    tiles = ctx // block_n
+    items = bsz * kvh
+    total = items * tiles
+    chunk = triton.cdiv(total, programs)
+    assert chunk >= tiles, "an item may span at most two programs (two partials)"
+    po = torch.zeros(items, 2, block_g, hd, device=q.device, dtype=torch.float32)
+    pm = torch.full((items, 2, block_g), float("-inf"), device=q.device, dtype=torch.float32)
+    pl = torch.zeros(items, 2, block_g, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(total, chunk),)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        descs = [TensorDescriptor.from_tensor(c.view(-1, hd), [bs, hd]) for c in (k, v)]
+        _flat_decode_tma_kernel[grid](
+            q, *descs, tables, po, pm, pl, scale * LOG2E, total, chunk, tiles, q.stride(0), q.stride(1),
+            tables.stride(0), KVH=kvh, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_G=block_g,
+            num_warps=num_warps, num_stages=num_stages)
+    else:
+        _flat_decode_kernel[grid](
+            q, k, v, tables, po, pm, pl, scale * LOG2E, total, chunk, tiles, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0),
+            KVH=kvh, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_G=block_g, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=num_stages)
+    m = pm.max(dim=1, keepdim=True).values                               # [items, 1, G]
+    w = torch.exp2(pm - m)                                               # empty part: 0
+    out = (po * w[..., None]).sum(1) / (pl * w).sum(1)[..., None]         # [items, G, hd]
+    return out[:, :group].reshape(bsz, h, hd).to(q.dtype)
+
+
+CONFIGS = {"w4s3": dict(num_warps=4, num_stages=3), "w8s6": dict(num_warps=8, num_stages=6),
+           "tma/w4s4": dict(num_warps=4, num_stages=4, tma=True),
+           "tma/w4s8": dict(num_warps=4, num_stages=8, tma=True),
+           "tma/w8s12": dict(num_warps=8, num_stages=12, tma=True)}
+
+
+class FlatLayer(OP.Layer):
+    """overlap_probe's layer whose attention is the flat kernel when given `programs`."""
+
+    def __init__(self, p: dict, rows: int, ctx: int, block_size: int, device: str, dtype):
+        super().__init__(p, rows, ctx, block_size, device, dtype)
+        self.ctx = ctx                       # a host int: reading lens would sync inside a capture
+
+    def attend(self, q, lo: int, **knobs):
+        if not knobs.get("programs"):
+            return super().attend(q, lo, **knobs)
+        n = q.shape[0]
+        return flat_decode(q, self.k, self.v, self.tables[lo:lo + n], self.ctx, self.hd ** -0.5,
+                           **knobs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-8b")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--programs", default="16,32,48,66,132,264")
+    ap.add_argument("--overlap", action="store_true", help="also overlap_probe's pipelined schedule")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    layer = FlatLayer(PRESETS[a.model], a.rows, a.ctx, 16, dev, dt)
+    x = torch.randn(a.rows, PRESETS[a.model]["hidden_size"], device=dev, dtype=dt)
+    q = layer.qkv(x)
+    ref = reference.paged_decode_attention(q.float(), layer.k.float(), layer.v.float(), layer.tables,
+                                           layer.table_rows, layer.lens, layer.hd ** -0.5)
+    rec = {"env": C.env_info(dev), "args": vars(a), "kv_bytes": layer.kv_bytes(), "gbps": {}, "max_rel_err": {}}
+    ms = timed_ms(lambda: layer.attend(q, 0), dev)
+    rec["gbps"]["grid/engine"] = layer.kv_bytes() / ms / 1e6
+    for progs in [int(p) for p in a.programs.split(",")]:
+        for name, cfg in CONFIGS.items():
+            out = layer.attend(q, 0, programs=progs, **cfg)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            ms = timed_ms(lambda: layer.attend(q, 0, programs=progs, **cfg), dev)
+            key = f"p{progs}/{name}"
+            rec["gbps"][key], rec["max_rel_err"][key] = layer.kv_bytes() / ms / 1e6, err
+            C.log(f"{key:12s} {rec['gbps'][key]:7.0f} GB/s  ({rec['gbps'][key] / progs:5.1f} per program)  err {err:.1e}")
+    C.log(f"grid/engine  {rec['gbps']['grid/engine']:7.0f} GB/s")
+    if a.overlap:
+        side = torch.cuda.Stream()
+        per_layer = lambda fn: timed_ms(fn, dev) / a.layers   # noqa: E731
+        res = rec["overlap_ms_per_layer"] = {}
+        with OP.blas("cublas", None):
+            res["serial"] = per_layer(lambda: OP.serial(layer, x, a.layers))
+        for progs in [int(p) for p in a.programs.split(",") if int(p) < 132]:
+            best = max(CONFIGS, key=lambda n: rec["gbps"][f"p{progs}/{n}"])
+            with OP.blas("cublaslt", progs):
+                res[f"pipelined/carve{progs}/flat-{best}"] = per_layer(
+                    lambda: OP.pipelined(layer, x, a.layers, side, programs=progs, **CONFIGS[best]))
+        for k, v in res.items():
+            C.log(f"{k:36s} {v:.4f} ms/layer  x{v / res['serial']:.3f} of serial")
+    C.write_json(C.out_path(a.out, "flat_attention"), rec)
+
+
+if __name__ == "__main__":
+    main()

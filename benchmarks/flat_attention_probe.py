@@ -23,6 +23,7 @@ index by division. The engine's variable lengths would need a prefix sum over ro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -195,6 +196,26 @@ class FlatLayer(OP.Layer):
                            **knobs)
 
 
+def cpu_check() -> dict:
+    """Max abs error against the reference attention, fp32 on Triton's interpreter
+    (TRITON_INTERPRET=1): 12 items of 4 tiles over P programs, so P = 5 and 12 cut items."""
+    torch.manual_seed(0)
+    b, h, kvh, hd, bs, ctx = 6, 8, 2, 16, 8, 64
+    blocks = b * ctx // bs + 1
+    k = torch.randn(blocks, kvh, bs, hd)
+    v = torch.randn_like(k)
+    tables = torch.randperm(blocks - 1)[:b * ctx // bs].view(b, ctx // bs).to(torch.int32)
+    q = torch.randn(b, h, hd)
+    ref = reference.paged_decode_attention(q, k, v, tables, torch.arange(b), torch.full((b,), ctx), hd ** -0.5)
+    errs = {}
+    for tma in (False, True):
+        for progs in (1, 3, 5, 12):
+            out = flat_decode(q, k, v, tables, ctx, hd ** -0.5, programs=progs, block_n=16, num_warps=1,
+                              num_stages=1, tma=tma)
+            errs[f"{'tma' if tma else 'plain'}/p{progs}"] = (out - ref).abs().max().item()
+    return errs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-8b")
@@ -204,7 +225,14 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="also overlap_probe's pipelined schedule")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-check", action="store_true", help="only: the kernels against the reference on "
+                    "Triton's interpreter (run with TRITON_INTERPRET=1); prints a JSON of errors")
     a = ap.parse_args()
+    if a.cpu_check:
+        from replica.kernels import _interpreter
+        _interpreter.patch()
+        print(json.dumps(cpu_check()))
+        return
     dev, dt = "cuda", torch.bfloat16
     layer = FlatLayer(PRESETS[a.model], a.rows, a.ctx, 16, dev, dt)
     x = torch.randn(a.rows, PRESETS[a.model]["hidden_size"], device=dev, dtype=dt)

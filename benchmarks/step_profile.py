@@ -284,6 +284,32 @@ def gemm_sweep(a, gemm_tflops: float) -> list[dict]:
     return rows
 
 
+def _phases(ms: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+
+
+def print_burst(burst: dict) -> None:
+    """The windows' kernel split, idle gaps and host phases, one block per window."""
+    for w in ("mixed_window", "decode_window"):
+        r, u = burst[w], burst[w.replace("window", "unprofiled")]
+        C.log(f"{w}: {r['mixed_steps']} mixed + {r['decode_steps']} decode steps, wall "
+              f"{r['wall_ms_per_step']:.2f} ms/step, GPU {_phases(r['gpu_ms_per_step'])}")
+        for k in r["top_kernels"][:8]:
+            C.log(f"   {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:.0f}  {k['name']}")
+        C.log("   host self time: " + _phases(dict(list(r["top_host_self_ms_per_step"].items())[:10])))
+        g = r["gaps"] or {}
+        C.log(f"   GPU idle {g.get('idle_ms', 0) / max(1, r['steps']):.2f} ms/step; largest gaps: "
+              + "; ".join(f"{x['us']:.0f} us after {x['after']}" for x in g.get("largest", [])[:4]))
+        C.log(f"   unprofiled: {u['mixed_steps']} mixed of {u['steps']}, wall {u['wall_ms_per_step']:.2f} "
+              f"ms/step, host {_phases(u['host_ms_per_step'])}; allocator {u['allocator_calls']}")
+        for line in u["launch_cprofile_top"]:
+            C.log("     " + line)
+    g = burst["mixed_launch_gpu_idle"]
+    C.log("mixed steps launched on an idle GPU: host " + _phases(g["host_ms_per_step"]))
+    for line in g["launch_cprofile_top"]:
+        C.log("     " + line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-8b")
@@ -312,27 +338,7 @@ def main() -> None:
         C.write_json(C.out_path(a.out, "step_profile"), rec)
         return
     rec["burst"] = run_burst(a)
-    for w in ("mixed_window", "decode_window"):
-        r = rec["burst"][w]
-        C.log(f"{w}: {r['mixed_steps']} mixed + {r['decode_steps']} decode steps, wall {r['wall_ms_per_step']:.2f} "
-              f"ms/step, GPU " + ", ".join(f"{k} {v:.2f}" for k, v in r["gpu_ms_per_step"].items()))
-        for k in r["top_kernels"][:8]:
-            C.log(f"   {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:.0f}  {k['name']}")
-        C.log("   host self time: " + ", ".join(f"{k} {v:.2f}" for k, v in list(r["top_host_self_ms_per_step"].items())[:10]))
-        g = r["gaps"] or {}
-        C.log(f"   GPU idle {g.get('idle_ms', 0) / max(1, r['steps']):.2f} ms/step; largest gaps: "
-              + "; ".join(f"{x['us']:.0f} us after {x['after']}" for x in g.get("largest", [])[:4]))
-        u = rec["burst"][w.replace("window", "unprofiled")]
-        C.log(f"   unprofiled: {u['mixed_steps']} mixed of {u['steps']}, wall {u['wall_ms_per_step']:.2f} ms/step, "
-              "host " + ", ".join(f"{k} {v:.2f}" for k, v in u["host_ms_per_step"].items())
-              + f"; allocator {u['allocator_calls']}")
-        for line in u["launch_cprofile_top"]:
-            C.log("     " + line)
-    g = rec["burst"]["mixed_launch_gpu_idle"]
-    C.log(f"mixed steps launched on an idle GPU: host " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                                     g["host_ms_per_step"].items()))
-    for line in g["launch_cprofile_top"]:
-        C.log("     " + line)
+    print_burst(rec["burst"])
     rec["linear_host_us"] = host_launch_probe(a.device)
     C.log(f"F.linear host time per launch: {rec['linear_host_us']}")
     if a.gemm_sweep:

@@ -1,21 +1,26 @@
-"""Where a loaded engine's GPU time goes, by kernel kind, in the burst's mixed and decode steps.
+"""Where a loaded engine's steps go: GPU time by kernel kind, GPU idle gaps, host time by phase.
 
-engine_capacity says how far a burst is from its roofline; this says which kernels the gap is
-in. It builds the engine as a replica does (`EngineCore`: sizing, ladder, graphs), submits
-engine_capacity's seeded burst, steps it by hand, and runs the torch profiler (CUPTI) over a
-window of mixed steps and a window of full-batch decode steps. For each window it reports:
-- wall time per step, and GPU kernel time per step by kind (gemm, attention, elementwise, other);
-- the GEMMs' achieved TFLOP/s against the rate measured in the same run (8192^3);
-- the top kernels by time.
+engine_capacity says how far a burst is from its roofline; this says where the gap is. It builds
+the engine as a replica does (`EngineCore`: sizing, ladder, graphs), submits engine_capacity's
+seeded burst and steps it by hand. For a window of mixed steps and one of full-width decode
+steps it reports:
+- unprofiled: wall time per step and host time per phase (schedule, launch, collect: the host
+  waiting for the GPU, postprocess), with a cProfile of `launch`, and the allocator's
+  cudaMalloc/cudaFree counts;
+- under the torch profiler (CUPTI): GPU kernel time per step by kind (gemm, attention,
+  elementwise, other), the top kernels, the host ops' self time, and the GPU's idle time
+  between kernels with its largest gaps and the kernels around them.
+
+It also times a few mixed steps launched on an idle GPU (their host time alone) and one
+F.linear's host time at a fixed row count against a new row count per call.
 
 `--first-call-syncs` instead builds the engine and checks, for every GEMM shape an eager mixed
 step can run, whether its first call waits for the device (cuBLAS loading a kernel: it stalls
-the whole step queue). `--gemm-sweep` also times the model's four projection GEMMs at every token count from
-`--sweep-lo` to `--sweep-hi` in steps of `--sweep-step`, each against the same GEMM with its
-row count padded up to a multiple of 128: cuBLAS picks a kernel per shape, and some row counts
-run far below the rate of their neighbours (448 rows ran at half the rate of 512 in session 7).
+the whole step queue). `--gemm-sweep` also times the model's four projection GEMMs at every
+token count from `--sweep-lo` to `--sweep-hi` in steps of `--sweep-step`, each against the same
+GEMM with its row count padded up to a multiple of 128 (cuBLAS picks a kernel per shape).
 
-    python3 benchmarks/step_profile.py --model llama-8b --out $OUT/step_profile.json --gemm-sweep   # GPU
+    python3 benchmarks/step_profile.py --model llama-8b --out $OUT/step_profile.json   # GPU, ~30 s
     python3 benchmarks/step_profile.py --model tiny --device cpu --burst 24 --lo 8 --hi 16           # CPU smoke
 """
 from __future__ import annotations

@@ -82,6 +82,7 @@ class LLMReplica:
         self._rank = ctx.rank.rank
         self._replica = ctx.replica_tag
         self._device = device_key()
+        self._routing_stats_polls = 0            # counters(): tests wait until routers have stats
         config = args.engine_config(self._rank)
         started = time.perf_counter()
         self._engine = _import(args.engine_class)(config)   # loads, captures, starts the step loop
@@ -99,6 +100,7 @@ class LLMReplica:
 
     # -- Serve hooks ----------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:
+        self._routing_stats_polls += 1
         return routing_stats(self._engine.stats(), self._device).to_dict()
 
     def check_health(self) -> None:
@@ -126,7 +128,7 @@ class LLMReplica:
         """What this replica did: for tests and debugging (`handle.broadcast("counters")`)."""
         s = self._engine.stats()
         return {"replica": self._replica, "rank": self._rank, "gpu_ids": _gpu_ids(), "device": self._device,
-                "pid": os.getpid(),
+                "pid": os.getpid(), "routing_stats_polls": self._routing_stats_polls,
                 "captured_buckets": list(s.captured_buckets), "max_num_seqs": s.max_num_seqs,
                 "batch_sizes": dict(self._runner.batch_sizes),
                 "decode_steps": [[b, path, n] for (b, path), n in sorted(s.decode_steps.items())],

@@ -38,3 +38,16 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, period_s: fl
         time.sleep(period_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}"
                          + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+def wait_for_routing_stats(reports: Callable[[], list[dict]], replicas: int, timeout_s: float = 60) -> None:
+    """Until each of `replicas` LLMReplica `counters()` reports shows two routing-stats polls.
+
+    Serve's controller polls `record_routing_stats` and broadcasts the result to every router, so
+    after a replica's second poll the routers hold at least its first snapshot. Until then our
+    router ranks that replica last (no stats), whatever its load: a burst sent earlier can all
+    land on the replica that published first."""
+    def ready() -> bool:
+        rs = list(reports())
+        return len(rs) == replicas and all(r["routing_stats_polls"] >= 2 for r in rs)
+    wait_for(ready, timeout_s, f"{replicas} replicas' routing stats to reach the routers")

@@ -21,7 +21,7 @@ import random
 
 import pytest
 
-from serve_helpers import wait_for
+from serve_helpers import wait_for, wait_for_routing_stats
 from deployments.app import APP_NAME, build_app
 from deployments.config import AppArgs
 
@@ -45,15 +45,7 @@ def app(ray_cluster):
                    router={"request_router_class": ROUTERS[ROUTER], "request_routing_stats_period_s": 0.5})
     handle = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     wait_for(lambda: len(counters()) == 2, 60, "both LLMReplica replicas to answer a broadcast")
-    rng = random.Random(1)
-
-    def spread() -> bool:   # a replica without published stats yet ranks last: wait for both
-        refs = [handle.generate.remote([[rng.randrange(256) for _ in range(64)]], max_tokens=2)
-                for _ in range(2)]
-        return len({r.result().replica for r in refs}) == 2
-
-    if ROUTER == "ours":
-        wait_for(spread, 30, "the router to see both replicas' stats (two requests spread)")
+    wait_for_routing_stats(lambda: counters().values(), 2)
     yield handle
     serve.delete(APP_NAME)
 

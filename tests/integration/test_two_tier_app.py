@@ -19,7 +19,7 @@ import openai
 import pytest
 import httpx
 
-from serve_helpers import wait_for
+from serve_helpers import wait_for, wait_for_routing_stats
 from deployments.app import APP_NAME, build_app
 from deployments.config import AppArgs
 from replica.sampling_params import InvalidRequestError
@@ -71,6 +71,7 @@ def _warm_up_router(handle, tiers) -> None:
     comes up to ~1 s after start): until then it ranks by load only. A 64-prompt batch goes to
     the large tier twice in a row (which one small batches take is the estimate's call)."""
     large = tiers[LARGE]["replica"]
+    wait_for_routing_stats(lambda: replica_counters().values(), 2)
 
     def routed_by_shape() -> bool:
         return all(handle.generate.remote(["w"] * 64, max_tokens=1).result().replica == large

@@ -149,12 +149,14 @@ def test_runner_observes_ttft_once_and_tpot_per_later_chunk():
 
 
 def test_routing_stats_follow_the_router_contract():
-    fake_self = SimpleNamespace(_engine=FakeEngine(), _device="node-a:0")
+    fake_self = SimpleNamespace(_engine=FakeEngine(), _device="node-a:0", _routing_stats_polls=0)
     published = LLMReplica.func_or_class.record_routing_stats(fake_self)
     stats = ReplicaStats.from_dict(published)
     assert stats is not None
     assert (stats.captured_buckets, stats.max_seq_len, stats.running, stats.free_slots,
             stats.queued, stats.device) == ((1, 2, 4), 64, 1, 3, 2, "node-a:0")
+    LLMReplica.func_or_class.record_routing_stats(fake_self)
+    assert fake_self._routing_stats_polls == 2          # counters() reports it: tests wait on it
 
 
 def test_the_queue_bound_refuses_whole_batches_and_drops_nothing_admitted():

@@ -46,6 +46,15 @@ def app(ray_cluster):
     handle = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     wait_for(lambda: len(counters()) == 2, 60, "both LLMReplica replicas to answer a broadcast")
     wait_for_routing_stats(lambda: counters().values(), 2)
+    rng = random.Random(1)
+
+    def spread() -> bool:   # warm-up: each replica runs its first (slow) steps before the test
+        refs = [handle.generate.remote([[rng.randrange(256) for _ in range(64)]], max_tokens=2)
+                for _ in range(2)]
+        return len({r.result().replica for r in refs}) == 2
+
+    if ROUTER == "ours":
+        wait_for(spread, 30, "two requests to spread over both replicas")
     yield handle
     serve.delete(APP_NAME)
 

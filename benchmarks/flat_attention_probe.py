@@ -42,54 +42,71 @@ from replica.presets import PRESETS  # noqa: E402
 
 
 @triton.jit
+def _segment_start(t, j, start, m_i, l_i, acc):
+    # a new item, or this program's first tile: fresh softmax state (arithmetic, not a branch)
+    first = (j == 0) | (t == start)
+    return tl.where(first, float("-inf"), m_i), tl.where(first, 0.0, l_i), tl.where(first, 0.0, acc)
+
+
+@triton.jit
+def _load_q(q_ptr, b, kvh, stride_qb, stride_qh, offs_g, offs_d, GROUP: tl.constexpr):
+    # the GROUP query heads of kv head kvh, row b, padded to [BLOCK_G, HEAD_DIM]
+    heads = kvh * GROUP + offs_g
+    return tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                   mask=(offs_g < GROUP)[:, None], other=0.0)
+
+
+@triton.jit
+def _online_softmax(q, k, v, m_i, l_i, acc, qk_scale):
+    # one key tile into the running (max, sum, acc) of the query heads
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _store_partial(po_ptr, pm_ptr, pl_ptr, item, t, j, start, end, tiles, m_i, l_i, acc, offs_g,
+                   offs_d, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
+    # at a segment's last tile: partials [items, 2, BLOCK_G, ...], part 0 the segment that starts
+    # at the item's first tile, part 1 one that starts mid-item (before this program's range)
+    last = (j == tiles - 1) | (t == end - 1)
+    part = ((t - j) < start).to(tl.int64)
+    idx = (item.to(tl.int64) * 2 + part) * BLOCK_G + offs_g
+    keep = (offs_g >= 0) & last                          # masked stores, no branch
+    tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+    tl.store(pm_ptr + idx, m_i, mask=keep)
+    tl.store(pl_ptr + idx, l_i, mask=keep)
+
+
+@triton.jit
 def _flat_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, total, chunk,
                         tiles, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
                         stride_vh, stride_vn, stride_bt, KVH: tl.constexpr, GROUP: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_N: tl.constexpr):
-    # flat tile t -> item t // tiles = (row, kv head), key tile t % tiles; partials [items, 2, ...]:
-    # part 0 is the segment that starts at the item's first tile, part 1 one that starts mid-item
+    # program p: flat tiles [p * chunk, (p + 1) * chunk); tile t is key tile t % tiles of item
+    # t // tiles = (row, kv head); K/V gathered through the block table, BLOCK_N keys a tile
     start = tl.program_id(0) * chunk
     end = tl.minimum(start + chunk, total)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
+    offs_g, offs_n, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for t in range(start, end):
-        item = t // tiles
-        j = t % tiles
-        b = (item // KVH).to(tl.int64)
-        kvh = item % KVH
-        first = (j == 0) | (t == start)     # arithmetic, not a branch: the loop stays pipelinable
-        m_i = tl.where(first, float("-inf"), m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        heads = kvh * GROUP + offs_g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
-        table = bt_ptr + b * stride_bt
-        n = j * BLOCK_N + offs_n
+        item, j = t // tiles, t % tiles
+        b, kvh = (item // KVH).to(tl.int64), item % KVH
+        m_i, l_i, acc = _segment_start(t, j, start, m_i, l_i, acc)
+        q = _load_q(q_ptr, b, kvh, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+        table, n = bt_ptr + b * stride_bt, j * BLOCK_N + offs_n
         k = _load_kv_tile(k_ptr + kvh * stride_kh, table, n, n >= 0, offs_d, stride_kb, stride_kn,
                           HEAD_DIM, HEAD_DIM, BLOCK_SIZE, False)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_ptr + kvh * stride_vh, table, n, n >= 0, offs_d, stride_vb, stride_vn,
                           HEAD_DIM, HEAD_DIM, BLOCK_SIZE, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        last = (j == tiles - 1) | (t == end - 1)
-        part = ((t - j) < start).to(tl.int64)          # the segment began before this program's range
-        idx = (item.to(tl.int64) * 2 + part) * BLOCK_G + offs_g
-        keep = (offs_g >= 0) & last                          # masked stores, no branch
-        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-        tl.store(pm_ptr + idx, m_i, mask=keep)
-        tl.store(pl_ptr + idx, l_i, mask=keep)
+        m_i, l_i, acc = _online_softmax(q, k, v, m_i, l_i, acc, qk_scale)
+        _store_partial(po_ptr, pm_ptr, pl_ptr, item, t, j, start, end, tiles, m_i, l_i, acc, offs_g,
+                       offs_d, HEAD_DIM, BLOCK_G)
 
 
 @triton.jit
@@ -97,46 +114,24 @@ def _flat_decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, po_ptr, pm_ptr, pl_pt
                             chunk, tiles, stride_qb, stride_qh, stride_bt, KVH: tl.constexpr,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             BLOCK_G: tl.constexpr):
-    # as _flat_decode_kernel, one KV block (BLOCK_SIZE keys) per tile, each K and V block one TMA
-    # load of [BLOCK_SIZE, HEAD_DIM] from the cache seen as rows [(block * KVH + kvh) * BS + off]
+    # as _flat_decode_kernel with one KV block (BLOCK_SIZE keys) a tile, K and V each one TMA load
+    # of [BLOCK_SIZE, HEAD_DIM] from the cache seen as rows (block * KVH + kvh) * BS + offset
     start = tl.program_id(0) * chunk
     end = tl.minimum(start + chunk, total)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
+    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for t in range(start, end):
-        item = t // tiles
-        j = t % tiles
-        b = (item // KVH).to(tl.int64)
-        kvh = item % KVH
-        first = (j == 0) | (t == start)     # arithmetic, not a branch: the loop stays pipelinable
-        m_i = tl.where(first, float("-inf"), m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        heads = kvh * GROUP + offs_g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
-        blk = tl.load(bt_ptr + b * stride_bt + j)
-        row0 = (blk * KVH + kvh) * BLOCK_SIZE
-        k = k_desc.load([row0, 0])
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = v_desc.load([row0, 0])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        last = (j == tiles - 1) | (t == end - 1)
-        part = ((t - j) < start).to(tl.int64)
-        idx = (item.to(tl.int64) * 2 + part) * BLOCK_G + offs_g
-        keep = (offs_g >= 0) & last                          # masked stores, no branch
-        tl.store(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-        tl.store(pm_ptr + idx, m_i, mask=keep)
-        tl.store(pl_ptr + idx, l_i, mask=keep)
+        item, j = t // tiles, t % tiles
+        b, kvh = (item // KVH).to(tl.int64), item % KVH
+        m_i, l_i, acc = _segment_start(t, j, start, m_i, l_i, acc)
+        q = _load_q(q_ptr, b, kvh, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+        row0 = (tl.load(bt_ptr + b * stride_bt + j) * KVH + kvh) * BLOCK_SIZE
+        m_i, l_i, acc = _online_softmax(q, k_desc.load([row0, 0]), v_desc.load([row0, 0]), m_i, l_i,
+                                        acc, qk_scale)
+        _store_partial(po_ptr, pm_ptr, pl_ptr, item, t, j, start, end, tiles, m_i, l_i, acc, offs_g,
+                       offs_d, HEAD_DIM, BLOCK_G)
 
 
 def flat_decode(q, k, v, tables, ctx: int, scale: float, programs: int, block_n: int = 64,

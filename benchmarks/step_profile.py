@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import dataclasses
 import io
 import pstats
 import os
@@ -114,7 +115,9 @@ def first_call_syncs(core: EngineCore, busy_ms: float = 20.0, step: int = 16) ->
                 synced[name] += 1
                 examples.append((name, rows, round(host_ms, 1)))
         torch.cuda.synchronize()
-    return {"calls": len(calls), "synced": dict(synced), "examples": examples[:20]}
+    top_rows = {name: max(r for n, r, _ in examples if n == name) for name in synced}
+    return {"calls": len(calls), "synced": dict(synced), "synced_rows_max": top_rows,
+            "examples": examples[:20]}
 
 
 def timed_steps(core: EngineCore, steps: int, device: str, sync_first: bool = False) -> dict:
@@ -338,6 +341,7 @@ def main() -> None:
     rec["gemm_TFLOPs"] = gemm = RF.gemm_rate(a.device) / 1e12 if a.device == "cuda" else None
     if a.first_call_syncs:
         core = EngineCore(EngineConfig(model=f"random:{a.model}", device=a.device, max_seq_len=a.max_seq_len))
+        rec["startup"] = dataclasses.asdict(core.runner.startup)     # warmup_seconds: what warming costs
         rec["first_call_syncs"] = first_call_syncs(core)
         C.log(f"first calls that waited for the device: {rec['first_call_syncs']}")
         C.write_json(C.out_path(a.out, "step_profile"), rec)

@@ -48,6 +48,12 @@ EAGER_MIXED_ROWS = 16
 # can load another cuBLAS kernel (lazy module loading), which waits for the whole queue, ~30 ms
 # of a loaded step's host time (H200: results/step_profile-*.json, benchmarks/step_profile.py).
 LOGIT_ROWS = 64
+# Layer GEMMs at every eager row count up to this run once at startup, for the same reason: the
+# first call at a row count cuBLAS has not seen may load a kernel and wait for the queue (llama-8b
+# on an H200: 45 of the 552 eager shapes did, all at 400-600 rows; step_profile --first-call-syncs).
+# Above it, the sizing probe's full-budget step has loaded the large-tile kernels, and warming
+# every shape would cost a 1B model's 16k-token budget ~1 PFLOP of start-up.
+WARM_EAGER_ROWS_MAX = 2048
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +132,7 @@ class ModelRunner:
         size_s = time.perf_counter() - t0
         with torch.inference_mode():
             self.graphs.capture_all(self._fill_padding, log=log.info, also=self.mixed.capture)
-            logit_warmup_s = self._warm_logit_shapes()
+            eager_warmup_s = self._warm_eager_shapes()
         if self.mixed.graphs:
             log.info("mixed steps of up to %d tokens replay piecewise graphs (sizes %s, %.2f s)",
                      self.mixed.sizes[-1], list(self.mixed.sizes), self.mixed.capture_seconds)
@@ -140,7 +146,7 @@ class ModelRunner:
             weights_bytes=self.model.weight_bytes(), kv_cache_bytes=self.kv.nbytes,
             graph_bytes=self.graphs.graph_bytes, graph_bytes_estimate=plan.activation_bytes,
             device_init_seconds=init_s, load_seconds=load_s, sizing_seconds=size_s,
-            warmup_seconds=self.graphs.warmup_seconds + logit_warmup_s,
+            warmup_seconds=self.graphs.warmup_seconds + eager_warmup_s,
             capture_seconds=self.graphs.capture_seconds)
 
     def _sync(self) -> None:
@@ -198,16 +204,25 @@ class ModelRunner:
         del self.decode, self.kv
         return peak
 
-    def _warm_logit_shapes(self) -> float:
-        """The lm_head GEMM once at every row count a mixed step's logits can have (LOGIT_ROWS up
-        to a row per sequence), so that no step loads a cuBLAS kernel. Seconds taken."""
+    def _warm_eager_shapes(self) -> float:
+        """Every GEMM shape an eager mixed step launches, once, so that no step loads a cuBLAS
+        kernel mid-run: the lm_head at every padded logit-row count (LOGIT_ROWS up to a row per
+        sequence), and layer 0's four matmuls at every padded token count from the first one past
+        the mixed graphs up to WARM_EAGER_ROWS_MAX (every layer has the same shapes). Seconds taken."""
         if self.device.type != "cuda":
             return 0.0
         t0 = time.perf_counter()
-        top = -(-self.rows // LOGIT_ROWS) * LOGIT_ROWS
-        h = torch.zeros(top, self.model.shape.hidden_size, dtype=self.dtype, device=self.device)
-        for rows in range(LOGIT_ROWS, top + 1, LOGIT_ROWS):
-            F.linear(h[:rows], self.model.lm_head)
+        m, L = self.model, self.model.layers[0]
+        calls = [(m.lm_head, None, rows) for rows in range(LOGIT_ROWS, self.rows + LOGIT_ROWS, LOGIT_ROWS)]
+        first = (self.mixed.sizes[-1] if self.mixed.graphs else 0) + 1
+        top = min(WARM_EAGER_ROWS_MAX, self.step_token_budget + self.rows)
+        for rows in range(-(-first // EAGER_MIXED_ROWS) * EAGER_MIXED_ROWS, top + 1, EAGER_MIXED_ROWS):
+            calls += [(L.wqkv, L.bqkv, rows), (L.wo, None, rows), (L.w13, None, rows), (L.w2, None, rows)]
+        most = max(rows for *_, rows in calls)
+        inputs = {k: torch.zeros(most, k, dtype=self.dtype, device=self.device)   # one per inner dim
+                  for k in {w.shape[1] for w, *_ in calls}}
+        for w, bias, rows in calls:
+            F.linear(inputs[w.shape[1]][:rows], w, bias)
         self._sync()
         return time.perf_counter() - t0
 

@@ -87,35 +87,28 @@ def host_launch_probe(device: str, hidden: int = 4096, out: int = 28672, calls: 
     return res
 
 
-def first_call_syncs(core: EngineCore, busy_ms: float = 20.0, step: int = 16) -> dict:
-    """After startup, the first call of each GEMM an eager mixed step can run (the four layer
-    GEMMs at every padded token count above the piecewise graphs' sizes, the lm_head at every
-    padded logit-row count) with `busy_ms` of work queued ahead of it: a call whose host time
+def first_call_syncs(core: EngineCore, busy_ms: float = 20.0) -> dict:
+    """After startup, the first call of each GEMM an eager mixed step can run
+    (`ModelRunner.eager_gemms`) with `busy_ms` of work queued ahead of it: a call whose host time
     reaches into that work waited for the device (a sync inside cuBLAS, e.g. loading a kernel)."""
-    from replica.model_runner import EAGER_MIXED_ROWS, LOGIT_ROWS
-    r, m = core.runner, core.runner.model
-    L, top = m.layers[0], r.step_token_budget
-    lo = (r.mixed.sizes[-1] if r.mixed.sizes else 0) + 1
-    x = {d: torch.zeros(top + EAGER_MIXED_ROWS, d, dtype=r.dtype, device=r.device)
-         for d in {L.wqkv.shape[1], L.w2.shape[1]}}
-    calls = [(f"layer {name}", rows, w) for rows in range(-(-lo // step) * step, top + 1, step)
-             for name, w in (("wqkv", L.wqkv), ("wo", L.wo), ("w13", L.w13), ("w2", L.w2))]
-    calls += [("lm_head", rows, m.lm_head) for rows in range(LOGIT_ROWS, r.rows + LOGIT_ROWS, LOGIT_ROWS)]
+    r = core.runner
+    calls = r.eager_gemms()
+    x = r.gemm_inputs(calls)
     cycles = int(busy_ms * 1e-3 * torch.cuda.get_device_properties(r.device).clock_rate * 1e3)
     synced = collections.Counter()
     examples = []
     with torch.inference_mode():
-        for name, rows, w in calls:
+        for name, w, bias, rows in calls:
             torch.cuda.synchronize()
             torch.cuda._sleep(cycles)
             t = time.perf_counter()
-            F.linear(x[w.shape[1]][:rows], w)
+            F.linear(x[w.shape[1]][:rows], w, bias)
             host_ms = (time.perf_counter() - t) * 1e3
             if host_ms > busy_ms / 4:
                 synced[name] += 1
                 examples.append((name, rows, round(host_ms, 1)))
         torch.cuda.synchronize()
-    top_rows = {name: max(r for n, r, _ in examples if n == name) for name in synced}
+    top_rows = {name: max(rows for n, rows, _ in examples if n == name) for name in synced}
     return {"calls": len(calls), "synced": dict(synced), "synced_rows_max": top_rows,
             "examples": examples[:20]}
 

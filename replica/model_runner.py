@@ -36,24 +36,25 @@ from replica.stats import StartupReport
 
 log = logging.getLogger("replica")
 
-# An eager mixed step runs its matmuls at a multiple of this many rows (zero-padded; the model
-# skips padding in attention). cuBLAS chooses a GEMM algorithm per shape and remembers it: a row
+# An eager mixed step runs its matmuls at a padded row count (`eager_rows`; the padding rows are
+# token 0 at position 0, which attention skips). cuBLAS chooses a GEMM algorithm per shape and remembers it: a row
 # count it has not seen costs ~110 us more host time per GEMM call (H200 host, 31 vs 141 us
-# median, results/step_profile-*.json), and a mixed step's token count is new almost every
-# step, 129 GEMMs per llama-8b step. Padding to 16 bounds the shapes to budget / 16 and costs
-# 8 rows of GPU work on average.
+# median, results/step_profile-*.json), and its first call may load a kernel, which waits for the
+# whole queue (tens of ms mid-burst). A mixed step's token count is new almost every step, so the
+# rows are padded to a multiple of 16 up to 2048 tokens (8 rows of GPU work on average) and of 128
+# above (under 3%), and every padded count a step can reach runs once at startup
+# (`_warm_eager_shapes`): 180 shapes for llama-1b's 16k-token budget, ~0.1 PFLOP.
 EAGER_MIXED_ROWS = 16
+EAGER_COARSE_ROWS, EAGER_COARSE_FROM = 128, 2048
 # A mixed step's logits are computed for its sampled rows padded to a multiple of this, and the
-# lm_head GEMM runs once at every such count at startup: the first call at a new small row count
-# can load another cuBLAS kernel (lazy module loading), which waits for the whole queue, ~30 ms
-# of a loaded step's host time (H200: results/step_profile-*.json, benchmarks/step_profile.py).
+# lm_head GEMM runs once at every such count at startup, for the same reason.
 LOGIT_ROWS = 64
-# Layer GEMMs at every eager row count up to this run once at startup, for the same reason: the
-# first call at a row count cuBLAS has not seen may load a kernel and wait for the queue (llama-8b
-# on an H200: 45 of the 552 eager shapes did, all at 400-600 rows; step_profile --first-call-syncs).
-# Above it, the sizing probe's full-budget step has loaded the large-tile kernels, and warming
-# every shape would cost a 1B model's 16k-token budget ~1 PFLOP of start-up.
-WARM_EAGER_ROWS_MAX = 2048
+
+
+def eager_rows(tokens: int) -> int:
+    """The row count an eager mixed step of `tokens` tokens runs its matmuls at."""
+    step = EAGER_MIXED_ROWS if tokens <= EAGER_COARSE_FROM else EAGER_COARSE_ROWS
+    return -(-tokens // step) * step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -204,24 +205,34 @@ class ModelRunner:
         del self.decode, self.kv
         return peak
 
+    def eager_gemms(self) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor], int]]:
+        """(name, weight, bias, rows) of every GEMM shape an eager mixed step can launch: the
+        lm_head at every padded logit-row count (LOGIT_ROWS up to a row per sequence), and layer 0's
+        four matmuls (every layer has the same shapes) at every `eager_rows` count from the first
+        token count past the mixed graphs to the most a step can hold."""
+        m, L = self.model, self.model.layers[0]
+        calls = [("lm_head", m.lm_head, None, rows) for rows in range(LOGIT_ROWS, self.rows + LOGIT_ROWS, LOGIT_ROWS)]
+        first = (self.mixed.sizes[-1] if self.mixed.graphs else 0) + 1
+        most_tokens = self.step_token_budget + self.rows       # a bound: decode rows + the budget
+        for rows in sorted({eager_rows(n) for n in range(first, most_tokens + 1)}):
+            calls += [("wqkv", L.wqkv, L.bqkv, rows), ("wo", L.wo, None, rows), ("w13", L.w13, None, rows),
+                      ("w2", L.w2, None, rows)]
+        return calls
+
+    def gemm_inputs(self, calls) -> dict[int, torch.Tensor]:
+        """A zero input per inner dimension of `calls`, as many rows as the largest needs."""
+        most = max(rows for *_, rows in calls)
+        return {k: torch.zeros(most, k, dtype=self.dtype, device=self.device)
+                for k in {w.shape[1] for _, w, *_ in calls}}
+
     def _warm_eager_shapes(self) -> float:
-        """Every GEMM shape an eager mixed step launches, once, so that no step loads a cuBLAS
-        kernel mid-run: the lm_head at every padded logit-row count (LOGIT_ROWS up to a row per
-        sequence), and layer 0's four matmuls at every padded token count from the first one past
-        the mixed graphs up to WARM_EAGER_ROWS_MAX (every layer has the same shapes). Seconds taken."""
+        """Each of `eager_gemms` once, so that no step loads a cuBLAS kernel mid-run. Seconds."""
         if self.device.type != "cuda":
             return 0.0
         t0 = time.perf_counter()
-        m, L = self.model, self.model.layers[0]
-        calls = [(m.lm_head, None, rows) for rows in range(LOGIT_ROWS, self.rows + LOGIT_ROWS, LOGIT_ROWS)]
-        first = (self.mixed.sizes[-1] if self.mixed.graphs else 0) + 1
-        top = min(WARM_EAGER_ROWS_MAX, self.step_token_budget + self.rows)
-        for rows in range(-(-first // EAGER_MIXED_ROWS) * EAGER_MIXED_ROWS, top + 1, EAGER_MIXED_ROWS):
-            calls += [(L.wqkv, L.bqkv, rows), (L.wo, None, rows), (L.w13, None, rows), (L.w2, None, rows)]
-        most = max(rows for *_, rows in calls)
-        inputs = {k: torch.zeros(most, k, dtype=self.dtype, device=self.device)   # one per inner dim
-                  for k in {w.shape[1] for w, *_ in calls}}
-        for w, bias, rows in calls:
+        calls = self.eager_gemms()
+        inputs = self.gemm_inputs(calls)
+        for _, w, bias, rows in calls:
             F.linear(inputs[w.shape[1]][:rows], w, bias)
         self._sync()
         return time.perf_counter() - t0
@@ -293,7 +304,7 @@ class ModelRunner:
                 d.steps + [c.steps[i] for i in picked]]
         size = self.mixed.fits(len(cols[0]))
         if not size:   # eager: tokens, positions, slots padded to the rows every matmul sees
-            pad = [0] * (-len(cols[0]) % EAGER_MIXED_ROWS)
+            pad = [0] * (eager_rows(len(cols[0])) - len(cols[0]))
             cols[:3] = [x + pad for x in cols[:3]]
         # Each column starts 16-byte aligned in the one H2D buffer (int64: an even offset): Triton
         # compiles a pointer's 16-byte alignment into the kernel, so a column at an odd offset (an

@@ -8,7 +8,7 @@ import random
 
 from engine_helpers import collect, run
 from replica import Engine, EngineConfig
-from replica.model_runner import EAGER_MIXED_ROWS
+from replica.model_runner import EAGER_MIXED_ROWS, eager_rows
 from test_engine_vs_hf import hf_greedy
 
 
@@ -84,9 +84,11 @@ def test_mixed_steps_and_growth_to_max_seq_len_match_hf(tiny_llama_dir):
         got = _greedy_all(eng, prompts, 40)                  # the first reaches max_seq_len at 14 tokens
         # every mixed step's columns start 16-byte aligned, odd token counts included (Triton
         # compiles pointer alignment into a kernel: one variant, compiled at startup); the rows
-        # the matmuls see are padded to a multiple of EAGER_MIXED_ROWS (cuBLAS: few shapes)
+        # the matmuls see are padded (cuBLAS: few shapes), to shapes the runner warms at startup
         assert any(n % 2 for n, _, _, _ in seen) and all(a == b == 0 for _, _, a, b in seen), seen
         assert all(rows % EAGER_MIXED_ROWS == 0 and n <= rows < n + EAGER_MIXED_ROWS for n, rows, _, _ in seen)
+        warmed = {rows for name, _, _, rows in eng.core.runner.eager_gemms() if name == "w13"}
+        assert {rows for _, rows, _, _ in seen} <= warmed
         assert any(rows > n for n, rows, _, _ in seen), "no step was padded"
         assert got[0] == hf_greedy(hf, prompts[0], 14)
         assert got[1] == hf_greedy(hf, prompts[1], 40) and got[2] == hf_greedy(hf, prompts[2], 33)

@@ -38,10 +38,18 @@ def out_path(arg: Optional[str], name: str) -> str:
     return os.path.join(base, name)
 
 
+# A result larger than this is written without indentation (serve_load's per-request records run
+# to ~1 MB indented): result files travel with the tree to the GPU machines, which cap its size.
+COMPACT_JSON_BYTES = 200_000
+
+
 def write_json(path: str, obj: Any) -> None:
+    text = json.dumps(obj, indent=1, default=str)
+    if len(text) > COMPACT_JSON_BYTES:
+        text = json.dumps(obj, separators=(",", ":"), default=str)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        f.write(text + "\n")
     os.replace(tmp, path)
 
 

@@ -85,7 +85,7 @@ def _flat_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_
                         tiles, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
                         stride_vh, stride_vn, stride_bt, KVH: tl.constexpr, GROUP: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None):
     # program p: flat tiles [p * chunk, (p + 1) * chunk); tile t is key tile t % tiles of item
     # t // tiles = (row, kv head); K/V gathered through the block table, BLOCK_N keys a tile
     start = tl.program_id(0) * chunk
@@ -94,7 +94,7 @@ def _flat_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for t in range(start, end):
+    for t in tl.range(start, end, num_stages=LOOP_STAGES):   # None: the kernel's num_stages
         item, j = t // tiles, t % tiles
         b, kvh = (item // KVH).to(tl.int64), item % KVH
         m_i, l_i, acc = _segment_start(t, j, start, m_i, l_i, acc)
@@ -113,16 +113,18 @@ def _flat_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_
 def _flat_decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale, total,
                             chunk, tiles, stride_qb, stride_qh, stride_bt, KVH: tl.constexpr,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                            BLOCK_G: tl.constexpr):
+                            BLOCK_G: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
+                            WS: tl.constexpr = False):
     # as _flat_decode_kernel with one KV block (BLOCK_SIZE keys) a tile, K and V each one TMA load
-    # of [BLOCK_SIZE, HEAD_DIM] from the cache seen as rows (block * KVH + kvh) * BS + offset
+    # of [BLOCK_SIZE, HEAD_DIM] from the cache seen as rows (block * KVH + kvh) * BS + offset;
+    # WS asks Triton for warp specialization of the loop (load warps apart from math warps)
     start = tl.program_id(0) * chunk
     end = tl.minimum(start + chunk, total)
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for t in range(start, end):
+    for t in tl.range(start, end, num_stages=LOOP_STAGES, warp_specialize=WS):
         item, j = t // tiles, t % tiles
         b, kvh = (item // KVH).to(tl.int64), item % KVH
         m_i, l_i, acc = _segment_start(t, j, start, m_i, l_i, acc)
@@ -135,9 +137,12 @@ def _flat_decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, po_ptr, pm_ptr, pl_pt
 
 
 def flat_decode(q, k, v, tables, ctx: int, scale: float, programs: int, block_n: int = 64,
-                num_warps: int = 4, num_stages: int = 3, tma: bool = False) -> torch.Tensor:
+                num_warps: int = 4, num_stages: int = 3, tma: bool = False, loop_stages=None,
+                ws: bool = False) -> torch.Tensor:
     """q [B, H, hd], every row `ctx` keys (ctx % block_n == 0) -> out [B, H, hd]. `tma`: the TMA
-    kernel (one block per tile: block_n is the cache's block size)."""
+    kernel (one block per tile: block_n is the cache's block size). `loop_stages`: the loop's own
+    pipelining depth (`tl.range(num_stages=...)`, which pipelines every load in the loop, where the
+    kernel's `num_stages` pipelines loads feeding dots); `ws`: warp-specialize the TMA loop."""
     bsz, h, hd = q.shape
     kvh, bs = k.shape[1], k.shape[2]
     block_n = bs if tma else block_n
@@ -157,13 +162,13 @@ def flat_decode(q, k, v, tables, ctx: int, scale: float, programs: int, block_n:
         _flat_decode_tma_kernel[grid](
             q, *descs, tables, po, pm, pl, scale * LOG2E, total, chunk, tiles, q.stride(0), q.stride(1),
             tables.stride(0), KVH=kvh, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_G=block_g,
-            num_warps=num_warps, num_stages=num_stages)
+            LOOP_STAGES=loop_stages, WS=ws, num_warps=num_warps, num_stages=num_stages)
     else:
         _flat_decode_kernel[grid](
             q, k, v, tables, po, pm, pl, scale * LOG2E, total, chunk, tiles, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0),
             KVH=kvh, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs, BLOCK_G=block_g, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=num_stages)
+            LOOP_STAGES=loop_stages, num_warps=num_warps, num_stages=num_stages)
     m = pm.max(dim=1, keepdim=True).values                               # [items, 1, G]
     w = torch.exp2(pm - m)                                               # empty part: 0
     out = (po * w[..., None]).sum(1) / (pl * w).sum(1)[..., None]         # [items, G, hd]
@@ -173,7 +178,14 @@ def flat_decode(q, k, v, tables, ctx: int, scale: float, programs: int, block_n:
 CONFIGS = {"w4s3": dict(num_warps=4, num_stages=3), "w8s6": dict(num_warps=8, num_stages=6),
            "tma/w4s4": dict(num_warps=4, num_stages=4, tma=True),
            "tma/w4s8": dict(num_warps=4, num_stages=8, tma=True),
-           "tma/w8s12": dict(num_warps=8, num_stages=12, tma=True)}
+           "tma/w8s12": dict(num_warps=8, num_stages=12, tma=True),
+           # session 13: loop-level pipelining of every load, 128-key tiles, warp specialization
+           "w4/loop4": dict(num_warps=4, num_stages=3, loop_stages=4),
+           "w8/loop6": dict(num_warps=8, num_stages=3, loop_stages=6),
+           "w8s3/n128": dict(num_warps=8, num_stages=3, block_n=128),
+           "w8/loop4/n128": dict(num_warps=8, num_stages=3, loop_stages=4, block_n=128),
+           "tma/w4/loop8": dict(num_warps=4, num_stages=4, tma=True, loop_stages=8),
+           "tma/w4s4/ws": dict(num_warps=4, num_stages=4, tma=True, ws=True)}
 
 
 class FlatLayer(OP.Layer):
@@ -239,10 +251,15 @@ def main() -> None:
     rec["gbps"]["grid/engine"] = layer.kv_bytes() / ms / 1e6
     for progs in [int(p) for p in a.programs.split(",")]:
         for name, cfg in CONFIGS.items():
-            out = layer.attend(q, 0, programs=progs, **cfg)
-            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            ms = timed_ms(lambda: layer.attend(q, 0, programs=progs, **cfg), dev)
             key = f"p{progs}/{name}"
+            try:
+                out = layer.attend(q, 0, programs=progs, **cfg)
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                ms = timed_ms(lambda: layer.attend(q, 0, programs=progs, **cfg), dev)
+            except Exception as e:    # a variant this Triton cannot compile: recorded, skipped
+                rec.setdefault("errors", {})[key] = f"{type(e).__name__}: {str(e)[:200]}"
+                C.log(f"{key:12s} failed: {rec['errors'][key]}")
+                continue
             rec["gbps"][key], rec["max_rel_err"][key] = layer.kv_bytes() / ms / 1e6, err
             C.log(f"{key:12s} {rec['gbps'][key]:7.0f} GB/s  ({rec['gbps'][key] / progs:5.1f} per program)  err {err:.1e}")
     C.log(f"grid/engine  {rec['gbps']['grid/engine']:7.0f} GB/s")
@@ -253,7 +270,7 @@ def main() -> None:
         with OP.blas("cublas", None):
             res["serial"] = per_layer(lambda: OP.serial(layer, x, a.layers))
         for progs in [int(p) for p in a.programs.split(",") if int(p) < 132]:
-            best = max(CONFIGS, key=lambda n: rec["gbps"][f"p{progs}/{n}"])
+            best = max((n for n in CONFIGS if f"p{progs}/{n}" in rec["gbps"]), key=lambda n: rec["gbps"][f"p{progs}/{n}"])
             with OP.blas("cublaslt", progs):
                 res[f"pipelined/carve{progs}/flat-{best}"] = per_layer(
                     lambda: OP.pipelined(layer, x, a.layers, side, programs=progs, **CONFIGS[best]))

@@ -36,14 +36,14 @@ from replica.stats import StartupReport
 
 log = logging.getLogger("replica")
 
-# An eager mixed step runs its matmuls at a padded row count (`eager_rows`; the padding rows are
-# token 0 at position 0, which attention skips). cuBLAS chooses a GEMM algorithm per shape and remembers it: a row
-# count it has not seen costs ~110 us more host time per GEMM call (H200 host, 31 vs 141 us
-# median, results/step_profile-*.json), and its first call may load a kernel, which waits for the
-# whole queue (tens of ms mid-burst). A mixed step's token count is new almost every step, so the
+# An eager mixed step runs its matmuls at a padded row count (`eager_rows`; padding rows are token
+# 0 at position 0, which attention skips). cuBLAS chooses a GEMM algorithm per shape and remembers
+# it: a row count it has not seen costs ~110 us more host time per GEMM call (H200 host, 31 vs 141
+# us median, results/step_profile-*.json), and its first call may load a kernel, which waits for
+# the whole queue (20-30 ms mid-burst). A mixed step's token count is new almost every step, so
 # rows are padded to a multiple of 16 up to 2048 tokens (8 rows of GPU work on average) and of 128
-# above (under 3%), and every padded count a step can reach runs once at startup
-# (`_warm_eager_shapes`): 180 shapes for llama-1b's 16k-token budget, ~0.1 PFLOP.
+# above (under 6.3%), and every padded count a step can reach runs once at startup
+# (`_warm_eager_shapes`: 178 counts for llama-1b's 16k-token budget, ~0.3 s on an H200).
 EAGER_MIXED_ROWS = 16
 EAGER_COARSE_ROWS, EAGER_COARSE_FROM = 128, 2048
 # A mixed step's logits are computed for its sampled rows padded to a multiple of this, and the
@@ -211,7 +211,8 @@ class ModelRunner:
         four matmuls (every layer has the same shapes) at every `eager_rows` count from the first
         token count past the mixed graphs to the most a step can hold."""
         m, L = self.model, self.model.layers[0]
-        calls = [("lm_head", m.lm_head, None, rows) for rows in range(LOGIT_ROWS, self.rows + LOGIT_ROWS, LOGIT_ROWS)]
+        logit_counts = range(LOGIT_ROWS, self.rows + LOGIT_ROWS, LOGIT_ROWS)
+        calls = [("lm_head", m.lm_head, None, rows) for rows in logit_counts]
         first = (self.mixed.sizes[-1] if self.mixed.graphs else 0) + 1
         most_tokens = self.step_token_budget + self.rows       # a bound: decode rows + the budget
         for rows in sorted({eager_rows(n) for n in range(first, most_tokens + 1)}):

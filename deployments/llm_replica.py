@@ -141,8 +141,10 @@ class LLMReplica:
                 "running": s.running, "queued": s.queued, "finished_requests": s.finished_requests,
                 "aborted_requests": s.aborted_requests, "admitted_sequences": self._runner.admitted,
                 "refused_batches": self._runner.refused_batches,
-                "ttft_ms_counts": list(self._runner.ttft.counts), "tpot_ms_counts": list(self._runner.tpot.counts),
-                "arrival_ms_counts": list(self._runner.arrival.counts)}
+                "ttft_ms_counts": list(self._runner.ttft.counts),
+                "tpot_ms_counts": list(self._runner.tpot.counts),
+                "arrival_ms_counts": list(self._runner.arrival.counts),
+                "routing_stats": routing_stats(s, self._device).to_dict()}   # what the router reads
 
     async def _export_metrics(self) -> None:
         while True:

@@ -212,8 +212,8 @@ def _child_main(fd: int, spawned_at: float, imports_s: float = 0.0) -> None:
                 sender.join(timeout=30)
                 return
         if core.has_work():
-            events = core.step()
-            outbox.put(("events", events, core.stats(core.summary_due())))
+            events, stats = core.step_and_stats(core.summary_due())
+            outbox.put(("events", events, stats))
 
 
 def pack_events(events: list[Event]) -> tuple[list[str], list[int], list[Event]]:

@@ -144,14 +144,32 @@ class EngineCore:
     def summary_due(self) -> bool:
         return time.monotonic() - self._summary_at > SUMMARY_PERIOD_S
 
+    def refresh_summary(self) -> None:
+        """Rebuild the prefix-cache summary and the O(rows) counts now (`stats` does it at most
+        every SUMMARY_PERIOD_S). The workers call it when the engine goes idle: the last snapshot
+        then holds every block its last requests left, for as long as it stays idle."""
+        sch = self.scheduler
+        self._summary, self._summary_at = self.pool.summary(MAX_SUMMARY), time.monotonic()
+        self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
+        self._min_remaining = sch.min_remaining_steps()
+
+    def step_and_stats(self, summary: bool = True) -> tuple[list[Event], EngineStats]:
+        """One step, then the snapshot after it (the workers' loop body). Going idle refreshes the
+        summary (`refresh_summary`); without `summary` the snapshot carries none unless that
+        happened (the process worker sends it only when rebuilt)."""
+        events = self.step()
+        idle = not self.has_work()
+        if idle:
+            self.refresh_summary()
+        return events, self.stats(summary or idle)
+
     def stats(self, summary: bool = True) -> EngineStats:
         """A snapshot; with `summary`, the prefix-cache summary too (rebuilt at most every
-        SUMMARY_PERIOD_S), else `prefix_hashes=None` (the process worker's parent keeps the last)."""
+        SUMMARY_PERIOD_S), else `prefix_hashes=None` (the process worker's parent keeps the last).
+        The owning thread's call: it reads the scheduler's containers."""
         sch, r, pool, c = self.scheduler, self.runner, self.pool, self.config
         if summary and self.summary_due():
-            self._summary, self._summary_at = pool.summary(MAX_SUMMARY), time.monotonic()
-            self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
-            self._min_remaining = sch.min_remaining_steps()
+            self.refresh_summary()
         return EngineStats(
             captured_buckets=r.graphs.captured_buckets if r.graphs.use_graphs else r.plan.buckets,
             graphs=r.graphs.use_graphs, max_seq_len=c.max_seq_len, max_num_seqs=r.rows,
@@ -192,6 +210,7 @@ class ThreadWorker:
         self._stopping = False
         self.error: Optional[BaseException] = None
         self._in_step_since: Optional[float] = None
+        self._stats = self.core.stats()    # replaced by the step thread after every step
         self._thread = threading.Thread(target=self._run, name="graphserve-step", daemon=True)
         self._thread.start()
 
@@ -207,7 +226,8 @@ class ThreadWorker:
         self._notify()
 
     def stats(self) -> EngineStats:
-        return self.core.stats()
+        """The snapshot the step thread took after its last step (it alone reads the scheduler)."""
+        return self._stats
 
     def check_health(self) -> None:
         if self.error is not None:
@@ -237,11 +257,12 @@ class ThreadWorker:
                     if self._stopping:
                         break
                 self._in_step_since = time.monotonic()
-                events = self.core.step()
+                events, self._stats = self.core.step_and_stats()
                 self._in_step_since = None
                 if events:
                     self._on_events(events)
             self._on_events(self.core.abort_all())
+            self._stats = self.core.stats()
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to its waiters
             log.exception("engine step loop failed")
             self.error = e

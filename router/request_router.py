@@ -51,7 +51,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from router import metrics as gs_metrics
 from router.hint import batch_of
 from router.inflight import InFlight, Work
-from router.policy import coerce_hint, rank_replicas
+from router.policy import coerce_hint, is_usable, rank_replicas
 from router.stats import ReplicaStats, RoutingHint
 
 logger = logging.getLogger("ray.serve")
@@ -59,6 +59,7 @@ logger = logging.getLogger("ray.serve")
 HINT_KWARG = "routing_hint"
 DEFAULT_STALE_AFTER_S = 10.0
 DEFAULT_RESERVATION_TTL_S = 5.0
+DEFAULT_NEW_REPLICA_IDLE_S = 10.0
 PREFIX_SUMMARY_LAG_S = 1.0     # replica/worker.py SUMMARY_PERIOD_S (0.5 s) plus publication jitter
 _ERROR_LOG_PERIOD_S = 60.0
 _COUNTED_IDS_MAX = 4096
@@ -97,6 +98,7 @@ class BucketAwareRequestRouter(RequestRouter):
                          clock: Optional[Callable[[], float]] = None,
                          record_outcome: Optional[Callable[[str], None]] = None,
                          peers: int = 1,
+                         new_replica_idle_s: float = DEFAULT_NEW_REPLICA_IDLE_S,
                          **unknown: Any) -> None:
         """Set the configuration; never raises.
 
@@ -112,10 +114,13 @@ class BucketAwareRequestRouter(RequestRouter):
                 so it counts its recent work `peers` times (Outstanding.with_peers); without
                 that, two ingresses pick the same replica in the same window
                 (benchmarks/route_sim.py --ingresses).
+            new_replica_idle_s: for this long after Ray first offers a replica that has not
+                published stats yet, rank it as an idle copy of its freshest peer
+                (`_new_replicas_as_idle`); 0 ranks it as unknown (after every replica with stats).
         """
         if unknown:
             logger.error("graphserve router: ignoring unknown request_router_kwargs %s; "
-                         "accepted: stale_after_s, seed, peers", sorted(unknown))
+                         "accepted: stale_after_s, seed, peers, new_replica_idle_s", sorted(unknown))
         if isinstance(stale_after_s, bool) or not isinstance(stale_after_s, (int, float)) \
                 or not stale_after_s > 0:
             logger.error("graphserve router: stale_after_s=%r must be a positive number of "
@@ -127,7 +132,14 @@ class BucketAwareRequestRouter(RequestRouter):
         if isinstance(peers, bool) or not isinstance(peers, int) or peers < 1:
             logger.error("graphserve router: peers=%r must be a positive int; using 1", peers)
             peers = 1
+        if isinstance(new_replica_idle_s, bool) or not isinstance(new_replica_idle_s, (int, float)) \
+                or not 0 <= new_replica_idle_s < float("inf"):
+            logger.error("graphserve router: new_replica_idle_s=%r must be a number of seconds "
+                         ">= 0; using %s", new_replica_idle_s, DEFAULT_NEW_REPLICA_IDLE_S)
+            new_replica_idle_s = DEFAULT_NEW_REPLICA_IDLE_S
         self._peers = peers
+        self._new_replica_idle_s = float(new_replica_idle_s)
+        self._first_seen = getattr(self, "_first_seen", {})   # replica id -> first offered (clock)
         self._stale_after_s = float(stale_after_s)
         self._rng = random.Random(seed)
         self._clock = clock or time.time
@@ -165,6 +177,7 @@ class BucketAwareRequestRouter(RequestRouter):
         stats = self._read_all_stats(replicas)
         ids = [r.replica_id for r in replicas]
         since = {rep: s.timestamp for rep, s in zip(ids, stats) if s is not None}
+        stats = self._new_replicas_as_idle(replicas, stats, now)   # after `since`: see there
         sent = self._inflight.outstanding(now, since)
         if self._peers > 1:
             sent = {rep: o.with_peers(self._peers) for rep, o in sent.items()}
@@ -183,6 +196,40 @@ class BucketAwareRequestRouter(RequestRouter):
             work = _work(hint, est.prefill_tokens if est is not None else None)
             self._inflight.reserve(rid, ids[first], work, now, _hashes(hint))
         return tiers
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        """Ray's hook for a changed replica set: note when each replica was first offered."""
+        try:
+            now = self._clock()
+            seen = self._first_seen
+            self._first_seen = {r.replica_id: seen.get(r.replica_id, now) for r in replicas}
+        except Exception:
+            pass  # before initialize_state, or a replica without an id: bookkeeping only
+        super().update_replicas(replicas)
+
+    def _new_replicas_as_idle(self, replicas: List[RunningReplica],
+                              stats: List[Optional[ReplicaStats]], now: float) -> List[Optional[ReplicaStats]]:
+        """Stats for replicas that have not published yet (`{}`, as Ray hands them over before the
+        first poll), for `new_replica_idle_s` after they were first offered: the freshest usable
+        peer's shape with nothing running (`ReplicaStats.idle_like`). Ray offers a replica only
+        once its constructor (engine ready) and first health check passed, so it is idle; what
+        this router sends it counts in full on top (it has no stats timestamp in `since`), so a
+        burst does not pile onto it. Without this a scale-up's new replica ranked after every
+        replica with stats for up to one stats period. Past the window, or with no usable peer
+        to copy, such a replica ranks as unknown again: one that never publishes is not trusted."""
+        if self._new_replica_idle_s <= 0 or not any(s is None for s in stats):
+            return stats
+        peers = [s for s in stats if s is not None and is_usable(s, now, self._stale_after_s)]
+        if not peers:
+            return stats
+        template = max(peers, key=lambda s: s.timestamp)
+        out = list(stats)
+        for k, (r, s) in enumerate(zip(replicas, stats)):
+            if s is None and _never_published(r):
+                first = self._first_seen.setdefault(r.replica_id, now)
+                if now - first <= self._new_replica_idle_s:
+                    out[k] = template.idle_like(now)
+        return out
 
     def _read_all_stats(self, replicas: List[RunningReplica]) -> List[Optional[ReplicaStats]]:
         """Each replica's parsed stats (None when missing, malformed or unreadable), reusing the
@@ -284,6 +331,15 @@ def _work(hint: Optional[RoutingHint], prefill_tokens: Optional[int]) -> Work:
 def _hashes(hint: Optional[RoutingHint]) -> tuple[int, ...]:
     """Every prefix hash of the hint's prompts (the replica holds these prefixes once it ran it)."""
     return tuple(h for pairs in hint.prefix_hashes for _, h in pairs) if hint else ()
+
+
+def _never_published(replica: RunningReplica) -> bool:
+    """Ray's value before a replica's first stats poll: an empty dict."""
+    try:
+        raw = replica.routing_stats
+        return isinstance(raw, dict) and not raw
+    except Exception:
+        return False
 
 
 def _parse_stats(raw: Any) -> Optional[ReplicaStats]:

@@ -14,7 +14,7 @@ field added after the first version has a default, so old and new peers interope
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping, Optional
 
@@ -73,6 +73,16 @@ class ReplicaStats:
         d["decode_step_s"] = {int(k): float(v) for k, v in self.decode_step_s.items()}
         d["prefix_hashes"] = list(self.prefix_hashes[:MAX_PREFIX_HASHES])
         return d
+
+    def idle_like(self, timestamp: float) -> "ReplicaStats":
+        """What an idle replica of the same deployment would publish at `timestamp`: these
+        stats' shape (buckets, limits, KV pool) with nothing running, queued or cached, and no
+        rates of its own (the estimate then uses the fleet's, `estimate.fleet_prior`). The router
+        ranks a replica that has not published yet this way (router/request_router.py)."""
+        return replace(self, running=0, free_slots=self.max_num_seqs, queued=0,
+                       free_blocks=self.total_blocks, prefill_backlog_tokens=0, decode_rows=0,
+                       prefill_tokens_per_s=0.0, decode_step_s={}, min_remaining_steps=0,
+                       prefix_hashes=(), device="", timestamp=timestamp)
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> Optional["ReplicaStats"]:

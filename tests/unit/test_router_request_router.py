@@ -86,7 +86,7 @@ class _Exploding:
         raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("bad", [None, [], "garbage", {"captured_buckets": "x"},
+@pytest.mark.parametrize("bad", [[], "garbage", {"captured_buckets": "x"},
                                  {"captured_buckets": [8, 4], "max_seq_len": 1}, _Exploding()])
 def test_malformed_stats_do_not_raise(bad):
     router = make_router()
@@ -158,9 +158,11 @@ def test_equal_replicas_are_not_always_the_first():
 
 def test_bad_kwargs_are_logged_not_raised(caplog):
     with caplog.at_level(logging.ERROR, logger="ray.serve"):
-        router = make_router(stale_after_s=-1, bogus=1)
+        router = make_router(stale_after_s=-1, bogus=1, new_replica_idle_s=float("nan"))
     assert router._stale_after_s == rr.DEFAULT_STALE_AFTER_S
+    assert router._new_replica_idle_s == rr.DEFAULT_NEW_REPLICA_IDLE_S
     assert "bogus" in caplog.text and "stale_after_s=-1" in caplog.text
+    assert "new_replica_idle_s=nan" in caplog.text
     assert names(choose(router, ab_replicas(), pending(hint(5))))[0] == ["A"]
 
 

@@ -17,10 +17,12 @@ Prints the ready bar (ready < 5 s + weights read) and writes JSON with the card 
 
   python benchmarks/startup.py --out $OUT/startup.json                # GPU, ~1-2 min for 8B
   python benchmarks/startup.py --device cpu --models tiny --repeats 1   # CPU smoke test
+  python benchmarks/startup.py --cold-triton --compile-threads 1,8    # fresh-machine compiles, A/B
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -123,15 +126,44 @@ def import_views(a) -> dict:
     return rec
 
 
+@contextlib.contextmanager
+def build_env(compile_threads: str, cold_triton: bool) -> Iterator[None]:
+    """The engine process's environment for one build: GRAPHSERVE_COMPILE_THREADS (replica/kernels/
+    launch.py; "" leaves it unset), and with `cold_triton` a new empty TRITON_CACHE_DIR, as on a
+    machine that never ran the engine."""
+    saved = {k: os.environ.get(k) for k in ("GRAPHSERVE_COMPILE_THREADS", "TRITON_CACHE_DIR")}
+    with tempfile.TemporaryDirectory() as cache:
+        if compile_threads:
+            os.environ["GRAPHSERVE_COMPILE_THREADS"] = compile_threads
+        if cold_triton:
+            os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def model_views(name: str, a, extra: dict) -> dict:
-    """`--repeats` process-backend builds of one model (a preset name or a checkpoint directory),
-    each with the ready bar, and (--profile) a cProfiled thread-backend build."""
+    """`--repeats` process-backend builds of one model (a preset name or a checkpoint directory)
+    per `--compile-threads` value, each with the ready bar, and (--profile) a cProfiled
+    thread-backend build."""
     model = f"random:{name}" if name in RF.PRESETS else name
-    builds = [build(model, a.max_seq_len, a.device, "process", extra) for _ in range(a.repeats)]
+    builds = []
+    for _ in range(a.repeats):              # alternate the settings: drift hits each alike
+        for threads in a.compile_threads.split(","):
+            with build_env(threads, a.cold_triton):
+                b = build(model, a.max_seq_len, a.device, "process", extra)
+            b.update(compile_threads=threads or "default", cold_triton=a.cold_triton)
+            builds.append(b)
     for b in builds:
         st = b["startup"]
         b["ready_bar"] = st["ready_seconds"] < 5.0 + st["load_seconds"]
-        C.log(name, {k: C.rnd(v, 2) for k, v in st.items() if k.endswith("seconds")}, "bar", b["ready_bar"])
+        C.log(name, "threads", b["compile_threads"], {k: C.rnd(v, 2) for k, v in st.items()
+                                                       if k.endswith("seconds")}, "bar", b["ready_bar"])
     rec = {"builds": builds}
     if a.profile:
         rec["profile"] = profiled_build(model, a.max_seq_len, a.device, extra, a.top)
@@ -151,6 +183,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--bytecode-runs", type=int, default=0,
                     help="time `import torch, triton` N times plain and N+1 from a bytecode cache")
+    ap.add_argument("--compile-threads", default="",
+                    help="comma list of GRAPHSERVE_COMPILE_THREADS values, builds alternating "
+                         "(e.g. 1,8: compiles one at a time vs eight at once); '' the default")
+    ap.add_argument("--cold-triton", action="store_true",
+                    help="each build with a new empty TRITON_CACHE_DIR (a fresh machine's compiles)")
     a = ap.parse_args()
     extra = {} if a.device.startswith("cuda") else {"batch_buckets": (1, 2, 4), "block_size": 8}
     out = C.out_path(a.out, "startup.json")

@@ -22,6 +22,7 @@ class StartupReport:
     device_init_seconds: float = 0.0  # CUDA context on the engine's device
     load_seconds: float = 0.0       # weights
     sizing_seconds: float = 0.0     # activation probe + KV allocation
+    compile_seconds: float = 0.0    # of which compiling the probe's Triton kernels ahead, in parallel
     warmup_seconds: float = 0.0     # Triton JIT + first runs, before capture
     capture_seconds: float = 0.0
     ready_seconds: float = 0.0      # Engine() call until it accepts requests

@@ -6,6 +6,8 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     silu_mul(gate_up)                                 -> silu(gate) * up
     use_triton(t) -> bool                             # True when t is on CUDA and triton imports
     prefetch_compile_key() -> thread | None           # start-up: Triton's cache key, in the background
+    compile_ahead(fn) -> seconds                      # start-up: run fn with every Triton launch
+                                                      #   compiled on a thread pool instead (launch.py)
   Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table
   row r at cache[block_tables[r, p // BS], :, p % BS]; block_tables int32 [R, max_blocks]):
     rope_store_kv_paged(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, num_heads,
@@ -50,13 +52,23 @@ except ImportError:  # no triton (e.g. a minimal CPU install): reference only
     _fused = _paged = _paged_prefill = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "paged_decode_attention",
+__all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "compile_ahead", "paged_decode_attention",
            "paged_prefill_attention", "prefetch_compile_key", "rms_norm", "rope_store_kv_paged",
            "silu_mul", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda
+
+
+def compile_ahead(fn) -> float:
+    """Run `fn` once with every Triton launch only compiled, the compiles in parallel
+    (replica/kernels/launch.py); afterwards the same launches run without compiling. 0.0 and
+    `fn` not run without Triton. Seconds."""
+    if not HAS_TRITON:
+        return 0.0
+    from replica.kernels.launch import compile_ahead as ahead
+    return ahead(fn)
 
 
 def prefetch_compile_key() -> Optional[threading.Thread]:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels.launch import launch
+
 MAX_NORM_DIM = 65536
 
 
@@ -59,9 +61,8 @@ def _launch_norm(x, residual, weight, eps, out):
     block = triton.next_power_of_2(d)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     res = residual if residual is not None else x  # unused pointer when HAS_RESIDUAL=False
-    _rms_norm_kernel[(n,)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), d,
-                           eps, HAS_RESIDUAL=residual is not None, BLOCK_D=block,
-                           num_warps=warps)
+    launch(_rms_norm_kernel, (n,), x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), d,
+           eps, HAS_RESIDUAL=residual is not None, BLOCK_D=block, num_warps=warps)
     return out
 
 
@@ -102,8 +103,8 @@ def silu_mul(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
         out = torch.empty((n, inter), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(max(inter, 16)))
     grid = (n, triton.cdiv(inter, block))
-    _silu_mul_kernel[grid](gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block,
-                           num_warps=4 if block >= 512 else 1)
+    launch(_silu_mul_kernel, grid, gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block,
+           num_warps=4 if block >= 512 else 1)
     return out
 
 
@@ -196,8 +197,8 @@ def _launch_rope(qkv, cos, sin, positions, slots, k_cache, v_cache, num_heads, n
         out = torch.empty((n, num_heads, hd), dtype=qkv.dtype, device=qkv.device)
     consts, num_warps = rope_launch_config(num_heads, num_kv_heads, hd, block_size)
     grid = (n, 2)
-    _rope_store_kv_kernel[grid](
-        qkv, cos, sin, positions, slots, out, k_cache, v_cache,
+    launch(
+        _rope_store_kv_kernel, grid, qkv, cos, sin, positions, slots, out, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels.launch import launch
+
 
 LOG2E = 1.4426950408889634
 SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
@@ -297,14 +299,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
                out.stride(0), out.stride(1))
     if programs:
-        _decode_split_persistent[(programs,)](*head, bsz, *strides, num_warps=num_warps,
-                                              num_stages=num_stages, **consts)
+        launch(_decode_split_persistent, (programs,), *head, bsz, *strides, num_warps=num_warps,
+               num_stages=num_stages, **consts)
     else:
-        _decode_split_kernel[(bsz, kvh, num_splits)](*head, *strides, num_warps=num_warps,
-                                                     num_stages=num_stages, **consts)
+        launch(_decode_split_kernel, (bsz, kvh, num_splits), *head, *strides, num_warps=num_warps,
+               num_stages=num_stages, **consts)
     if num_splits > 1:
-        _decode_combine_kernel[(bsz, h)](
-            po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
+        launch(
+            _decode_combine_kernel, (bsz, h), po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"],
             num_warps=1 if hd <= 64 else 2)
     return out

@@ -59,3 +59,55 @@ def test_probe_over_two_layers_finds_the_whole_stacks_peak():
         eng.shutdown()
     assert whole > 256 << 20, whole          # the budget's activations, not noise
     assert abs(short - whole) <= 0.01 * whole, (short, whole)
+
+
+COMPILE_AHEAD_SCRIPT = r'''
+import json, sys
+from triton import knobs
+from replica import Engine, EngineConfig, sizing
+
+compiles = []          # (kernel, compiled as a warm-up) per Triton compile, in order
+knobs.runtime.jit_cache_hook = lambda **kw: compiles.append((kw["fn"].name, kw["is_manual_warmup"]))
+marks, measure_peak = {}, sizing.measure_peak
+
+def measured(run, device):  # the probe's real run, right after its compile-ahead pass
+    marks["probe_start"] = len(compiles)
+    try:
+        return measure_peak(run, device)
+    finally:
+        marks["probe_end"] = len(compiles)
+
+sizing.measure_peak = measured
+eng = Engine(EngineConfig(model=sys.argv[1], device="cuda", dtype="bfloat16", batch_buckets=(1, 2, 4, 8),
+                          max_seq_len=256, block_size=16, max_num_seqs=8, kv_cache_bytes=32 << 20,
+                          engine_process="thread"))
+seconds = eng.stats().startup.compile_seconds
+eng.shutdown()
+print(json.dumps({"compiles": compiles, "seconds": seconds, **marks}))
+'''
+
+
+def test_compile_ahead_leaves_the_probe_nothing_to_compile(tmp_path):
+    """In a fresh process with an empty Triton cache, the start-up probe's kernels are all
+    compiled by the compile-ahead pass (as warm-ups, on its thread pool), and the probe's real
+    launches right after it compile nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hf_fixtures import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "model", seed=3)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_SCRIPT, str(tmp_path / "model")],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads(done.stdout.strip().splitlines()[-1])
+    ahead = rec["compiles"][:rec["probe_start"]]
+    assert len(ahead) >= 5 and all(warm for _, warm in ahead), ahead   # norms, silu, rope, attention
+    assert rec["compiles"][rec["probe_start"]:rec["probe_end"]] == [], rec
+    assert rec["seconds"] > 0

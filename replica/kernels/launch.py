@@ -1,0 +1,72 @@
+"""The one door every Triton launch in replica.kernels goes through, so start-up can compile ahead.
+
+`launch(kernel, grid, *args, **meta)` is `kernel[grid](*args, **meta)`. Inside
+`compile_only(executor)`, it instead hands the compile of `kernel` for exactly these arguments
+(the same specialization key a real launch computes) to `executor`, through Triton's
+`AsyncCompileMode`, and launches nothing: the op's output stays whatever its buffer held.
+Leaving the block waits for every compile and files each kernel in Triton's in-memory cache, so
+the same launches afterwards run at once.
+
+Why: a fresh machine (an empty Triton cache: a new pod, a new node) compiled the engine's ~10
+kernels one after another inside start-up's sizing probe, ~3 s for llama-8b on an H200
+(docs/perf-notes.md, session 13), while Triton's compiler spends most of that in C++ passes and
+in ptxas, which do not hold the GIL. `compile_ahead(fn)` runs `fn` (the probe) once in this mode
+on a thread pool. Only compiles happen on the pool; every CUDA call stays on the caller's thread.
+
+Contract: the code run under `compile_only` must not read what a Triton op wrote (values are
+garbage there), only shapes; the engine's forwards do not (no host syncs, sampling by argmax of
+noise). Not thread-safe across engines in one process starting at the same time: the switch is
+module-wide, as Triton's mode is per thread context.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+_compile_only = False
+MAX_COMPILE_THREADS = 8
+
+
+def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
+    """Run `kernel` on `grid`, or only compile it inside `compile_only`."""
+    if _compile_only:
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+@contextmanager
+def compile_only(executor) -> Iterator[None]:
+    """Inside: `launch` compiles on `executor` instead of running; on exit, every compile is done."""
+    global _compile_only
+    import triton
+    with triton.AsyncCompileMode(executor):
+        _compile_only = True
+        try:
+            yield
+        finally:
+            _compile_only = False
+
+
+def compile_threads() -> int:
+    """Threads for start-up compiles: $GRAPHSERVE_COMPILE_THREADS when a positive int (1: one
+    compile at a time, as before compile-ahead existed), else one per CPU up to MAX_COMPILE_THREADS."""
+    try:
+        n = int(os.environ.get("GRAPHSERVE_COMPILE_THREADS", "0"))
+    except ValueError:
+        n = 0
+    return n if n > 0 else max(1, min(MAX_COMPILE_THREADS, os.cpu_count() or 1))
+
+
+def compile_ahead(fn: Callable[[], Any], threads: int = 0) -> float:
+    """Run `fn` once with every Triton launch compiled on a pool of `threads` (0:
+    `compile_threads()`) instead of run. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    workers = threads or compile_threads()
+    with ThreadPoolExecutor(workers, thread_name_prefix="graphserve-compile") as pool:
+        with compile_only(pool):
+            fn()
+    return time.perf_counter() - t0

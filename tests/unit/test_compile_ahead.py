@@ -1,0 +1,57 @@
+"""replica/kernels/launch.py: the launch door and the compile-ahead switch, with a fake kernel.
+(The real Triton path, compiles on a pool and none left for the probe: tests/gpu/test_startup.py.)"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from replica.kernels import launch as L  # noqa: E402
+
+
+class FakeKernel:
+    """Records `kernel[grid](...)` launches and `kernel.warmup(...)` compiles."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append(("run", grid, args, meta))
+
+    def warmup(self, *args, grid, **meta):
+        self.calls.append(("compile", grid, args, meta))
+
+
+def test_launch_runs_outside_and_only_compiles_inside():
+    k = FakeKernel()
+    L.launch(k, (4, 2), "x", 7, BLOCK=64, num_warps=4)
+    seconds = L.compile_ahead(lambda: L.launch(k, (4, 2), "x", 7, BLOCK=64, num_warps=4), threads=2)
+    L.launch(k, (1,), "y")
+    assert k.calls == [("run", (4, 2), ("x", 7), {"BLOCK": 64, "num_warps": 4}),
+                       ("compile", (4, 2), ("x", 7), {"BLOCK": 64, "num_warps": 4}),
+                       ("run", (1,), ("y",), {})]
+    assert seconds >= 0
+
+
+def test_the_switch_is_off_after_an_error():
+    k = FakeKernel()
+
+    def boom():
+        L.launch(k, (1,))
+        raise RuntimeError("probe failed")
+
+    with pytest.raises(RuntimeError, match="probe failed"):
+        L.compile_ahead(boom, threads=1)
+    L.launch(k, (2,))
+    assert [c[0] for c in k.calls] == ["compile", "run"]
+
+
+@pytest.mark.parametrize("env, expected", [("3", 3), ("1", 1), ("0", None), ("-2", None),
+                                           ("many", None), (None, None)])
+def test_compile_threads_from_the_environment(monkeypatch, env, expected):
+    if env is None:
+        monkeypatch.delenv("GRAPHSERVE_COMPILE_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("GRAPHSERVE_COMPILE_THREADS", env)
+    monkeypatch.setattr(L.os, "cpu_count", lambda: 32)
+    assert L.compile_threads() == (expected or L.MAX_COMPILE_THREADS)

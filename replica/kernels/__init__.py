@@ -5,7 +5,7 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     add_rms_norm(x, residual, weight, eps)            -> (normed, new_residual)  # residual updated in place
     silu_mul(gate_up)                                 -> silu(gate) * up
     use_triton(t) -> bool                             # True when t is on CUDA and triton imports
-    prefetch_compile_key() -> thread | None           # start-up: Triton's cache key, in the background
+    prefetch_compile_key() -> thread | None           # start-up: Triton's cache key and driver, in the background
     compile_ahead(fn) -> seconds                      # start-up: run fn with every Triton launch
                                                       #   compiled on a thread pool instead (launch.py)
   Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table
@@ -72,17 +72,27 @@ def compile_ahead(fn) -> float:
 
 
 def prefetch_compile_key() -> Optional[threading.Thread]:
-    """Start computing Triton's compiler key in a background thread; join it before the first
-    kernel launch. A process's first compile (a disk-cache hit included) hashes Triton's sources
-    and its ~0.5 GB libtriton (0.33 s on an H200 host, results/startup-*.json); hashlib releases
-    the GIL, so it overlaps device init and weight loading. None without Triton."""
+    """Start Triton's once-per-process start-up work in a background thread; join it before the
+    first kernel launch. A process's first compile (a disk-cache hit included) hashes Triton's
+    sources and its ~0.5 GB libtriton (0.33 s on an H200 host, results/startup-*.json), and its
+    first launch builds Triton's CUDA driver module, a C compile with an empty Triton cache.
+    hashlib and the C compiler run without the GIL, so both overlap device init and weight
+    loading. None without Triton."""
     if not HAS_TRITON:
         return None
     try:
         from triton.runtime.cache import triton_key          # Triton 3.x; memoized per process
+        from triton.runtime.driver import driver
     except ImportError:
         return None
-    thread = threading.Thread(target=triton_key, name="graphserve-triton-key", daemon=True)
+
+    def warm() -> None:
+        triton_key()
+        try:
+            driver.active.utils                 # builds (or loads) the driver module once
+        except Exception:                       # no GPU driver here: the first launch will say so
+            pass
+    thread = threading.Thread(target=warm, name="graphserve-triton-key", daemon=True)
     thread.start()
     return thread
 

@@ -4,13 +4,13 @@
 `compile_only(executor)`, it instead hands the compile of `kernel` for exactly these arguments
 (the same specialization key a real launch computes) to `executor`, through Triton's
 `AsyncCompileMode`, and launches nothing: the op's output stays whatever its buffer held.
-Leaving the block waits for every compile and files each kernel in Triton's in-memory cache, so
-the same launches afterwards run at once.
+Leaving the block waits for every compile, files each kernel in Triton's in-memory cache and
+builds its C launcher, so the same launches afterwards run at once.
 
 Why: a fresh machine (an empty Triton cache: a new pod, a new node) compiled the engine's ~10
 kernels one after another inside start-up's sizing probe, ~3 s for llama-8b on an H200
 (docs/perf-notes.md, session 13), while Triton's compiler spends most of that in C++ passes and
-in ptxas, which do not hold the GIL. `compile_ahead(fn)` runs `fn` (the probe) once in this mode
+in ptxas, which do not hold the GIL, and each kernel's first launch compiled its C launcher. `compile_ahead(fn)` runs `fn` (the probe) once in this mode
 on a thread pool. Only compiles happen on the pool; every CUDA call stays on the caller's thread.
 
 Contract: the code run under `compile_only` must not read what a Triton op wrote (values are
@@ -40,15 +40,36 @@ def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
 
 @contextmanager
 def compile_only(executor) -> Iterator[None]:
-    """Inside: `launch` compiles on `executor` instead of running; on exit, every compile is done."""
+    """Inside: `launch` compiles on `executor` instead of running; on exit, every compile is done,
+    and so is each compiled kernel's launcher (`_build_launchers`)."""
     global _compile_only
     import triton
-    with triton.AsyncCompileMode(executor):
+    with triton.AsyncCompileMode(executor) as mode:
         _compile_only = True
         try:
             yield
         finally:
             _compile_only = False
+    _build_launchers(mode, executor)
+
+
+def _build_launchers(mode: Any, executor) -> None:
+    """Triton launches a kernel through a C launcher per kernel signature, built with the C
+    compiler at the kernel's first launch (then cached on disk beside the kernel): one compile
+    after another on the caller's thread otherwise. Build them on `executor` now; the first
+    launch then loads each from the cache. Best effort: a Triton without these internals, or a
+    failed build, leaves the build to the first launch as before."""
+    try:
+        from triton.runtime.driver import driver
+        kernels = [fk.kernel for fk in mode.future_kernels.values() if fk.kernel is not None]
+        futures = [executor.submit(driver.active.launcher_cls, k.src, k.metadata) for k in kernels]
+    except Exception:
+        return
+    for f in futures:
+        try:
+            f.result()
+        except Exception:
+            pass
 
 
 def compile_threads() -> int:

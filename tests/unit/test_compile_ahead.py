@@ -55,3 +55,16 @@ def test_compile_threads_from_the_environment(monkeypatch, env, expected):
         monkeypatch.setenv("GRAPHSERVE_COMPILE_THREADS", env)
     monkeypatch.setattr(L.os, "cpu_count", lambda: 32)
     assert L.compile_threads() == (expected or L.MAX_COMPILE_THREADS)
+
+
+def test_a_compile_job_returns_its_kernel_even_when_the_launcher_cannot_be_built():
+    """Compile jobs also build the kernel's C launcher; here (a fake kernel, no GPU driver) that
+    build fails, and the job still hands back the compiled kernel: the first launch builds it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Compiled:
+        src = metadata = None
+
+    kernel = Compiled()
+    with ThreadPoolExecutor(1) as pool:
+        assert L._WithLaunchers(pool).submit(lambda: kernel).result() is kernel

@@ -93,10 +93,9 @@ class EngineCore:
                                            imports_seconds=imports_s, ready_seconds=ready_s)
         st = self.startup
         log.info("engine ready in %.2f s (process %.2f of which imports %.2f, device init %.2f, load %.2f, "
-                 "sizing %.2f with compiles %.2f, warm-up %.2f, capture %.2f)", ready_s, process_s, imports_s,
-                 st.device_init_seconds, st.load_seconds, st.sizing_seconds, st.compile_seconds,
-                 st.warmup_seconds,
-                 st.capture_seconds)
+                 "sizing %.2f with compiles %.2f, warm-up %.2f, capture %.2f)", ready_s, process_s,
+                 imports_s, st.device_init_seconds, st.load_seconds, st.sizing_seconds,
+                 st.compile_seconds, st.warmup_seconds, st.capture_seconds)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None

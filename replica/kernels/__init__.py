@@ -5,7 +5,7 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     add_rms_norm(x, residual, weight, eps)            -> (normed, new_residual)  # residual updated in place
     silu_mul(gate_up)                                 -> silu(gate) * up
     use_triton(t) -> bool                             # True when t is on CUDA and triton imports
-    prefetch_compile_key() -> thread | None           # start-up: Triton's cache key and driver, in the background
+    prefetch_compile_key() -> thread | None           # start-up: Triton key and driver, in background
     compile_ahead(fn) -> seconds                      # start-up: run fn with every Triton launch
                                                       #   compiled on a thread pool instead (launch.py)
   Paged KV cache (k/v_cache [num_blocks, KVH, BS, hd], BS a power of two; token p of block-table

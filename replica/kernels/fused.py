@@ -198,7 +198,8 @@ def _launch_rope(qkv, cos, sin, positions, slots, k_cache, v_cache, num_heads, n
     consts, num_warps = rope_launch_config(num_heads, num_kv_heads, hd, block_size)
     grid = (n, 2)
     launch(
-        _rope_store_kv_kernel, grid, qkv, cos, sin, positions, slots, out, k_cache, v_cache,
+        _rope_store_kv_kernel, grid,
+        qkv, cos, sin, positions, slots, out, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -8,10 +8,13 @@ Leaving the block waits for every compile, files each kernel in Triton's in-memo
 builds its C launcher, so the same launches afterwards run at once.
 
 Why: a fresh machine (an empty Triton cache: a new pod, a new node) compiled the engine's ~10
-kernels one after another inside start-up's sizing probe, ~3 s for llama-8b on an H200
-(docs/perf-notes.md, session 13), while Triton's compiler spends most of that in C++ passes and
-in ptxas, which do not hold the GIL, and each kernel's first launch compiled its C launcher. `compile_ahead(fn)` runs `fn` (the probe) once in this mode
-on a thread pool. Only compiles happen on the pool; every CUDA call stays on the caller's thread.
+kernels one after another inside start-up's sizing probe, and at each kernel's first launch its C
+launcher: 3.6-4.6 s for llama-8b on an H200 (results/startup-cold-compile-ahead-*.json, docs/
+perf-notes.md session 14). `compile_ahead(fn)` runs `fn` (the probe) once in this mode on a
+thread pool: 1.2-1.3 s. Triton's front end is Python and holds the GIL, its C++ passes, ptxas
+and the C compiler do not, so 8 threads gave 1.7x; submitting the slowest kernels first and
+building launchers in the compile jobs gave the rest. Only compiles happen on the pool; every
+CUDA call stays on the caller's thread.
 
 Contract: the code run under `compile_only` must not read what a Triton op wrote (values are
 garbage there), only shapes; the engine's forwards do not (no host syncs, sampling by argmax of
@@ -66,7 +69,7 @@ def _compile_with_launcher(compile_fn: Callable[[], Any]) -> Any:
     """Compile, then build the kernel's C launcher on the same worker. Triton launches a kernel
     through a C module per kernel signature, built with the C compiler at the kernel's first
     launch (then cached on disk beside the kernel): 0.2-0.4 s each, one after another on the
-    caller's thread otherwise (results/startup-compile-ahead-*.json). Built here, the first launch
+    caller's thread otherwise (results/startup-cold-compile-ahead-*.json). Built here, the first launch
     loads it from the cache. Best effort: on a Triton without these internals, or a failed build,
     the first launch builds it as before."""
     kernel = compile_fn()

@@ -306,7 +306,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                num_stages=num_stages, **consts)
     if num_splits > 1:
         launch(
-            _decode_combine_kernel, (bsz, h), po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
+            _decode_combine_kernel, (bsz, h),
+            po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"],
             num_warps=1 if hd <= 64 else 2)
     return out

@@ -212,7 +212,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         else:  # fp32 dummy: same kernel signature
             po = pm = pl = _pa._empty((1,), torch.float32, q.device)
         launch(
-            _prefill_kernel, (tiles.shape[0], kvh * cfg["NUM_HG"]), q, k_cache, v_cache, block_tables, tiles, out, po, pm, pl, scale * LOG2E, q.stride(0),
+            _prefill_kernel, (tiles.shape[0], kvh * cfg["NUM_HG"]),
+            q, k_cache, v_cache, block_tables, tiles, out, po, pm, pl, scale * LOG2E, q.stride(0),
             q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), NUM_HEADS=h, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=bs,
@@ -220,7 +221,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             num_stages=num_stages, **cfg)
         if merges.shape[0]:
             launch(
-                _prefill_merge_kernel, (merges.shape[0], h), po, pm, pl, merges, out, out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd,
+                _prefill_merge_kernel, (merges.shape[0], h),
+                po, pm, pl, merges, out, out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd,
                 TILE_TOKENS=tile_tokens, BLOCK_T=max(2, tile_tokens), BLOCK_D=block_d,
                 num_warps=merge_warps(tile_tokens, block_d))
     return out

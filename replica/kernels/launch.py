@@ -18,24 +18,25 @@ CUDA call stays on the caller's thread.
 
 Contract: the code run under `compile_only` must not read what a Triton op wrote (values are
 garbage there), only shapes; the engine's forwards do not (no host syncs, sampling by argmax of
-noise). Not thread-safe across engines in one process starting at the same time: the switch is
-module-wide, as Triton's mode is per thread context.
+noise). The switch holds for the thread that entered it, as Triton's mode does (a context
+variable): another engine starting or stepping on another thread launches as usual.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-_compile_only = False
 MAX_COMPILE_THREADS = 8
+_this_thread = threading.local()   # .compile_only: True inside `compile_only` on this thread
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
-    """Run `kernel` on `grid`, or only compile it inside `compile_only`."""
-    if _compile_only:
+    """Run `kernel` on `grid`, or only compile it inside `compile_only` (on this thread)."""
+    if getattr(_this_thread, "compile_only", False):
         kernel.warmup(*args, grid=grid, **meta)
     else:
         kernel[grid](*args, **meta)
@@ -45,14 +46,13 @@ def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
 def compile_only(executor) -> Iterator[None]:
     """Inside: `launch` compiles on `executor` instead of running; on exit, every compile is done,
     and so is each compiled kernel's C launcher (`_compile_with_launcher`)."""
-    global _compile_only
     import triton
     with triton.AsyncCompileMode(_WithLaunchers(executor)):
-        _compile_only = True
+        _this_thread.compile_only = True
         try:
             yield
         finally:
-            _compile_only = False
+            _this_thread.compile_only = False
 
 
 class _WithLaunchers:

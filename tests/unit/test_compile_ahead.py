@@ -68,3 +68,20 @@ def test_a_compile_job_returns_its_kernel_even_when_the_launcher_cannot_be_built
     kernel = Compiled()
     with ThreadPoolExecutor(1) as pool:
         assert L._WithLaunchers(pool).submit(lambda: kernel).result() is kernel
+
+
+def test_the_switch_holds_for_its_own_thread_only():
+    """While one thread compiles ahead, a launch on another thread (another engine stepping or
+    capturing) runs as usual."""
+    import threading
+
+    mine, other = FakeKernel(), FakeKernel()
+
+    def on_this_thread():
+        L.launch(mine, (1,))
+        t = threading.Thread(target=L.launch, args=(other, (2,)))
+        t.start()
+        t.join()
+
+    L.compile_ahead(on_this_thread, threads=1)
+    assert [c[0] for c in mine.calls] == ["compile"] and [c[0] for c in other.calls] == ["run"]

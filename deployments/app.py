@@ -9,7 +9,8 @@ through a handle, so the bucket-aware router (set here from `args.router`) runs 
 Deployment options derived from the args (the only place they are set):
 - `num_gpus` per replica: `args.num_gpus_per_replica`, else 1 when the cluster has GPUs, else 0;
 - `num_replicas`: `args.num_replicas`, else one per GPU (or per `num_gpus_per_replica` share), or
-  one per bucket set on a CPU-only cluster;
+  one per bucket set on a CPU-only cluster; or, with `args.autoscaling`, Serve's
+  `autoscaling_config` instead (config.AutoscalingArgs; the ingress is sized for its minimum);
 - `max_ongoing_requests`: twice what a replica admits in sequences, running plus queued
   (`2 x (replica_capacity + max_queued_sequences)`). Serve's default of 5 would cap a replica at 5
   concurrent batches; and a request past the replica's own bound must reach the replica to be
@@ -44,27 +45,42 @@ def cluster_gpus() -> float:
 
 
 def replica_options(args: AppArgs, gpus_in_cluster: float) -> dict[str, Any]:
-    """The LLMReplica `.options(...)` for these args on a cluster with this many GPUs."""
+    """The LLMReplica `.options(...)` for these args on a cluster with this many GPUs: a fixed
+    `num_replicas`, or Serve's `autoscaling_config` when `args.autoscaling` is set."""
     gpus = args.num_gpus_per_replica
     if gpus is None:
         gpus = 1.0 if gpus_in_cluster > 0 else 0.0
-    replicas = args.num_replicas
-    if replicas is None:
-        replicas = int(gpus_in_cluster // gpus) if gpus > 0 else 0
-        replicas = max(replicas, len(args.tiers), 1)
-    if gpus > 0 and replicas * gpus > gpus_in_cluster:
-        log.warning("graphserve: %d replicas x %s GPU need more than the %s GPUs in the cluster; "
-                    "some replicas will stay pending", replicas, gpus, gpus_in_cluster)
     capacity = args.replica_capacity(gpus > 0)
+    if args.autoscaling is not None:
+        count: dict[str, Any] = {"autoscaling_config": args.autoscaling.to_serve(capacity)}
+        fewest, most = args.autoscaling.min_replicas, args.autoscaling.max_replicas
+    else:
+        most = args.num_replicas
+        if most is None:
+            most = int(gpus_in_cluster // gpus) if gpus > 0 else 0
+            most = max(most, len(args.tiers), 1)
+        fewest, count = most, {"num_replicas": most}
+    if gpus > 0 and most * gpus > gpus_in_cluster:
+        log.warning("graphserve: %d replicas x %s GPU need more than the %s GPUs in the cluster; "
+                    "replicas past them stay pending until the Ray autoscaler adds nodes",
+                    most, gpus, gpus_in_cluster)
     return {
-        "num_replicas": replicas,
+        **count,
         "max_ongoing_requests": args.max_ongoing_requests
         or 2 * (capacity + args.queued_sequences(capacity)),
         "ray_actor_options": {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
-        "request_router_config": args.router.to_serve(ingress_count(args, replicas, gpus)),
+        "request_router_config": args.router.to_serve(ingress_count(args, fewest, gpus)),
         "health_check_period_s": args.health_check_period_s,
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }
+
+
+def decode_replicas(replica_opts: dict[str, Any]) -> tuple[int, int]:
+    """(fewest, most) decode replicas these options run: the fixed count twice, or the range."""
+    auto = replica_opts.get("autoscaling_config")
+    if auto is None:
+        return replica_opts["num_replicas"], replica_opts["num_replicas"]
+    return auto["min_replicas"], auto["max_replicas"]
 
 
 def ingress_count(args: AppArgs, replicas: int, gpus_per_replica: float) -> int:
@@ -77,11 +93,14 @@ def ingress_count(args: AppArgs, replicas: int, gpus_per_replica: float) -> int:
 
 
 def ingress_options(args: AppArgs, replica_opts: dict[str, Any]) -> dict[str, Any]:
-    count = ingress_count(args, replica_opts["num_replicas"], replica_opts["ray_actor_options"]["num_gpus"])
+    """The ingress's options: sized for the fewest decode replicas (an autoscaled fleet's
+    minimum; `ingress_replicas` overrides), passing on enough requests for the most."""
+    fewest, most = decode_replicas(replica_opts)
+    count = ingress_count(args, fewest, replica_opts["ray_actor_options"]["num_gpus"])
     return {
         "num_replicas": count,
         "max_ongoing_requests": args.ingress_max_ongoing_requests
-        or replica_opts["num_replicas"] * replica_opts["max_ongoing_requests"],
+        or most * replica_opts["max_ongoing_requests"],
         "ray_actor_options": {"num_cpus": args.ingress_num_cpus},
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }
@@ -92,8 +111,10 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args)
     opts = replica_options(args, cluster_gpus())
     ingress = ingress_options(args, opts)
-    log.info("graphserve: %s, %d x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s, "
-             "%d x OpenAIIngress", args.model, opts["num_replicas"], opts["ray_actor_options"]["num_gpus"],
+    fewest, most = decode_replicas(opts)
+    log.info("graphserve: %s, %s x LLMReplica (num_gpus=%s, max_ongoing_requests=%d), tiers %s, "
+             "%d x OpenAIIngress", args.model, fewest if fewest == most else f"{fewest}-{most}",
+             opts["ray_actor_options"]["num_gpus"],
              opts["max_ongoing_requests"], [list(t) if t else "auto" for t in args.tiers],
              ingress["num_replicas"])
     replica = LLMReplica.options(**opts).bind(args)

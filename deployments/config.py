@@ -56,6 +56,50 @@ class RouterArgs(BaseModel):
         return out
 
 
+class AutoscalingArgs(BaseModel):
+    """Serve's `autoscaling_config` for the decode deployment, instead of a fixed `num_replicas`.
+
+    Serve adds a replica while the mean requests in flight per replica stay above
+    `target_ongoing_requests` for `upscale_delay_s`, and removes one while they stay below it for
+    `downscale_delay_s` (averaged over `look_back_period_s`). A new replica loads the model and
+    captures its graphs before Serve offers it (~4 s for random llama-8b on an H200, plus the
+    weight read), and the router ranks it as idle until its first stats (router kwarg
+    `new_replica_idle_s`). A replica being removed finishes its requests for up to
+    `graceful_shutdown_timeout_s`. No scale to zero: a request that finds no replica waits
+    `replica_wait_s`, then gets a 503. Nodes for more GPUs come from the Ray autoscaler (KubeRay:
+    `enableInTreeAutoscaling`), not from this.
+    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(..., ge=1)
+    initial_replicas: Optional[int] = Field(None, ge=1)   # null: min_replicas
+    # Requests (batches) in flight per replica that Serve aims for; null: half the sequences one
+    # replica runs at once (AppArgs.replica_capacity), so a replica is added well before a
+    # one-prompt workload fills its rows. Batches of many prompts count once each: lower it there.
+    target_ongoing_requests: Optional[float] = Field(None, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingArgs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling: max_replicas={self.max_replicas} is below "
+                             f"min_replicas={self.min_replicas}")
+        if self.initial_replicas is not None and not \
+                self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling: initial_replicas={self.initial_replicas} is outside "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+    def to_serve(self, replica_capacity: int) -> dict[str, Any]:
+        """Serve's autoscaling_config, the target filled in from one replica's capacity."""
+        out = self.model_dump(exclude_none=True)
+        out.setdefault("target_ongoing_requests", max(1.0, replica_capacity / 2))
+        return out
+
+
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -98,6 +142,8 @@ class AppArgs(BaseModel):
     # Replicas of the decode deployment; null: one per GPU in the cluster, or one per bucket set
     # on a CPU-only cluster.
     num_replicas: Optional[int] = Field(None, ge=1)
+    # ... or let Serve scale them between min_replicas and max_replicas (AutoscalingArgs).
+    autoscaling: Optional[AutoscalingArgs] = None
     # GPUs per replica; null: 1 when the cluster has GPUs, else 0 (CPU, eager decode).
     num_gpus_per_replica: Optional[float] = Field(None, ge=0)
     # CPUs Ray reserves per replica (a scheduling label: the step loop is one thread either way).
@@ -164,6 +210,13 @@ class AppArgs(BaseModel):
             except ConfigError as e:
                 where = f"bucket_sets[{rank}]" if self.bucket_sets is not None else "args"
                 raise ValueError(f"{where}: {e}") from None
+        if self.autoscaling is not None:
+            if self.num_replicas is not None:
+                raise ValueError("give num_replicas (a fixed count) or autoscaling (a range), not both")
+            if self.autoscaling.min_replicas < len(self.tiers):
+                raise ValueError(f"autoscaling.min_replicas={self.autoscaling.min_replicas} is fewer "
+                                 f"than the {len(self.tiers)} bucket_sets: some sets would not be "
+                                 "served at the minimum")
         if self.num_replicas is not None and self.num_replicas < len(self.tiers):
             raise ValueError(f"num_replicas={self.num_replicas} is fewer than the {len(self.tiers)} "
                              f"bucket_sets: the sets {self.tiers[self.num_replicas:]} would never be "

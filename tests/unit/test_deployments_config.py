@@ -31,6 +31,13 @@ APP_YAML = pathlib.Path(__file__).resolve().parents[2] / "deployments" / "app.ya
     (dict(fallback="queue", max_num_seqs=128, batch_buckets=[1, 2, 64]), "exceeds the largest bucket"),
     (dict(block_size=24), "block_size=24"),
     (dict(batch_bucket=[1, 2]), "Extra inputs are not permitted"),   # typo of batch_buckets
+    # Autoscaling: a range instead of a count, and a range that serves every tier.
+    (dict(num_replicas=2, autoscaling={"max_replicas": 4}), "not both"),
+    (dict(autoscaling={"min_replicas": 3, "max_replicas": 2}), "max_replicas=2 is below min_replicas=3"),
+    (dict(autoscaling={"max_replicas": 4, "initial_replicas": 5}), "initial_replicas=5 is outside"),
+    (dict(autoscaling={"min_replicas": 0, "max_replicas": 4}), "greater than or equal to 1"),
+    (dict(bucket_sets=[[1, 2], [4, 8]], autoscaling={"max_replicas": 4}), "min_replicas=1 is fewer"),
+    (dict(autoscaling={"max_replicas": 4, "target": 3}), "Extra inputs are not permitted"),
 ])
 def test_bad_args_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ValidationError) as err:
@@ -139,6 +146,35 @@ def test_one_ingress_per_gpu_replica_unless_told():
     assert fleet(AppArgs(bucket_sets=[[1, 2], [4, 8]], ingress_replicas=2), 2) == (2, 2, 2)
     assert fleet(AppArgs(ingress_replicas=1), 4) == (4, 1, 1)
     assert fleet(AppArgs(num_replicas=2, ingress_replicas=3), 2) == (2, 3, 3)
+
+
+def test_autoscaling_replaces_the_replica_count_with_a_range():
+    """Serve gets an autoscaling_config and no num_replicas; the target defaults to half a
+    replica's sequence capacity; the ingress is sized for the minimum and passes on enough
+    requests for the maximum."""
+    args = AppArgs(autoscaling={"min_replicas": 2, "max_replicas": 6, "upscale_delay_s": 5})
+    opts = replica_options(args, gpus_in_cluster=2)
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 256.0,
+                                          "upscale_delay_s": 5.0, "downscale_delay_s": 600.0,
+                                          "look_back_period_s": 30.0}
+    ingress = ingress_options(args, opts)
+    assert ingress["num_replicas"] == 2 and opts["request_router_config"]["request_router_kwargs"]["peers"] == 2
+    assert ingress["max_ongoing_requests"] == 6 * opts["max_ongoing_requests"]
+    own = AppArgs(max_num_seqs=24, autoscaling={"max_replicas": 3, "target_ongoing_requests": 4})
+    assert replica_options(own, 0)["autoscaling_config"]["target_ongoing_requests"] == 4.0
+    assert replica_options(AppArgs(max_num_seqs=24, autoscaling={"max_replicas": 3}), 0)[
+        "autoscaling_config"]["target_ongoing_requests"] == 12.0
+
+
+def test_serve_accepts_the_autoscaled_deployment():
+    """Serve's own validation of the options (its AutoscalingConfig; no num_replicas beside it)."""
+    app = build_app(AppArgs(bucket_sets=[[1, 2], [4, 8]],
+                            autoscaling={"min_replicas": 2, "max_replicas": 4, "initial_replicas": 3}))
+    replica = app._bound_deployment.init_args[0]._bound_deployment
+    auto = replica._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas) == (2, 4, 3)
+    assert auto.target_ongoing_requests == 4.0     # half of the larger tier's 8 rows
 
 
 def test_build_app_without_ray_is_a_cpu_build():

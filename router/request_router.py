@@ -214,8 +214,10 @@ class BucketAwareRequestRouter(RequestRouter):
         peer's shape with nothing running (`ReplicaStats.idle_like`). Ray offers a replica only
         once its constructor (engine ready) and first health check passed, so it is idle; what
         this router sends it counts in full on top (it has no stats timestamp in `since`), so a
-        burst does not pile onto it. Without this a scale-up's new replica ranked after every
-        replica with stats for up to one stats period. Past the window, or with no usable peer
+        burst does not pile onto it. Without this a new replica ranked after every replica with
+        stats until its first stats reached this router: Ray polls a new replica at once, so
+        that is a control-loop period and two round trips, longer when the controller or the
+        replica is busy, and a burst in it skipped the new replica. Past the window, or with no usable peer
         to copy, such a replica ranks as unknown again: one that never publishes is not trusted."""
         if self._new_replica_idle_s <= 0 or not any(s is None for s in stats):
             return stats

@@ -217,8 +217,9 @@ class BucketAwareRequestRouter(RequestRouter):
         burst does not pile onto it. Without this a new replica ranked after every replica with
         stats until its first stats reached this router: Ray polls a new replica at once, so
         that is a control-loop period and two round trips, longer when the controller or the
-        replica is busy, and a burst in it skipped the new replica. Past the window, or with no usable peer
-        to copy, such a replica ranks as unknown again: one that never publishes is not trusted."""
+        replica is busy, and a burst in it skipped the new replica. Past the window, or with no
+        usable peer to copy, such a replica ranks as unknown again: one that never publishes is
+        not trusted."""
         if self._new_replica_idle_s <= 0 or not any(s is None for s in stats):
             return stats
         peers = [s for s in stats if s is not None and is_usable(s, now, self._stale_after_s)]

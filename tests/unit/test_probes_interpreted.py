@@ -37,3 +37,19 @@ def test_flat_kernels_match_the_reference_on_the_interpreter():
 
 def test_stream_sum_matches_torch_on_the_interpreter():
     assert _cpu_check("benchmarks/sm_read_probe.py", 120)["max_abs_err"] < 1e-4
+
+
+def test_the_sm_hold_kernel_compiles_for_hopper_and_reads_the_sm_id_and_timer(monkeypatch, tmp_path):
+    """benchmarks/confined_attention_probe.py's hold kernel uses inline PTX, which Triton's
+    interpreter cannot run: compile it for sm_90 here (no GPU needed) and check what it reads."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from benchmarks import confined_attention_probe as probe
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    src = triton.compiler.ASTSource(probe._hold_kernel, {"done_ptr": "*i32", "free_below": "i32",
+                                                          "hold_ns": "i32"}, constexprs={})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": probe.HOLD_WARPS}).asm["ptx"]
+    assert "%smid" in ptx and "%globaltimer" in ptx and "atom" in ptx

@@ -53,8 +53,15 @@ def green_streams(attention_sms: int, both: bool) -> tuple[torch.cuda.Stream, to
     from torch.cuda.green_contexts import GreenContext
     total = torch.cuda.get_device_properties(0).multi_processor_count
     gemm = GreenContext.create(num_sms=total - attention_sms)
-    att = GreenContext.create(num_sms=attention_sms).Stream() if both else torch.cuda.Stream()
-    return gemm.Stream(), att
+    _LIVE.append(gemm)                  # a collected GreenContext destroys its context and streams
+    if not both:
+        return gemm.Stream(), torch.cuda.Stream()
+    att = GreenContext.create(num_sms=attention_sms)
+    _LIVE.append(att)
+    return gemm.Stream(), att.Stream()
+
+
+_LIVE: list = []
 
 
 def main() -> None:

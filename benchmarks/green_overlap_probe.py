@@ -6,10 +6,12 @@ attention's CTAs off the GEMMs' SMs or the other way round. A green context part
 the driver: a kernel launched on its stream runs only on its SMs. This probe puts the GEMMs on a
 green context of all SMs but P (torch.cuda.green_contexts, beta), and attention on the primary
 context or on a green context of the other P SMs, runs the pipelined schedule with each kind of
-op on its own stream (with and without cuBLASLt's carveout of P), and times it per layer against the
-serial step on the whole GPU, in one process (benchmarks/confined_attention_probe.py measured what
-the engine's attention reads on P SMs: 38-48 GB/s per SM). A variant that fails (an API this torch lacks, a partition size the driver refuses) is
-recorded and skipped. Wall-clock timed per call of `--layers` layers, eager.
+op on its own stream (with and without cuBLASLt's carveout of P), and times it per layer against
+the serial step on the whole GPU, in one process (benchmarks/confined_attention_probe.py measured
+what the engine's attention reads on P SMs: 38-48 GB/s per SM). A variant that fails (an API this
+torch lacks, a partition size the driver refuses) is recorded and skipped. Eager, wall-clock
+timed per call of `--layers` layers. Session 14 on an H200: every variant lost to the serial
+layer, x1.04 at best (results/green_overlap-8b-h200-2026-12-01.json).
 
     python3 benchmarks/green_overlap_probe.py --out $OUT/green_overlap.json   # GPU, ~1 min
 """
@@ -77,8 +79,8 @@ def main() -> None:
     p = PRESETS[a.model]
     layer = Layer(p, a.rows, a.ctx, 16, "cuda", torch.bfloat16)
     x = torch.randn(a.rows, p["hidden_size"], device="cuda", dtype=torch.bfloat16)
-    rec = {"env": C.env_info("cuda"), "args": vars(a), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-           "ms_per_layer": {}, "errors": {}}
+    rec = {"env": C.env_info("cuda"), "args": vars(a),
+           "sms": torch.cuda.get_device_properties(0).multi_processor_count, "ms_per_layer": {}, "errors": {}}
     plain = torch.cuda.Stream()
     per_layer = lambda fn, s: wall_ms(fn, s, a.repeats) / a.layers   # noqa: E731
     res = rec["ms_per_layer"]

@@ -67,11 +67,10 @@ def serve_config_for_k8s(app_config: dict, v: Variant) -> dict:
     apps = [a for a in config.get("applications") or [] if a.get("name") == APP_NAME]
     if len(apps) != 1:
         raise ValueError(f"deployments/app.yaml must define exactly one application named {APP_NAME!r}")
-    apps[0].setdefault("args", {}).update({
-        "model": v.model_path,
-        "num_replicas": v.workers * v.gpus_per_worker,
-        "num_gpus_per_replica": 1,
-    })
+    args = apps[0].setdefault("args", {})
+    args.update({"model": v.model_path, "num_gpus_per_replica": 1})
+    if not args.get("autoscaling"):    # an autoscaled app keeps its range (AppArgs refuses both)
+        args["num_replicas"] = v.workers * v.gpus_per_worker
     if v.api_keys_secret:
         apps[0]["args"]["api_keys_file"] = API_KEYS_FILE
     return config

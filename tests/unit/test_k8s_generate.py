@@ -81,6 +81,19 @@ def test_overlay_args_pass_the_app_model(rs):
     assert parsed.num_gpus_per_replica == 1 and parsed.num_replicas == 1
 
 
+def test_an_autoscaled_app_keeps_its_range_instead_of_a_replica_count():
+    from deployments.config import AppArgs
+
+    local = generate.load_app_config()
+    index = [a["name"] for a in local["applications"]].index(rayservice.APP_NAME)
+    local["applications"][index]["args"].pop("num_replicas", None)
+    local["applications"][index]["args"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
+    args = rayservice.serve_config_for_k8s(local, Variant(workers=2))["applications"][index]["args"]
+    parsed = AppArgs.model_validate(args)
+    assert parsed.num_replicas is None and parsed.autoscaling.max_replicas == 3
+    assert parsed.num_gpus_per_replica == 1
+
+
 def test_head_does_no_gpu_work(rs):
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"] == {"num-cpus": "0", "num-gpus": "0"}

@@ -28,7 +28,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
-from benchmarks.overlap_probe import Layer  # noqa: E402
+from benchmarks.overlap_probe import ATTENTION_CONFIGS, Layer  # noqa: E402
 from benchmarks.sm_read_probe import stream_sum  # noqa: E402
 from replica.presets import PRESETS  # noqa: E402
 
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--free", default="8,16,22,33,44,66,132")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--hold-ms", type=float, default=200.0)
+    ap.add_argument("--configs", action="store_true", help="also overlap_probe's attention configs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     free = sorted({min(int(p), sm_count()) for p in a.free.split(",")})
@@ -116,6 +117,11 @@ def main() -> None:
     rec = {"env": C.env_info("cuda"), "args": vars(a), "sms": sm_count(), "kv_bytes": layer.kv_bytes(),
            "copy_gbps": None, "attention": {}, "stream_sum": {}}
     rec["attention"] = measure("attention", lambda: layer.attend(q, 0), layer.kv_bytes(), free, a.calls, a.hold_ms)
+    if a.configs:      # the same grid kernel with other tiles, warps and stages (overlap_probe's)
+        rec["attention_configs"] = {
+            name: measure(f"att {name}", lambda cfg=cfg: layer.attend(q, 0, **cfg), layer.kv_bytes(), free,
+                          a.calls, a.hold_ms)
+            for name, cfg in ATTENTION_CONFIGS.items()}
     x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)      # 2 GiB, far past L2
     for progs, block, warps in ((8, 32768, 16), (4, 16384, 8)):        # programs per free SM
         key = f"{progs}/SM,{block},{warps}w"

@@ -1,7 +1,7 @@
 """What one step runs: `StepBatch`, built by the scheduler, executed by the model runner.
 
-Columns are plain lists of ints (the runner packs them into pinned buffers in one pass). Rows come
-in two kinds:
+Decode rows are one int64 array (the runner copies it to pinned memory as it is); chunks are
+plain lists of ints (packed into one buffer per step). Rows come in two kinds:
 - decode rows (`DecodeRows`): one token per sequence, fed at `positions[i]`; its input token is
   `tokens[i]`, or, when `src[i] >= 0`, the token the previous step sampled in its output row
   `src[i]` (still on the device: the step is launched before the host has read it);
@@ -21,20 +21,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from replica.sequence import Sequence
+
+
+COLUMNS = ("tokens", "src", "positions", "table_rows", "slots", "steps")   # DecodeRows.cols, in order
 
 
 @dataclass
 class DecodeRows:
-    """One row per decoding sequence, as parallel columns (filled by Scheduler._plan_decode, which
-    appends to every column for each row: the hottest loop of the host)."""
+    """One row per decoding sequence: `seqs`, and their inputs as one int64 array `cols` of shape
+    (len(COLUMNS), rows), which the runner copies to the device as it is:
+    tokens   input token (unused where src >= 0)
+    src      the previous step's output row holding the input token, or -1
+    positions position of the fed token
+    table_rows block-table / sampling-table row
+    slots    KV slot of the fed token
+    steps    output index of the sampled token"""
     seqs: list[Sequence] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)       # input token (unused where src >= 0)
-    src: list[int] = field(default_factory=list)          # previous step's output row, or -1
-    positions: list[int] = field(default_factory=list)    # position of the fed token
-    table_rows: list[int] = field(default_factory=list)   # block-table / sampling-table row
-    slots: list[int] = field(default_factory=list)        # KV slot of the fed token
-    steps: list[int] = field(default_factory=list)        # output index of the sampled token
+    cols: np.ndarray = field(default_factory=lambda: np.zeros((len(COLUMNS), 0), np.int64))
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -78,6 +84,8 @@ class StepBatch:
     chunks: Chunks = field(default_factory=Chunks)
     admitted: list[Sequence] = field(default_factory=list)        # runner writes their sampling rows
     table_writes: list[tuple[int, int, int]] = field(default_factory=list)   # (row, col, block)
+    greedy: bool = True          # every sampled row is plain argmax (the runner's cheaper graph)
+    logprobs: bool = False       # some sampled row asks for logprobs
 
     @property
     def mixed(self) -> bool:

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from replica.batch import COLUMNS
 from replica.sampling import SampleOutput, SamplingTables, greedy
 from replica.sampling_params import MAX_LOGPROBS
 
@@ -38,8 +39,6 @@ MODES = ("greedy", "full")
 # kernels at its shapes. 8B on H200: 37 warm-up forwards took 0.46 s over 32 layers.
 WARMUP_LAYERS = 2
 FASTER_REL, FASTER_ABS_S = 0.05, 0.5e-3   # prefer_faster: what a larger bucket must save per step
-# int64 input columns of a decode row, in the static buffer's order
-COLUMNS = ("tokens", "src", "positions", "table_rows", "slots", "steps")
 
 
 class CaptureClosedError(RuntimeError):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from replica import kernels as K
 from replica import sizing
-from replica.batch import StepBatch
+from replica.batch import COLUMNS, StepBatch
 from replica.config import ConfigError, EngineConfig
-from replica.graphs import COLUMNS, DecodeGraphs, DecodeStep, StepOutputs
+from replica.graphs import DecodeGraphs, DecodeStep, StepOutputs
 from replica.kv_cache import PagedKVCache
 from replica.loader import load_model, resolve_dtype
 from replica.mixed_graphs import MixedGraphs
@@ -276,22 +276,19 @@ class ModelRunner:
         if batch.table_writes:
             r, col, blk = (self._to_device(list(x)) for x in zip(*batch.table_writes))
             self.kv.block_tables[r, col] = blk.to(torch.int32)
-        sampled = batch.sampled
-        plain = all(s.params.plain_greedy for s in sampled)
-        want_lp = any(s.params.logprobs is not None for s in sampled)
         host = self._host[next(self._flip)]
         if batch.mixed:   # bucket: the piecewise graphs' padded size, 0 when eager
-            kind, bucket = "mixed", self._run_mixed(batch, plain)
+            kind, bucket = "mixed", self._run_mixed(batch, batch.greedy)
         else:
-            kind, bucket = self._run_decode(batch, host, "greedy" if plain else "full")
-        return self._copy_out(len(sampled), kind, bucket, host, want_lp, started_at)
+            kind, bucket = self._run_decode(batch, host, "greedy" if batch.greedy else "full")
+        n = len(batch.decode) + sum(batch.chunks.sample)
+        return self._copy_out(n, kind, bucket, host, batch.logprobs, started_at)
 
     def _run_decode(self, batch: StepBatch, host: HostBuffers, mode: str) -> tuple[str, int]:
         d = batch.decode
         n = len(d)
         b = self.graphs.bucket_for(n) or n           # past the largest bucket: eager at n rows
-        cols = (d.tokens, d.src, d.positions, d.table_rows, d.slots, d.steps)
-        host.inputs[:, :n] = torch.tensor(cols, dtype=torch.long)
+        host.inputs[:, :n] = torch.from_numpy(d.cols)
         if b > n:
             host.inputs[:, n:b] = torch.tensor(self.decode.padding(), dtype=torch.long)[:, None]
         self.decode.inputs[:, :b].copy_(host.inputs[:, :b], non_blocking=True)
@@ -301,18 +298,19 @@ class ModelRunner:
     def _run_mixed(self, batch: StepBatch, plain: bool) -> int:
         """One forward over decode rows as 1-token chunks first, then the prefill chunks: piecewise
         graphs when the tokens fit a captured size (returned), else eager (0)."""
-        d, c = batch.decode, batch.chunks
-        nd = len(d)
+        c = batch.chunks
+        d_tokens, d_src, d_positions, d_table_rows, d_slots, d_steps = batch.decode.cols.tolist()
+        nd = len(batch.decode)
         q_lens = [1] * nd + c.q_lens
         ends = list(itertools.accumulate(q_lens))
         picked = [i for i, smp in enumerate(c.sample) if smp]
         logit_rows = list(range(nd)) + [ends[nd + i] - 1 for i in picked]
         ns = len(logit_rows)
         logit_rows += [0] * (-ns % LOGIT_ROWS)                   # padding rows: sliced off below
-        tok_rows = d.table_rows + [r for r, q in zip(c.table_rows, c.q_lens) for _ in range(q)]
-        cols = [d.tokens + c.tokens, d.positions + c.positions, d.slots + c.slots, tok_rows, d.src,
-                logit_rows, d.table_rows + [c.table_rows[i] for i in picked],
-                d.steps + [c.steps[i] for i in picked]]
+        tok_rows = d_table_rows + [r for r, q in zip(c.table_rows, c.q_lens) for _ in range(q)]
+        cols = [d_tokens + c.tokens, d_positions + c.positions, d_slots + c.slots, tok_rows, d_src,
+                logit_rows, d_table_rows + [c.table_rows[i] for i in picked],
+                d_steps + [c.steps[i] for i in picked]]
         size = self.mixed.fits(len(cols[0]))
         if not size:   # eager: tokens, positions, slots padded to the rows every matmul sees
             pad = [0] * (eager_rows(len(cols[0])) - len(cols[0]))
@@ -330,8 +328,8 @@ class ModelRunner:
             tokens[:nd] = torch.where(src >= 0, self.out.tokens[src.clamp(min=0)], tokens[:nd])
         n = len(rows)
         self.kv.write_table(rows, positions[:n], slots[:n])
-        meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d.positions] + c.kv_lens,
-                                   d.table_rows + c.table_rows, self.device)
+        meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d_positions] + c.kv_lens,
+                                   d_table_rows + c.table_rows, self.device)
         if size:
             logits = self.mixed.run(size, tokens, positions, slots, meta, logit_rows_t)
         else:

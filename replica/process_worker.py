@@ -10,9 +10,10 @@ Process protocol (pickled tuples over a socketpair, `multiprocessing.connection.
 parent -> child: ("config", EngineConfig), then ("submit", Sequence), ("abort", id), ("stop",)
 child -> parent: ("ready", EngineInfo, EngineStats) | ("failed", exception),
                  then ("events", packed events, EngineStats) per step, ("stopped", ..., EngineStats).
-Events travel packed (`pack_events`): the common one-token event as two columns (request ids,
-tokens), the rest as `Event`s. 500 NamedTuples pickle in 0.41 ms, the columns in 0.02 ms (dev
-CPU), and that pickling runs under the engine loop's GIL.
+Events travel as the scheduler builds them (`StepEvents`, sent as its three fields): the common
+one-token event as two columns (request ids, tokens), the rest as `Event`s. 500 NamedTuples
+pickle in 0.41 ms, the columns in 0.02 ms (dev CPU), and that pickling runs under the engine
+loop's GIL.
 The child starts importing torch before the config arrives; the constructor returns once the
 process is spawned and `wait_ready()` blocks until the core is built, so the caller can load its
 tokenizer meanwhile.
@@ -38,7 +39,7 @@ from typing import Optional
 
 from replica.config import EngineConfig
 from replica.scheduler import EngineOverloadedError
-from replica.sequence import Event, Sequence
+from replica.sequence import Event, Sequence, StepEvents
 from replica.stats import EngineStats
 from replica.worker import (OVERLOADED, STALL_SECONDS, EngineCore, EngineDeadError, OnEvents,
                             OnFailure)
@@ -132,7 +133,7 @@ class ProcessWorker:
         try:
             while True:
                 kind, packed, stats = self._conn.recv()
-                events = unpack_events(packed)
+                events = StepEvents(*packed).expand()
                 if stats.prefix_hashes is None:   # sent only when refreshed: keep the last one
                     stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes)
                 self._stats, self._last_message = stats, time.monotonic()
@@ -203,7 +204,8 @@ def _child_main(fd: int, spawned_at: float, imports_s: float = 0.0) -> None:
                 try:
                     core.scheduler.submit(msg[1])
                 except EngineOverloadedError:
-                    outbox.put(("events", [Event(msg[1].request_id, (), OVERLOADED)], core.stats(False)))
+                    refused = StepEvents(other=[Event(msg[1].request_id, (), OVERLOADED)])
+                    outbox.put(("events", refused, core.stats(False)))
             elif msg[0] == "abort":
                 core.scheduler.abort(msg[1])
             else:  # "stop"
@@ -216,30 +218,12 @@ def _child_main(fd: int, spawned_at: float, imports_s: float = 0.0) -> None:
             outbox.put(("events", events, stats))
 
 
-def pack_events(events: list[Event]) -> tuple[list[str], list[int], list[Event]]:
-    """(request ids, tokens) of the plain one-token events, and every other event whole. A step
-    has at most one event per request, so the order between the two groups carries nothing."""
-    ids, toks, rest = [], [], []
-    for e in events:
-        if (len(e.token_ids) == 1 and e.finish_reason is None and e.logprobs is None
-                and not e.cached_tokens and not e.stopped_on_token):
-            ids.append(e.request_id)
-            toks.append(e.token_ids[0])
-        else:
-            rest.append(e)
-    return ids, toks, rest
-
-
-def unpack_events(packed: tuple[list[str], list[int], list[Event]]) -> list[Event]:
-    ids, toks, rest = packed
-    return [Event(r, (t,)) for r, t in zip(ids, toks)] + rest
-
-
 def _send_loop(conn: Connection, outbox: "queue.SimpleQueue") -> None:
     try:
         while (msg := outbox.get()) is not None:
             if msg[0] in ("events", "stopped"):
-                msg = (msg[0], pack_events(msg[1]), msg[2])
+                events: StepEvents = msg[1]
+                msg = (msg[0], (events.ids, events.tokens, events.other), msg[2])
             conn.send(msg)
     except OSError:
         pass               # the parent is gone: the main loop sees this thread end and exits

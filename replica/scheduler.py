@@ -27,11 +27,13 @@ import collections
 import threading
 from typing import Optional
 
-from replica.batch import StepBatch
+import numpy as np
+
+from replica.batch import COLUMNS, DecodeRows, StepBatch
 from replica.blocks import BlockPool
 from replica.block_hash import ROOT
 from replica.sampling_params import TokenLogprob
-from replica.sequence import Event, Sequence, Status
+from replica.sequence import Event, Sequence, Status, StepEvents
 
 OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
 
@@ -56,7 +58,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []                 # sorted by arrival (preempted ones keep theirs)
         self.running: dict[str, Sequence] = {}            # admission order == dict order
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        self._out_row: dict[int, int] = {}                # id(seq) -> output row in the step in flight
+        self._in_flight: list[Sequence] = []              # sequences of the last batch's output rows
+        self._roster = 0                                  # bumped whenever `running` changes
+        self._repeatable: Optional[tuple[StepBatch, int, np.ndarray]] = None  # see _repeat_decode
         self.counters = collections.Counter()
         self.mean_output_tokens = 0.0                     # moving average over finished sequences
 
@@ -82,7 +86,12 @@ class Scheduler:
     def schedule(self, events: list[Event]) -> StepBatch:
         """The next step's batch (empty when nothing can run); abort events go to `events`."""
         self._drain_inbox(events)
-        batch = StepBatch()
+        batch = self._repeat_decode() or self._plan(StepBatch())
+        self._in_flight = batch.sampled
+        return batch
+
+    def _plan(self, batch: StepBatch) -> StepBatch:
+        """The general case: decode rows, then prompt chunks and admissions up to the budget."""
         self._plan_decode(batch)
         budget = max(self.budget - len(batch.decode), self.budget // 4)
         budget = self._plan_chunks(batch, list(self.running.values()), budget)
@@ -93,20 +102,70 @@ class Scheduler:
             budget = self._plan_chunks(batch, [seq], budget)
         for seq in batch.chunks.seqs:
             self._register_full_blocks(seq)
-        self._out_row = {id(s): j for j, s in enumerate(batch.sampled)}
+        sampled = batch.sampled
+        batch.greedy = all(s.params.plain_greedy for s in sampled)
+        batch.logprobs = any(s.params.logprobs is not None for s in sampled)
+        repeatable = (batch.decode.seqs and not batch.mixed and not batch.admitted
+                      and len(batch.decode) == len(self.running))
+        self._repeatable = (batch, self._roster, np.array([s.params.max_tokens for s in batch.decode.seqs])) \
+            if repeatable else None
+        return batch
+
+    def _repeat_decode(self) -> Optional[StepBatch]:
+        """The steady state in O(1) Python per row: when the last batch decoded every running
+        sequence and nothing has joined, left or been preempted since (`_roster`), and nothing
+        can be admitted, the next batch is the same rows one position on, each fed the token its
+        row sampled last step (src = its own row). Columns are updated as arrays; only rows that
+        enter a new block touch the pool. None where the general plan is needed (`_plan`): a row
+        at its length limit, fewer free blocks than rows entering a block (preemption), a change
+        of rows, or a waiting sequence and a free row."""
+        if self._repeatable is None:
+            return None
+        prev, roster, max_tokens = self._repeatable
+        if roster != self._roster or (self.waiting and self._free_rows):
+            return None
+        cols = prev.decode.cols.copy()
+        tokens, src, positions, _, slots, steps = cols
+        positions += 1
+        steps += 1
+        if (steps >= max_tokens).any() or (positions + 1 >= self.max_seq_len).any():
+            return None
+        seqs, bs = prev.decode.seqs, self.bs
+        entering = np.flatnonzero(positions % bs == 0)
+        if len(entering) > self.pool.num_free:
+            return None
+        slots += 1
+        for j in entering.tolist():
+            seq, block = seqs[j], int(positions[j]) // bs
+            if block == len(seq.block_table):
+                seq.block_table += self.pool.allocate(1)
+            slots[j] = seq.block_table[block] * bs
+        tokens[:] = 0
+        src[:] = np.arange(len(seqs))
+        for seq in seqs:
+            seq.num_computed += 1
+            seq.pending += 1
+        batch = StepBatch(DecodeRows(seqs, cols), greedy=prev.greedy, logprobs=prev.logprobs)
+        self._repeatable = (batch, roster, max_tokens)
         return batch
 
     def _plan_decode(self, batch: StepBatch) -> None:
         """A row for every sequence whose next input is its last token (known, or in flight:
         `num_computed == num_tokens + pending - 1`) and whose next token stays within max_tokens and
-        max_seq_len. Inlined checks and appends: this loop runs for every row of every step
-        (~1 us per row on a dev CPU, the engine's largest host cost at 512 rows)."""
-        rows, bs, limit, cap = batch.decode, self.bs, self.max_seq_len, self.max_decode_rows
-        out_row, running = self._out_row, Status.RUNNING
-        add_seq, add_tok, add_src, add_pos = rows.seqs.append, rows.tokens.append, rows.src.append, rows.positions.append
-        add_row, add_slot, add_step = rows.table_rows.append, rows.slots.append, rows.steps.append
+        max_seq_len. Inlined checks and appends: this loop runs for every row of every step that
+        `_repeat_decode` does not cover (~1 us per row on a dev CPU)."""
+        bs, limit, cap = self.bs, self.max_seq_len, self.max_decode_rows
+        out_row = {id(s): j for j, s in enumerate(self._in_flight)}
+        running = Status.RUNNING
+        seqs: list[Sequence] = []
+        toks: list[int] = []
+        srcs: list[int] = []
+        poss: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        steps: list[int] = []
         for seq in list(self.running.values()):          # admission order
-            if len(rows.seqs) >= cap:
+            if len(seqs) >= cap:
                 break
             p, pending, n = seq.num_computed, seq.pending, seq.num_tokens
             generated = len(seq.output_ids) + pending
@@ -114,21 +173,23 @@ class Scheduler:
                     or seq.status is not running):
                 continue
             table = seq.block_table
-            if p // bs == len(table) and not self._grow(seq, rows.seqs):
+            if p // bs == len(table) and not self._grow(seq, seqs):
                 continue                                   # seq itself was preempted
-            add_seq(seq)
+            seqs.append(seq)
             if pending:
-                add_tok(0)
-                add_src(out_row[id(seq)])
+                toks.append(0)
+                srcs.append(out_row[id(seq)])
             else:
-                add_tok(seq.token_at(p))
-                add_src(-1)
-            add_pos(p)
-            add_row(seq.row)
-            add_slot(table[p // bs] * bs + p % bs)
-            add_step(generated)
+                toks.append(seq.token_at(p))
+                srcs.append(-1)
+            poss.append(p)
+            rows.append(seq.row)
+            slots.append(table[p // bs] * bs + p % bs)
+            steps.append(generated)
             seq.num_computed = p + 1
             seq.pending = pending + 1
+        cols = np.array([toks, srcs, poss, rows, slots, steps], dtype=np.int64).reshape(len(COLUMNS), -1)
+        batch.decode = DecodeRows(seqs, cols)
 
     def _grow(self, seq: Sequence, planned: list[Sequence]) -> bool:
         """One more block for `seq`, preempting the youngest admitted sequences not yet in this
@@ -185,6 +246,7 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.waiting.remove(seq)
         self.running[seq.request_id] = seq
+        self._roster += 1
         batch.admitted.append(seq)
         batch.table_writes += [(seq.row, i, b) for i, b in enumerate(hits)]
         return True
@@ -194,6 +256,7 @@ class Scheduler:
         has in flight still arrives (postprocess appends it) before it can be readmitted."""
         self._release(seq)
         del self.running[seq.request_id]
+        self._roster += 1
         seq.status = Status.WAITING
         seq.num_computed = seq.num_registered = 0
         seq.last_hash = ROOT
@@ -219,39 +282,59 @@ class Scheduler:
 
     # -- results --------------------------------------------------------------------------------
     def postprocess(self, batch: StepBatch, tokens: list[int],
-                    logprobs: Optional[list[TokenLogprob]] = None) -> list[Event]:
-        """Accept the tokens of a step (one per sampled row, in output-row order). Per row:
-        append, check stops and limits, emit an event; inlined, like `_plan_decode`."""
-        events: list[Event] = []
-        emit, bs, limit, eos = events.append, self.bs, self.max_seq_len, self.eos
-        finished, accepted = Status.FINISHED, 0
+                    logprobs: Optional[list[TokenLogprob]] = None,
+                    events: Optional[StepEvents] = None) -> StepEvents:
+        """Accept the tokens of a step (one per sampled row, in output-row order): append each,
+        check stops and limits, and add its event to `events` (a new one if None), which is
+        returned. The common row (no stop, no limit, no logprobs, not a first token served from
+        the prefix cache) costs a few attribute updates and two appends."""
+        if self._repeatable is not None and self._repeatable[0] is batch:
+            self._repeatable = None     # its rows' tokens are known now, not in flight: src is wrong
+        ev = events if events is not None else StepEvents()
+        ids, toks = ev.ids, ev.tokens
+        bs, finished, accepted = self.bs, Status.FINISHED, 0
         for j, (seq, tok) in enumerate(zip(batch.sampled, tokens)):
             seq.pending -= 1
             if seq.status is finished:             # stopped or aborted since the launch: drop it
                 continue
             accepted += 1
-            p = seq.params
-            lp = (logprobs[j],) if logprobs is not None and p.logprobs is not None else None
-            seq.output_ids.append(tok)
+            out = seq.output_ids
+            out.append(tok)
             seq.num_tokens += 1
-            out = len(seq.output_ids)
-            cached = seq.cached_tokens if out == 1 else 0
-            if tok in p.stop_token_ids or (not p.ignore_eos and tok in eos):
-                self._finish(seq, (tok,), "stop", events, lp, stopped_on_token=True, cached=cached)
-            elif out >= p.max_tokens or seq.num_tokens >= limit:
-                self._finish(seq, (tok,), "length", events, lp, cached=cached)
+            n = len(out)
+            if (tok in seq.stop_ids or n >= seq.max_output or (n == 1 and seq.cached_tokens)
+                    or (logprobs is not None and seq.params.logprobs is not None)):
+                lp = (logprobs[j],) if logprobs is not None and seq.params.logprobs is not None else None
+                if self._end_or_emit(seq, tok, lp, ev.other):
+                    continue
             else:
-                emit(Event(seq.request_id, (tok,), None, False, lp, cached))
-                if min(seq.num_computed, seq.num_tokens) // bs > seq.num_registered:
-                    self._register_full_blocks(seq)
+                ids.append(seq.request_id)
+                toks.append(tok)
+            if min(seq.num_computed, seq.num_tokens) // bs > seq.num_registered:
+                self._register_full_blocks(seq)
         self.counters["generated_tokens"] += accepted
-        return events
+        return ev
+
+    def _end_or_emit(self, seq: Sequence, tok: int, lp, events: list[Event]) -> bool:
+        """The uncommon row of `postprocess` (its token is already appended): finish it on a stop
+        token or a limit (True), or emit its event whole: logprobs, or the cached-prompt count
+        that rides on a first token (False)."""
+        cached = seq.cached_tokens if len(seq.output_ids) == 1 else 0
+        if tok in seq.stop_ids:
+            self._finish(seq, (tok,), "stop", events, lp, stopped_on_token=True, cached=cached)
+        elif len(seq.output_ids) >= seq.max_output:
+            self._finish(seq, (tok,), "length", events, lp, cached=cached)
+        else:
+            events.append(Event(seq.request_id, (tok,), None, False, lp, cached))
+            return False
+        return True
 
     def _finish(self, seq: Sequence, toks, reason: str, events: list[Event], lp=None,
                 stopped_on_token: bool = False, cached: int = 0) -> None:
         if seq.status is Status.RUNNING:
             self._release(seq)
             del self.running[seq.request_id]
+            self._roster += 1
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -268,6 +351,9 @@ class Scheduler:
             for seq in self._incoming:
                 seq.arrival = self._arrivals
                 self._arrivals += 1
+                p = seq.params
+                seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos)
+                seq.max_output = min(p.max_tokens, self.max_seq_len - len(seq.prompt_ids))
                 self.waiting.append(seq)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()
@@ -276,11 +362,11 @@ class Scheduler:
             if seq is not None:
                 self._finish(seq, (), "abort", events)
 
-    def abort_all(self) -> list[Event]:
-        events: list[Event] = []
-        self._drain_inbox(events)
+    def abort_all(self) -> StepEvents:
+        events = StepEvents()
+        self._drain_inbox(events.other)
         for seq in list(self.waiting) + list(self.running.values()):
-            self._finish(seq, (), "abort", events)
+            self._finish(seq, (), "abort", events.other)
         return events
 
     # -- reporting ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from replica.blocks import BlockPool
 from replica.config import EngineConfig
 from replica.measured import Measured
 from replica.scheduler import EngineOverloadedError, Scheduler
-from replica.sequence import Event, Sequence
+from replica.sequence import Event, Sequence, StepEvents
 from replica.stats import EngineStats
 from replica.tokenizer import load_tokenizer
 
@@ -100,15 +100,15 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
-    def step(self) -> list[Event]:
-        events: list[Event] = []
-        batch = self.scheduler.schedule(events)
+    def step(self) -> StepEvents:
+        events = StepEvents()
+        batch = self.scheduler.schedule(events.other)
         launched = (batch, self.runner.launch(batch)) if batch else None
         if self._inflight is not None:
             prev_batch, prev = self._inflight
             tokens, logprobs = self.runner.collect(prev)
             self._account(prev_batch, prev)
-            events += self.scheduler.postprocess(prev_batch, tokens, logprobs)
+            self.scheduler.postprocess(prev_batch, tokens, logprobs, events)
         self._inflight = launched
         return events
 
@@ -137,7 +137,7 @@ class EngineCore:
             if self.steps.total() % REMAP_EVERY_STEPS == 0:
                 self.runner.graphs.prefer_faster({b: m.value for b, m in self.decode_step_s.items()})
 
-    def abort_all(self) -> list[Event]:
+    def abort_all(self) -> StepEvents:
         self._inflight = None
         return self.scheduler.abort_all()
 
@@ -153,7 +153,7 @@ class EngineCore:
         self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
         self._min_remaining = sch.min_remaining_steps()
 
-    def step_and_stats(self, summary: bool = True) -> tuple[list[Event], EngineStats]:
+    def step_and_stats(self, summary: bool = True) -> tuple[StepEvents, EngineStats]:
         """One step, then the snapshot after it (the workers' loop body). Going idle refreshes the
         summary (`refresh_summary`); without `summary` the snapshot carries none unless that
         happened (the process worker sends it only when rebuilt)."""
@@ -260,8 +260,8 @@ class ThreadWorker:
                 events, self._stats = self.core.step_and_stats()
                 self._in_step_since = None
                 if events:
-                    self._on_events(events)
-            self._on_events(self.core.abort_all())
+                    self._on_events(events.expand())
+            self._on_events(self.core.abort_all().expand())
             self._stats = self.core.stats()
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to its waiters
             log.exception("engine step loop failed")

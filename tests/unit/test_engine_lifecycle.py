@@ -284,14 +284,3 @@ def test_prefill_rate_is_measured_on_steps_that_prefill_enough_tokens():
     finally:
         eng.shutdown()
 
-
-def test_events_cross_the_process_boundary_packed_and_come_back_equal():
-    from replica.process_worker import pack_events, unpack_events
-    from replica.sequence import Event
-
-    events = [Event("a", (5,)), Event("b", (6,), "length"), Event("c", (7,), logprobs=((1, -0.5, ()),)),
-              Event("d", (8,), cached_tokens=32), Event("e", (2,), "stop", True), Event("f", (), "abort"),
-              Event("g", (9,))]
-    ids, toks, rest = pack_events(events)
-    assert (ids, toks) == (["a", "g"], [5, 9]) and len(rest) == 5
-    assert sorted(unpack_events((ids, toks, rest))) == sorted(events)

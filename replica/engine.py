@@ -3,8 +3,8 @@
 The constructor builds the core - weights, paged KV cache, graphs - in a worker (replica/worker.py):
 a child process of its own on CUDA (so the GPU loop never waits for this process's GIL), a thread
 on CPU, or as `EngineConfig.engine_process` says. Each step's events come back on a background thread
-and are handed to the asyncio loop of each request in one `call_soon_threadsafe` per loop, so the
-event loop (a Serve replica's) never blocks on the GPU. `generate()` turns events into
+and go to each request's inbox (replica/inbox.py), which wakes its consumer with one
+`call_soon_threadsafe` per loop, so the event loop (a Serve replica's) never blocks on the GPU. `generate()` turns events into
 `GenerationChunk`s, does detokenisation and stop strings, and aborts its request when the consumer
 stops early - the slot is freed before the next step.
 """
@@ -16,13 +16,13 @@ import logging
 import os
 import random
 import uuid
-from collections import defaultdict
 from typing import AsyncIterator
 
 from replica.config import EngineConfig
 from replica.detokenizer import IncrementalDetokenizer
 from replica.sampling_params import GenerationChunk, GenerationRequest, InvalidRequestError, TokenLogprob
-from replica.sequence import Event, Sequence
+from replica.inbox import Inbox, deliver, fail
+from replica.sequence import Event, Sequence, StepEvents
 from replica.stats import EngineStats
 from replica.tokenizer import load_tokenizer
 from replica.process_worker import ProcessWorker
@@ -32,12 +32,13 @@ log = logging.getLogger("replica")
 __all__ = ["Engine", "EngineDeadError", "EngineOverloadedError"]
 
 
-class _Request:
-    """Front-end state of one request: where its events go, and its text."""
-    __slots__ = ("loop", "queue", "prompt_tokens", "detok", "emitted_tokens", "logprobs_k", "cached_tokens")
+class _Request(Inbox):
+    """Front-end state of one request: its inbox (replica/inbox.py), and its text."""
+    __slots__ = ("prompt_tokens", "detok", "emitted_tokens", "logprobs_k", "cached_tokens")
 
-    def __init__(self, loop, queue, prompt_tokens: int, detok: IncrementalDetokenizer, logprobs_k=None):
-        self.loop, self.queue, self.prompt_tokens, self.detok = loop, queue, prompt_tokens, detok
+    def __init__(self, request_id: str, loop, prompt_tokens: int, detok: IncrementalDetokenizer, logprobs_k=None):
+        super().__init__(request_id, loop)
+        self.prompt_tokens, self.detok = prompt_tokens, detok
         self.emitted_tokens = 0
         self.logprobs_k = logprobs_k
         self.cached_tokens = 0
@@ -76,14 +77,14 @@ class Engine:
         before anything runs), EngineOverloadedError (the queue bound is reached) or
         EngineDeadError."""
         seq = self._make_sequence(request)
-        state = _Request(asyncio.get_running_loop(), asyncio.Queue(), len(seq.prompt_ids),
+        state = _Request(seq.request_id, asyncio.get_running_loop(), len(seq.prompt_ids),
                          IncrementalDetokenizer(self.tokenizer, seq.params.stop), seq.params.logprobs)
         self._requests[seq.request_id] = state
         done = False
         try:
             self._backend.submit(seq)
             while not done:
-                event = _coalesce(await state.queue.get(), state.queue)
+                event = await state.next()
                 if isinstance(event, BaseException):
                     raise EngineDeadError("the engine stopped while the request ran") from event
                 if event.finish_reason == OVERLOADED:
@@ -154,18 +155,11 @@ class Engine:
         return chunk, reason is not None
 
     # -- backend callbacks (a background thread) -------------------------------------------------
-    def _on_events(self, records: list[Event]) -> None:
-        by_loop: dict = defaultdict(list)
-        for r in records:
-            state = self._requests.get(r.request_id)
-            if state is not None:   # None: the consumer is gone (aborted, or a stop string)
-                by_loop[state.loop].append((state.queue, r))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+    def _on_events(self, events: StepEvents) -> None:
+        deliver(events, self._requests)
 
     def _on_failure(self, error: BaseException) -> None:
-        for state in list(self._requests.values()):
-            _call_soon(state.loop, state.queue.put_nowait, error)
+        fail(error, list(self._requests.values()))
 
 
 def _use_process(config: EngineConfig) -> bool:
@@ -185,40 +179,8 @@ def _use_process(config: EngineConfig) -> bool:
     return os.path.exists("/dev/nvidiactl")
 
 
-def _coalesce(first, queue: asyncio.Queue):
-    """`first` and every event already waiting behind it as one event. A consumer that keeps up
-    sees one event per step; one that lags gets its tokens in fewer, larger chunks instead of
-    falling further behind (each chunk costs the same front-end work however many tokens it has)."""
-    if queue.empty() or isinstance(first, BaseException) or first.finish_reason is not None:
-        return first
-    events = [first]
-    while not queue.empty() and events[-1].finish_reason is None:
-        nxt = queue.get_nowait()
-        if isinstance(nxt, BaseException):
-            queue.put_nowait(nxt)   # report the failure after the tokens it followed
-            break
-        events.append(nxt)
-    last = events[-1]
-    lps = [lp for e in events for lp in (e.logprobs or ())]
-    return last._replace(token_ids=tuple(t for e in events for t in e.token_ids),
-                         logprobs=tuple(lps) if any(e.logprobs for e in events) else None,
-                         cached_tokens=max(e.cached_tokens for e in events))
-
-
 def _top_k(logprobs, k):
     """Each token's logprob with its top-k alternatives (the engine computes the top 20)."""
     if logprobs is None or k is None:
         return None
     return tuple(TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for lp in logprobs)
-
-
-def _call_soon(loop, fn, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the consumer's loop is closed: nobody is listening
-        pass
-
-
-def _put_all(items) -> None:
-    for queue, ev in items:
-        queue.put_nowait(ev)

@@ -133,7 +133,7 @@ class ProcessWorker:
         try:
             while True:
                 kind, packed, stats = self._conn.recv()
-                events = StepEvents(*packed).expand()
+                events = StepEvents(*packed)
                 if stats.prefix_hashes is None:   # sent only when refreshed: keep the last one
                     stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes)
                 self._stats, self._last_message = stats, time.monotonic()

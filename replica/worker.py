@@ -6,7 +6,7 @@ bookkeeping hides behind the GPU; a sequence's next input is taken on the device
 flight (replica/batch.py `src`).
 
 Launchers (same contract: `submit(Sequence)`, `abort(id)`, `stats()`, `check_health()`,
-`wait_ready()`, `shutdown()`; events go to `on_events(list[Event])` on a background thread of this
+`wait_ready()`, `shutdown()`; events go to `on_events(StepEvents)` on a background thread of this
 process):
 - `ThreadWorker` (here): a thread of this process (CPU tests, in-process benchmarks; no start-up cost);
 - `ProcessWorker` (replica/process_worker.py): a child process of its own (servers on CUDA).
@@ -26,7 +26,7 @@ from replica.blocks import BlockPool
 from replica.config import EngineConfig
 from replica.measured import Measured
 from replica.scheduler import EngineOverloadedError, Scheduler
-from replica.sequence import Event, Sequence, StepEvents
+from replica.sequence import Sequence, StepEvents
 from replica.stats import EngineStats
 from replica.tokenizer import load_tokenizer
 
@@ -37,7 +37,7 @@ MAX_SUMMARY = 4096
 
 log = logging.getLogger("replica")
 STALL_SECONDS = 60.0
-OnEvents = Callable[[list[Event]], None]
+OnEvents = Callable[[StepEvents], None]
 OnFailure = Callable[[BaseException], None]
 OVERLOADED = "overloaded"      # finish_reason of an Event for a submit the child's queue refused
 SUMMARY_PERIOD_S = 0.5         # how often the prefix-cache summary in stats is rebuilt
@@ -260,8 +260,8 @@ class ThreadWorker:
                 events, self._stats = self.core.step_and_stats()
                 self._in_step_since = None
                 if events:
-                    self._on_events(events.expand())
-            self._on_events(self.core.abort_all().expand())
+                    self._on_events(events)
+            self._on_events(self.core.abort_all())
             self._stats = self.core.stats()
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to its waiters
             log.exception("engine step loop failed")

@@ -235,33 +235,6 @@ def test_a_dead_engine_process_fails_its_requests_and_its_health_check():
         eng.shutdown()
 
 
-def test_a_lagging_consumer_gets_queued_tokens_in_one_chunk():
-    """Events waiting behind the first are merged (tokens, logprobs in order); a finish ends the
-    merge, and a failure queued behind tokens is delivered after them."""
-    from replica.engine import _coalesce
-    from replica.sampling_params import TokenLogprob
-    from replica.sequence import Event
-
-    async def go():
-        q = asyncio.Queue()
-        lp = lambda t: (TokenLogprob(t, -0.5),)  # noqa: E731
-        for t in (1, 2, 3):
-            q.put_nowait(Event("r", (t,), logprobs=lp(t)))
-        q.put_nowait(Event("r", (4,), "length", logprobs=lp(4)))
-        q.put_nowait(Event("r", (9,)))                     # after the finish: not merged
-        merged = _coalesce(await q.get(), q)
-        boom = RuntimeError("engine died")
-        q2 = asyncio.Queue()
-        for item in (Event("s", (7,)), boom):
-            q2.put_nowait(item)
-        first = _coalesce(await q2.get(), q2)
-        return merged, q.qsize(), first, q2.get_nowait()
-    merged, left, first, after = run(go())
-    assert merged.token_ids == (1, 2, 3, 4) and merged.finish_reason == "length"
-    assert [x.token_id for x in merged.logprobs] == [1, 2, 3, 4] and left == 1
-    assert first.token_ids == (7,) and isinstance(after, RuntimeError)
-
-
 def test_prefill_rate_is_measured_on_steps_that_prefill_enough_tokens():
     """Short prompts beside decode rows measure the rows, not the prefill: the published rate (the
     router's `rate`) is left alone by them and set once MIN_SAMPLES steps prefilled >= 256 tokens

@@ -32,6 +32,13 @@ from benchmarks.overlap_probe import ATTENTION_CONFIGS, Layer  # noqa: E402
 from benchmarks.sm_read_probe import stream_sum  # noqa: E402
 from replica.presets import PRESETS  # noqa: E402
 
+# Smaller tiles, fewer warps or stages: more CTAs resident per free SM (session 15 asks whether more,
+# smaller tile chains in flight read faster per SM than the engine's 3-4 CTAs of w4s2n64)
+SMALL_CONFIGS = {"w4s1n64": dict(num_warps=4, num_stages=1, block_n=64),
+                 "w4s2n32": dict(num_warps=4, num_stages=2, block_n=32),
+                 "w4s3n32": dict(num_warps=4, num_stages=3, block_n=32),
+                 "w2s2n32": dict(num_warps=2, num_stages=2, block_n=32),
+                 "w2s1n64": dict(num_warps=2, num_stages=1, block_n=64)}
 HOLD_WARPS = 32          # 1024 threads per CTA: two CTAs fill an SM's 2048 thread slots
 HOLD_CTAS_PER_SM = 2
 
@@ -109,6 +116,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--hold-ms", type=float, default=200.0)
     ap.add_argument("--configs", action="store_true", help="also overlap_probe's attention configs")
+    ap.add_argument("--small-configs", action="store_true", help="also SMALL_CONFIGS (more CTAs per SM)")
+    ap.add_argument("--no-stream", action="store_true", help="skip the stream_sum ceiling")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     free = sorted({min(int(p), sm_count()) for p in a.free.split(",")})
@@ -117,13 +126,14 @@ def main() -> None:
     rec = {"env": C.env_info("cuda"), "args": vars(a), "sms": sm_count(), "kv_bytes": layer.kv_bytes(),
            "copy_gbps": None, "attention": {}, "stream_sum": {}}
     rec["attention"] = measure("attention", lambda: layer.attend(q, 0), layer.kv_bytes(), free, a.calls, a.hold_ms)
-    if a.configs:      # the same grid kernel with other tiles, warps and stages (overlap_probe's)
+    configs = {**(ATTENTION_CONFIGS if a.configs else {}), **(SMALL_CONFIGS if a.small_configs else {})}
+    if configs:        # the same grid kernel with other tiles, warps and stages
         rec["attention_configs"] = {
             name: measure(f"att {name}", lambda cfg=cfg: layer.attend(q, 0, **cfg), layer.kv_bytes(), free,
                           a.calls, a.hold_ms)
-            for name, cfg in ATTENTION_CONFIGS.items()}
+            for name, cfg in configs.items()}
     x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)      # 2 GiB, far past L2
-    for progs, block, warps in ((8, 32768, 16), (4, 16384, 8)):        # programs per free SM
+    for progs, block, warps in () if a.no_stream else ((8, 32768, 16), (4, 16384, 8)):   # per free SM
         key = f"{progs}/SM,{block},{warps}w"
         rec["stream_sum"][key] = {}
         for p in free:

@@ -285,7 +285,7 @@ def main() -> int:
 
     import replica.kernels.reference as ref_impl
     from benchmarks.kernels_sweeps import (cold_jit, decode_specializations, jit_variants,
-                                           sweep_paged_decode, sweep_prefill)
+                                           sweep_decode_configs, sweep_paged_decode, sweep_prefill)
     from replica.kernels import PrefillMeta, fused, paged_attention, paged_prefill
 
     class TritonImpl:  # the Triton wrappers, called directly (the dispatcher picks ref on CPU)
@@ -326,6 +326,7 @@ def main() -> int:
         print(f"paged prefill variants over the prefill cases: {specs['prefill']}")
     if args.sweep and not tiny:
         paged_sweeps = dict(decode=sweep_paged_decode(sh, dtype, device, paged_attention),
+                            decode_configs=sweep_decode_configs(sh, dtype, device, paged_attention),
                             prefill=sweep_prefill(sh, dtype, device, paged_prefill, PrefillMeta))
     if cuda:
         specs.update(decode_specializations(sh, dtype, device, paged_attention))

@@ -1,6 +1,8 @@
 """The paged kernels' tuning sweeps and JIT accounting, for benchmarks/kernels_bench.py.
 
 - `sweep_paged_decode`: paged decode attention over split sizes at contexts far below max_len;
+- `sweep_decode_configs`: paged decode attention over warps, stages and key-tile width, against
+  the engine's choice, at the row counts and contexts of loaded decode steps;
 - `sweep_prefill`: paged prefill attention over pipeline stages and key-segment sizes;
 - `decode_specializations`: compiled variants of the decode kernels over the engine's bucket
   ladder (must be 1 + 1: the split is a runtime argument);
@@ -49,6 +51,44 @@ def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
             out += case
             inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
             torch.cuda.empty_cache()
+    return out
+
+
+DECODE_CONFIGS = {"w2s2n32": dict(num_warps=2, num_stages=2, block_n=32),
+                  "w4s2n32": dict(num_warps=4, num_stages=2, block_n=32),
+                  "w2s2n64": dict(num_warps=2, num_stages=2, block_n=64),
+                  "w4s3n64": dict(num_warps=4, num_stages=3, block_n=64),
+                  "w8s2n64": dict(num_warps=8, num_stages=2, block_n=64)}
+
+
+def sweep_decode_configs(sh, dtype, device, paged_mod, max_len=8192):
+    """paged_decode_attention with each of DECODE_CONFIGS against the engine's defaults (warps,
+    stages, block_n; the split rule stays the engine's), graph-timed; one row per (B, ctx, config)
+    with its time relative to the default."""
+    out = []
+    for batch, ctx in ((8, 1024), (64, 1024), (64, 4096), (256, 512), (512, 512), (512, 1024)):
+        kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
+        rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
+        inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
+        q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
+        lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+        times = {}
+        for name, knobs in {"default": {}, **DECODE_CONFIGS}.items():
+            fn = lambda i, knobs=knobs: paged_mod.paged_decode_attention(  # noqa: E731
+                q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot], inp["table_rows"], lens,
+                1.0 / math.sqrt(sh.head_dim), **knobs)
+            times[name], _ = time_us(fn, device, max(CALLS, rot))
+        for name, t in times.items():
+            out.append(dict(shape=sh.name, batch=batch, ctx=ctx, config=name, us=t,
+                            vs_default=t / times["default"],
+                            gbs=kv_bytes * torch.finfo(dtype).bits / 16 / t / 1e3))
+        best = min(times, key=times.get)
+        print(f"  decode configs {sh.name} B={batch:<3} ctx={ctx:<5}: default {times['default']:8.2f} us "
+              f"({kv_bytes * torch.finfo(dtype).bits / 16 / times['default'] / 1e3:6.1f} GB/s); " +
+              " ".join(f"{n} x{t / times['default']:.2f}" for n, t in times.items() if n != "default") +
+              f"; best {best}")
+        inp = None  # free before the next case (a `del` reads as undefined in the lambda above)
+        torch.cuda.empty_cache()
     return out
 
 

@@ -18,7 +18,7 @@ from replica.config import ConfigError
 from replica.models.llama import LayerWeights, LlamaModel, ModelShape, rope_tables
 from replica.presets import is_random, preset_config
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -39,6 +39,9 @@ def load_hf_config(model: str, max_seq_len: int):
     if cfg.model_type not in SUPPORTED_TYPES:
         raise ConfigError(f"model_type {cfg.model_type!r} is not supported; graphserve runs the Llama "
                           f"family: {', '.join(SUPPORTED_TYPES)}")
+    for flag in ("attention_bias", "mlp_bias"):    # Llama/Qwen3 options graphserve's layers lack
+        if cfg.model_type != "qwen2" and getattr(cfg, flag, False):
+            raise ConfigError(f"the model sets {flag}=true, which graphserve does not implement")
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < max_seq_len:
         raise ConfigError(f"the model uses sliding-window attention ({window} tokens), which graphserve does "
@@ -58,10 +61,11 @@ def load_model(model: str, max_seq_len: int, device: torch.device, dtype: torch.
         qkv = [get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
         bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if shape.qkv_bias else None
         gate_up = [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
+        qk_norm = [get(p + f"self_attn.{n}_norm.weight") for n in "qk"] if shape.qk_norm else [None, None]
         layers.append(LayerWeights(
             ln1=get(p + "input_layernorm.weight"), wqkv=torch.cat(qkv), bqkv=bias,
             wo=get(p + "self_attn.o_proj.weight"), ln2=get(p + "post_attention_layernorm.weight"),
-            w13=torch.cat(gate_up), w2=get(p + "mlp.down_proj.weight")))
+            w13=torch.cat(gate_up), w2=get(p + "mlp.down_proj.weight"), q_norm=qk_norm[0], k_norm=qk_norm[1]))
         del qkv, gate_up
     embed = get("model.embed_tokens.weight")
     lm_head = embed if shape.tie_embeddings else get("lm_head.weight")
@@ -108,6 +112,8 @@ def _random_source(shape: ModelShape, device, dtype, seed: int) -> Callable[[str
 
     def get(name: str) -> torch.Tensor:
         parts = name.split(".")
+        if parts[-2] in ("q_norm", "k_norm"):                    # Qwen3: per head
+            return torch.ones(shape.head_dim, device=device, dtype=dtype)
         if parts[-2].endswith("norm"):
             return torch.ones(D, device=device, dtype=dtype)
         if parts[-1] == "bias":

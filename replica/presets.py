@@ -3,7 +3,8 @@
 `tiny` runs the CPU tests and the default app; `llama-1b` and `llama-8b` have the shapes of
 Llama-3.2-1B and Llama-3.1-8B for benchmarks; `qwen2-0.5b` and `qwen2-7b` the Qwen2.5 layouts
 (q/k/v bias, 7 query heads per KV head, head_dim 64 in the small one) so that benchmarks and GPU
-tests cover a layout the kernels were not tuned on. Their tokenizer is byte-level (replica/tokenizer.py),
+tests cover a layout the kernels were not tuned on; `qwen3-0.6b` Qwen3's (per-head q/k norm,
+head_dim 128 apart from hidden / heads). Their tokenizer is byte-level (replica/tokenizer.py),
 so the tiny model's vocabulary is just the bytes plus three specials, and its output is visible text.
 
 `preset_config` returns a plain namespace with the attribute names of a transformers LlamaConfig
@@ -32,6 +33,9 @@ PRESETS: dict[str, dict] = {
     "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                      tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
 }
 
 
@@ -54,15 +58,14 @@ def preset_config(model: str, max_seq_len: int) -> SimpleNamespace:
     """The config of a random preset (LlamaConfig's attribute names); raises ConfigError naming
     the presets."""
     fields = _preset_fields(model, max_seq_len)
-    fields.setdefault("rope_theta", 10000.0)
-    return SimpleNamespace(head_dim=None, rope_scaling=None, **fields)
+    return SimpleNamespace(**{"rope_theta": 10000.0, "head_dim": None, "rope_scaling": None, **fields})
 
 
 def hf_preset_config(model: str, max_seq_len: int):
     """The transformers config (LlamaConfig or Qwen2Config) of a random preset, for HF twins in
     tests and benchmarks."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     fields = _preset_fields(model, max_seq_len)
-    cls = Qwen2Config if fields.pop("model_type") == "qwen2" else LlamaConfig
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(fields.pop("model_type"), LlamaConfig)
     return cls(**fields)

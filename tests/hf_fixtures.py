@@ -42,11 +42,11 @@ def byte_tokenizer(chat_template: bool = True):
 def save_tiny_llama(path, *, vocab_size: int = 300, seed: int = 0, tie: bool = False,
                     model_type: str = "llama", **config) -> "torch.nn.Module":
     """Save a random tiny model + tokenizer into `path`; returns the HF model (float32, eval).
-    `model_type`: llama, mistral or qwen2; `config`: further config fields (rope_scaling, head_dim...)."""
+    `model_type`: llama, mistral, qwen2 or qwen3; `config`: further config fields (rope_scaling, head_dim...)."""
     import transformers as tf
 
     classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

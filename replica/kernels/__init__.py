@@ -4,6 +4,7 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
     rms_norm(x, weight, eps)                          -> normed
     add_rms_norm(x, residual, weight, eps)            -> (normed, new_residual)  # residual updated in place
     silu_mul(gate_up)                                 -> silu(gate) * up
+    qk_rms_norm_(qkv, q_weight, k_weight, H, KVH, eps) -> qkv  # per-head q/k norm (Qwen3), in place
     use_triton(t) -> bool                             # True when t is on CUDA and triton imports
     prefetch_compile_key() -> thread | None           # start-up: Triton key and driver, in background
     compile_ahead(fn) -> seconds                      # start-up: run fn with every Triton launch
@@ -53,7 +54,7 @@ except ImportError:  # no triton (e.g. a minimal CPU install): reference only
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "compile_ahead", "paged_decode_attention",
-           "paged_prefill_attention", "prefetch_compile_key", "rms_norm", "rope_store_kv_paged",
+           "paged_prefill_attention", "prefetch_compile_key", "qk_rms_norm_", "rms_norm", "rope_store_kv_paged",
            "silu_mul", "use_triton"]
 
 
@@ -114,6 +115,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
             and _fused.norm_supported(residual, weight)):
         return _fused.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def qk_rms_norm_(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
+                 num_kv_heads: int, eps: float) -> torch.Tensor:
+    if use_triton(qkv) and _fused.qk_norm_supported(qkv, q_weight, k_weight):
+        return _fused.qk_rms_norm_(qkv, q_weight, k_weight, num_heads, num_kv_heads, eps)
+    return reference.qk_rms_norm_(qkv, q_weight, k_weight, num_heads, num_kv_heads, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

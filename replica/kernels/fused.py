@@ -1,4 +1,5 @@
-"""Triton kernels for the element-wise ops: rms_norm, add_rms_norm, silu_mul, rope_store_kv_paged.
+"""Triton kernels for the element-wise ops: rms_norm, add_rms_norm, qk_rms_norm_, silu_mul,
+rope_store_kv_paged.
 
 Contract: same semantics as `reference.py` (fp32 math, one rounding to the output dtype,
 `add_rms_norm` updates `residual` in place). Each op is ONE kernel launch, allocates its output with
@@ -47,6 +48,38 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_res, strid
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * rstd * w
     tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_rms_norm_kernel(x_ptr, qw_ptr, kw_ptr, stride_tok, num_q_heads, D, eps, BLOCK_D: tl.constexpr):
+    # program (token, head) over the first H + KVH heads of a qkv row: in place, query heads with
+    # qw, key heads with kw
+    tok, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    ptrs = x_ptr + tok * stride_tok + head * D + offs
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    if head < num_q_heads:
+        w = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (x * rstd * w).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def qk_norm_supported(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> bool:
+    return (qkv.dim() == 2 and q_weight.shape == k_weight.shape and q_weight.dim() == 1
+            and 0 < q_weight.shape[0] <= MAX_NORM_DIM and _last_dim_contiguous(qkv, q_weight, k_weight))
+
+
+def qk_rms_norm_(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
+                 num_kv_heads: int, eps: float) -> torch.Tensor:
+    # qkv [N, (H + 2*KVH) * hd], normed in place per head (reference.qk_rms_norm_); returns qkv
+    hd = q_weight.shape[0]
+    block = triton.next_power_of_2(hd)
+    launch(_head_rms_norm_kernel, (qkv.shape[0], num_heads + num_kv_heads), qkv, q_weight, k_weight,
+           qkv.stride(0), num_heads, hd, eps, BLOCK_D=block, num_warps=1 if block <= 256 else 4)
+    return qkv
 
 
 def norm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -30,6 +30,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(residual, weight, eps), residual
 
 
+def qk_rms_norm_(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
+                 num_kv_heads: int, eps: float) -> torch.Tensor:
+    # In place: each query head of qkv [N, (H + 2*KVH) * hd] normed with q_weight [hd], each key
+    # head with k_weight [hd] (Qwen3's q_norm / k_norm, before RoPE); values untouched. Returns qkv.
+    n, hd = qkv.shape[0], q_weight.shape[0]
+    heads = num_heads + num_kv_heads
+    qk = qkv[:, :heads * hd].view(n, heads, hd)
+    w = torch.cat([q_weight.expand(num_heads, hd), k_weight.expand(num_kv_heads, hd)]).float()
+    xf = qk.float()
+    qk.copy_(xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w)
+    return qkv
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     # gate_up [N, 2I] -> [N, I]: silu(gate) * up
     inter = gate_up.shape[-1] // 2

@@ -69,6 +69,16 @@ def check_norms(device, dtype, n: int, d: int, row_stride: int) -> None:
     _check("add_rms_norm.normed", normed, exp_normed, dtype)
 
 
+def check_qk_norm(device, dtype, n: int, h: int, kvh: int, hd: int) -> None:
+    g = torch.Generator().manual_seed(n * 31 + h * 7 + hd)
+    qkv = (3 * torch.randn(n, (h + 2 * kvh) * hd, generator=g)).to(device, dtype)
+    qw, kw = (torch.randn(hd, generator=g).to(device, dtype) for _ in range(2))
+    tri, ref = qkv.clone(), qkv.clone()
+    assert fused.qk_rms_norm_(tri, qw, kw, h, kvh, 1e-6).data_ptr() == tri.data_ptr(), "must work in place"
+    _check("qk_rms_norm_", tri, reference.qk_rms_norm_(ref, qw, kw, h, kvh, 1e-6), dtype)
+    assert torch.equal(tri[:, (h + kvh) * hd:], qkv[:, (h + kvh) * hd:]), "values must stay untouched"
+
+
 def check_silu(device, dtype, n: int, inter: int) -> None:
     g = torch.Generator().manual_seed(n * 7 + inter)
     gate_up = (3 * torch.randn(n, 2 * inter, generator=g)).to(device, dtype)
@@ -195,6 +205,8 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     return {
         "rms_norm.n1": lambda: check_norms(device, dtype, 1, 64, 64),
         "rms_norm.n5_d100_strided": lambda: check_norms(device, dtype, 5, 100, 128),
+        "qk_norm.gqa_hd128": lambda: check_qk_norm(device, dtype, 3, 4, 2, 128),
+        "qk_norm.mha_hd80": lambda: check_qk_norm(device, dtype, 2, 3, 3, 80),
         "silu_mul.n1_i48": lambda: check_silu(device, dtype, 1, 48),
         "silu_mul.n3_i2100": lambda: check_silu(device, dtype, 3, 2100),
         "rope_paged.decode_gqa_hd16_bs8": lambda: check_rope_paged(device, dtype, 4, 2, 16, 8, False),

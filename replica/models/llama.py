@@ -36,6 +36,7 @@ class ModelShape:
     rms_eps: float
     tie_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False        # Qwen3: an RMSNorm over each query and key head before RoPE
 
     @property
     def matmul_params(self) -> int:
@@ -53,7 +54,7 @@ class ModelShape:
                    num_heads=heads, num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                    head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                    rms_eps=cfg.rms_norm_eps, tie_embeddings=bool(cfg.tie_word_embeddings),
-                   qkv_bias=cfg.model_type == "qwen2")
+                   qkv_bias=cfg.model_type == "qwen2", qk_norm=cfg.model_type == "qwen3")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class LayerWeights:
     ln2: torch.Tensor            # [D]
     w13: torch.Tensor            # [2 I, D]  gate rows first, then up
     w2: torch.Tensor             # [D, I]
+    q_norm: Optional[torch.Tensor] = None   # [hd] (Qwen3) or None
+    k_norm: Optional[torch.Tensor] = None   # [hd] (Qwen3) or None
 
 
 def rope_tables(hf_config, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +121,8 @@ class LlamaModel:
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for L in self.layers:
-            tensors += [t for t in (L.ln1, L.wqkv, L.bqkv, L.wo, L.ln2, L.w13, L.w2) if t is not None]
+            tensors += [t for t in (L.ln1, L.wqkv, L.bqkv, L.wo, L.ln2, L.w13, L.w2, L.q_norm, L.k_norm)
+                        if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _layers(self, x, positions, slots, kv, attend):
@@ -138,6 +142,8 @@ class LlamaModel:
         K/V of every row stored at its slot."""
         L, s = self.layers[i], self.shape
         qkv = F.linear(h, L.wqkv, L.bqkv)                                        # [N, (H+2KVH) hd]
+        if L.q_norm is not None:
+            K.qk_rms_norm_(qkv, L.q_norm, L.k_norm, s.num_heads, s.num_kv_heads, s.rms_eps)
         return K.rope_store_kv_paged(qkv, self.cos, self.sin, positions, slots, kv.k[i], kv.v[i],
                                      s.num_heads, s.num_kv_heads, out=q_out)
 

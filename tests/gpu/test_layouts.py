@@ -1,8 +1,8 @@
 """Head layouts the Triton kernels were not tuned on, on a real GPU (skipped without CUDA).
 
 The CPU tests run these layouts through the torch reference kernels
-(tests/unit/test_engine_vs_hf.py); here the paged decode and prefill attention, rope and the KV
-store are the Triton kernels, inside captured graphs. Each layout is a random HF checkpoint; in
+(tests/unit/test_engine_vs_hf.py); here the paged decode and prefill attention, rope, the KV
+store and Qwen3's per-head q/k norm are the Triton kernels, inside captured graphs. Each layout is a random HF checkpoint; in
 float32 the engine's greedy tokens equal HF generate's on the device, and every pure-decode step
 replays a graph. Prompts are long enough for the decode kernel to split and for the prefill to
 take several key tiles.
@@ -24,6 +24,8 @@ LAYOUTS = {
     "hd128-not-hidden-over-heads": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                                         head_dim=128),
     "hd256": dict(hidden_size=512, num_attention_heads=2, num_key_value_heads=1),           # Gemma's head size
+    "qwen3-qk-norm": dict(model_type="qwen3", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=128),                                                    # per-head q/k norm
 }
 
 
@@ -31,7 +33,14 @@ LAYOUTS = {
 def test_head_layouts_match_hf_generate_on_gpu(tmp_path, layout):
     from hf_fixtures import save_tiny_llama
 
-    hf = save_tiny_llama(tmp_path, seed=13, intermediate_size=256, **LAYOUTS[layout]).to("cuda")
+    hf = save_tiny_llama(tmp_path, seed=13, intermediate_size=256, **LAYOUTS[layout])
+    if hf.config.model_type == "qwen3":             # norm weights away from 1, or their path is untested
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(0.3, 2.0)
+        hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf = hf.to("cuda")
     eng = Engine(EngineConfig(model=str(tmp_path), device="cuda", dtype="float32", batch_buckets=(1, 2, 4, 8),
                               max_seq_len=512, block_size=16, max_num_seqs=8, kv_cache_bytes=64 << 20,
                               engine_process="thread"))

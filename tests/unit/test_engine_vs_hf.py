@@ -110,6 +110,39 @@ def test_qwen2_layout_with_qkv_bias_matches_hf(tmp_path):
         eng.shutdown()
 
 
+def test_qwen3_layout_with_per_head_qk_norm_matches_hf(tmp_path):
+    """Qwen3: an RMSNorm over each query and key head before RoPE, head_dim apart from hidden /
+    heads. Norm weights drawn away from 1, or the weights' path is not tested."""
+    from hf_fixtures import save_tiny_llama
+
+    hf = save_tiny_llama(tmp_path, model_type="qwen3", seed=4, head_dim=32)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.3, 2.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    eng = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", batch_buckets=(1, 2),
+                              max_seq_len=256, step_token_budget=64))
+    try:
+        for ids in (PROMPTS[3], LONG_PROMPT):
+            toks = run(collect(eng, ids=ids, max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+            assert toks == hf_greedy(hf, ids, 10), ids[:4]
+    finally:
+        eng.shutdown()
+
+
+def test_unimplemented_projection_biases_are_refused(tmp_path):
+    """A Llama checkpoint with attention_bias (o_proj bias too) or mlp_bias: refused by name, not
+    loaded with its biases dropped."""
+    from hf_fixtures import save_tiny_llama
+
+    from replica.config import ConfigError
+    for flag in ("attention_bias", "mlp_bias"):
+        save_tiny_llama(tmp_path / flag, seed=1, **{flag: True})
+        with pytest.raises(ConfigError, match=flag):
+            Engine(EngineConfig(model=str(tmp_path / flag), device="cpu", batch_buckets=(1,), max_seq_len=64))
+
+
 LONG_PROMPT = [(7 * i + 3) % 250 for i in range(150)]   # positions past the original context below
 
 

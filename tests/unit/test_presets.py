@@ -33,3 +33,21 @@ def test_qwen2_presets_have_the_qwen_layout():
 def test_unknown_preset_names_the_presets():
     with pytest.raises(ConfigError, match="qwen2-7b"):
         preset_config("random:gpt-3", 2048)
+
+
+def test_qwen3_preset_has_per_head_qk_norm_and_its_own_head_dim():
+    s = ModelShape.from_hf_config(preset_config("random:qwen3-0.6b", 2048))
+    assert s.qk_norm and not s.qkv_bias
+    assert (s.head_dim, s.num_heads * s.head_dim, s.hidden_size) == (128, 2048, 1024)
+
+
+def test_random_weights_give_qwen3_norms_one_entry_per_head_dim():
+    import torch
+
+    from replica.loader import _random_source
+
+    shape = ModelShape.from_hf_config(preset_config("random:qwen3-0.6b", 64))
+    get = _random_source(shape, torch.device("cpu"), torch.float32, 0)
+    for name in ("q_norm", "k_norm"):
+        assert get(f"model.layers.0.self_attn.{name}.weight").shape == (128,)
+    assert get("model.layers.0.input_layernorm.weight").shape == (1024,)

@@ -112,11 +112,11 @@ class Scheduler:
         return batch
 
     def _repeat_decode(self) -> Optional[StepBatch]:
-        """The steady state in O(1) Python per row: when the last batch decoded every running
+        """The steady state without the per-row plan: when the last batch decoded every running
         sequence and nothing has joined, left or been preempted since (`_roster`), and nothing
         can be admitted, the next batch is the same rows one position on, each fed the token its
-        row sampled last step (src = its own row). Columns are updated as arrays; only rows that
-        enter a new block touch the pool. None where the general plan is needed (`_plan`): a row
+        row sampled last step (src = its own row). Columns are updated as arrays, each row's two
+        counters in one loop; only rows that enter a new block touch the pool. None where the general plan is needed (`_plan`): a row
         at its length limit, fewer free blocks than rows entering a block (preemption), a change
         of rows, or a waiting sequence and a free row."""
         if self._repeatable is None:
@@ -138,7 +138,7 @@ class Scheduler:
         for j in entering.tolist():
             seq, block = seqs[j], int(positions[j]) // bs
             if block == len(seq.block_table):
-                seq.block_table += self.pool.allocate(1)
+                self._grow(seq, seqs)                      # a free block is there: no preemption
             slots[j] = seq.block_table[block] * bs
         tokens[:] = 0
         src[:] = np.arange(len(seqs))

@@ -54,9 +54,11 @@ def save_tiny_llama(path, *, vocab_size: int = 300, seed: int = 0, tie: bool = F
                 max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS, rms_norm_eps=1e-5)
     model = model_cls(config_cls(**{**dims, **config}))
     with torch.no_grad():  # HF initialises weights with std 0.02: sharpen them so greedy paths differ
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):   # Qwen3's: away from 1, or
+                p.uniform_(0.3, 2.0)                                  # their weights go untested
     model.eval()
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)

@@ -112,23 +112,11 @@ def test_qwen2_layout_with_qkv_bias_matches_hf(tmp_path):
 
 def test_qwen3_layout_with_per_head_qk_norm_matches_hf(tmp_path):
     """Qwen3: an RMSNorm over each query and key head before RoPE, head_dim apart from hidden /
-    heads. Norm weights drawn away from 1, or the weights' path is not tested."""
+    heads."""
     from hf_fixtures import save_tiny_llama
 
-    hf = save_tiny_llama(tmp_path, model_type="qwen3", seed=4, head_dim=32)
-    with torch.no_grad():
-        for layer in hf.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(0.3, 2.0)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    eng = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", batch_buckets=(1, 2),
-                              max_seq_len=256, step_token_budget=64))
-    try:
-        for ids in (PROMPTS[3], LONG_PROMPT):
-            toks = run(collect(eng, ids=ids, max_tokens=10, temperature=0.0, ignore_eos=True))[0]
-            assert toks == hf_greedy(hf, ids, 10), ids[:4]
-    finally:
-        eng.shutdown()
+    hf = save_tiny_llama(tmp_path, model_type="qwen3", seed=4, head_dim=32)   # norms drawn in [0.3, 2]
+    _assert_checkpoint_matches_hf(tmp_path, hf, (PROMPTS[3], LONG_PROMPT), 10)
 
 
 def test_unimplemented_projection_biases_are_refused(tmp_path):
@@ -163,11 +151,16 @@ def test_checkpoint_layouts_match_hf(tmp_path, model_type, config):
     from hf_fixtures import save_tiny_llama
 
     hf = save_tiny_llama(tmp_path, model_type=model_type, seed=5, **config)
-    eng = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", batch_buckets=(1, 2),
+    _assert_checkpoint_matches_hf(tmp_path, hf, (PROMPTS[1], LONG_PROMPT), 12)
+
+
+def _assert_checkpoint_matches_hf(path, hf, prompts, max_tokens: int) -> None:
+    """Greedy tokens of an engine on the checkpoint at `path` equal `hf`'s generate, per prompt."""
+    eng = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", batch_buckets=(1, 2),
                               max_seq_len=256, step_token_budget=64))
     try:
-        for ids in (PROMPTS[1], LONG_PROMPT):
-            toks = run(collect(eng, ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True))[0]
-            assert toks == hf_greedy(hf, ids, 12), ids[:4]
+        for ids in prompts:
+            toks = run(collect(eng, ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
+            assert toks == hf_greedy(hf, ids, max_tokens), ids[:4]
     finally:
         eng.shutdown()

@@ -97,6 +97,10 @@ class StepBatch:
         return self.decode.seqs + [s for s, smp in zip(self.chunks.seqs, self.chunks.sample) if smp]
 
     @property
+    def num_sampled(self) -> int:
+        return len(self.decode) + sum(self.chunks.sample)
+
+    @property
     def prefill_tokens(self) -> int:
         return self.chunks.num_tokens
 

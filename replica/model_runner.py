@@ -281,8 +281,7 @@ class ModelRunner:
             kind, bucket = "mixed", self._run_mixed(batch, batch.greedy)
         else:
             kind, bucket = self._run_decode(batch, host, "greedy" if batch.greedy else "full")
-        n = len(batch.decode) + sum(batch.chunks.sample)
-        return self._copy_out(n, kind, bucket, host, batch.logprobs, started_at)
+        return self._copy_out(batch.num_sampled, kind, bucket, host, batch.logprobs, started_at)
 
     def _run_decode(self, batch: StepBatch, host: HostBuffers, mode: str) -> tuple[str, int]:
         d = batch.decode

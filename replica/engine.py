@@ -4,9 +4,9 @@ The constructor builds the core - weights, paged KV cache, graphs - in a worker 
 a child process of its own on CUDA (so the GPU loop never waits for this process's GIL), a thread
 on CPU, or as `EngineConfig.engine_process` says. Each step's events come back on a background thread
 and go to each request's inbox (replica/inbox.py), which wakes its consumer with one
-`call_soon_threadsafe` per loop, so the event loop (a Serve replica's) never blocks on the GPU. `generate()` turns events into
-`GenerationChunk`s, does detokenisation and stop strings, and aborts its request when the consumer
-stops early - the slot is freed before the next step.
+`call_soon_threadsafe` per loop, so the event loop (a Serve replica's) never blocks on the GPU.
+`generate()` turns events into `GenerationChunk`s, does detokenisation and stop strings, and aborts
+its request when the consumer stops early - the slot is freed before the next step.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class _Request(Inbox):
     """Front-end state of one request: its inbox (replica/inbox.py), and its text."""
     __slots__ = ("prompt_tokens", "detok", "emitted_tokens", "logprobs_k", "cached_tokens")
 
-    def __init__(self, request_id: str, loop, prompt_tokens: int, detok: IncrementalDetokenizer, logprobs_k=None):
+    def __init__(self, request_id: str, loop, prompt_tokens: int, detok: IncrementalDetokenizer,
+                 logprobs_k=None):
         super().__init__(request_id, loop)
         self.prompt_tokens, self.detok = prompt_tokens, detok
         self.emitted_tokens = 0

@@ -116,9 +116,9 @@ class Scheduler:
         sequence and nothing has joined, left or been preempted since (`_roster`), and nothing
         can be admitted, the next batch is the same rows one position on, each fed the token its
         row sampled last step (src = its own row). Columns are updated as arrays, each row's two
-        counters in one loop; only rows that enter a new block touch the pool. None where the general plan is needed (`_plan`): a row
-        at its length limit, fewer free blocks than rows entering a block (preemption), a change
-        of rows, or a waiting sequence and a free row."""
+        counters in one loop; only rows that enter a new block touch the pool. None where the
+        general plan is needed (`_plan`): a row at its length limit, fewer free blocks than rows
+        entering a block (preemption), a change of rows, or a waiting sequence and a free row."""
         if self._repeatable is None:
             return None
         prev, roster, max_tokens = self._repeatable

@@ -111,6 +111,7 @@ class ModelRunner:
         load_s = time.perf_counter() - t0
         s = self.model.shape
         self.vocab_size = s.vocab_size
+        self.tile_tokens = K.prefill_tile_tokens(self.dtype, s.head_dim, s.num_heads // s.num_kv_heads)
         log.info("loaded %s: %.2f GiB of weights in %.2f s on %s", c.model,
                  self.model.weight_bytes() / 2**30, load_s, self.device)
         self.step_token_budget = sizing.step_budget(c, s.matmul_params, self.device.type == "cuda")
@@ -257,7 +258,8 @@ class ModelRunner:
         chunks = [min(longest, budget - i) for i in range(0, budget, longest)]
         zeros = torch.zeros(1 + budget, dtype=torch.long, device=dev)
         positions = torch.cat([torch.tensor([chunks[0]], device=dev)] + [torch.arange(k, device=dev) for k in chunks])
-        meta = K.PrefillMeta.build([1] + chunks, [chunks[0] + 1] + chunks, [kv.scratch_row] * (1 + len(chunks)), dev)
+        meta = K.PrefillMeta.build([1] + chunks, [chunks[0] + 1] + chunks, [kv.scratch_row] * (1 + len(chunks)), dev,
+                                   tile_tokens=self.tile_tokens)
         last_rows = torch.tensor(list(itertools.accumulate([1] + chunks)), device=dev) - 1
         return self.model.forward_mixed(zeros, positions, zeros, meta, kv, last_rows)
 
@@ -328,7 +330,7 @@ class ModelRunner:
         n = len(rows)
         self.kv.write_table(rows, positions[:n], slots[:n])
         meta = K.PrefillMeta.build(q_lens, [p + 1 for p in d_positions] + c.kv_lens,
-                                   d_table_rows + c.table_rows, self.device)
+                                   d_table_rows + c.table_rows, self.device, tile_tokens=self.tile_tokens)
         if size:
             logits = self.mixed.run(size, tokens, positions, slots, meta, logit_rows_t)
         else:

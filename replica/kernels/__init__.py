@@ -17,7 +17,8 @@ Public ops (signatures are the engine's contract; shapes in the comments of `ref
         # q [B, H, hd]; row b attends positions 0..seq_lens[b]-1 of table row table_rows[b]
     paged_prefill_attention(q, k_cache, v_cache, block_tables, meta, scale, out=None) -> out
         # q [T, H, hd]: chunks back to back, causal with a cached prefix; meta = PrefillMeta.build(
-        #   q_lens, kv_lens, table_rows, device) once per step (prefill_meta.py)
+        #   q_lens, kv_lens, table_rows, device, tile_tokens=...) once per step (prefill_meta.py)
+    prefill_tile_tokens(dtype, head_dim, group) -> int  # the tile_tokens for a model layout
 
 Dispatch: the Triton kernel (`fused.py`, `paged_attention.py`, `paged_prefill.py`) when
 `use_triton(x)` and the kernel supports the shapes, else `reference.py`. Reference fallbacks on
@@ -39,7 +40,7 @@ from typing import Optional
 import torch
 
 from replica.kernels import reference
-from replica.kernels.prefill_meta import PrefillMeta  # torch only: the reference path uses it too
+from replica.kernels.prefill_meta import TILE_TOKENS, PrefillMeta  # torch only: the reference uses it too
 
 try:
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -54,7 +55,7 @@ except ImportError:  # no triton (e.g. a minimal CPU install): reference only
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "PrefillMeta", "add_rms_norm", "compile_ahead", "paged_decode_attention",
-           "paged_prefill_attention", "prefetch_compile_key", "qk_rms_norm_", "rms_norm", "rope_store_kv_paged",
+           "paged_prefill_attention", "prefetch_compile_key", "prefill_tile_tokens", "qk_rms_norm_", "rms_norm", "rope_store_kv_paged",
            "silu_mul", "use_triton"]
 
 
@@ -157,6 +158,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if use_triton(q) and _paged.supported(q, k_cache, v_cache, block_tables) and _rows_out(out):
         return _paged_prefill.paged_prefill_attention(*args, out=out)
     return _into(out, reference.paged_prefill_attention(*args))
+
+
+def prefill_tile_tokens(dtype: torch.dtype, head_dim: int, group: int) -> int:
+    """Query tokens per prefill tile for a layout of head_dim and G = H / KVH query heads per KV
+    head: what the Triton kernel runs fastest (paged_prefill.py); TILE_TOKENS without Triton (the
+    reference takes any)."""
+    if not HAS_TRITON:
+        return TILE_TOKENS
+    return _paged_prefill.prefill_tile_tokens(dtype, head_dim, group)
 
 
 def _rows_out(out: Optional[torch.Tensor]) -> bool:

@@ -10,8 +10,9 @@ Prefill (`paged_prefill_attention`, eager): per tile kind of the `PrefillMeta` t
 tiles, decode tiles) one `_prefill_kernel` launch, grid (num_tiles, KVH * NUM_HG): one program per
 tile (or key segment of a tile) and per group of HPP query heads of one KV head. The tile's query
 tokens and heads are stacked in the tl.dot M dimension (row r = token r // HPP, head r % HPP: a
-token's heads are adjacent in memory): prefill tiles are TILE_TOKENS (32) tokens x min(G, 4) heads
-= 128 rows for Llama-style G = 4; decode tiles (q_len 1) are 1 token x G heads. Flash-attention
+token's heads are adjacent in memory): prefill tiles are `prefill_tile_tokens` tokens x min(G, 4)
+heads, 256 rows for 16-bit hd 128 (64 tokens x 4 heads for Llama-style G = 4, 128 x 2 for G = 2),
+128 for hd 64 (32 x 4); decode tiles (q_len 1) are 1 token x G heads. Flash-attention
 loop over the program's keys k0 .. k1 - 1 (keys above the tile's causal limit are never visited):
 first the key tiles below p0 + 1 that every row sees (no masks), then the diagonal tiles with the
 causal mask. Dead rows (past the tile's tokens or the group's heads) compute on zeros and are not
@@ -32,9 +33,11 @@ from replica.kernels import paged_attention as _pa   # _pa._empty: looked up per
 #                                                     NaN-filling swap covers the partials here too
 from replica.kernels.launch import launch
 from replica.kernels.paged_attention import LOG2E, _load_kv_tile, _wide
-from replica.kernels.prefill_meta import PrefillMeta
+from replica.kernels.prefill_meta import TILE_TOKENS, PrefillMeta
 
-PREFILL_ROWS = 128     # tl.dot M rows of a 16-bit prefill tile with hd <= 128
+PREFILL_ROWS = 128       # tl.dot M rows of a 16-bit prefill tile (see `prefill_rows`)
+TALL_PREFILL_ROWS = 256  # ... with 64 < hd <= 128
+MAX_TILE_TOKENS = 128    # query tokens per prefill tile at most
 
 
 @triton.jit
@@ -157,34 +160,61 @@ def _prefill_merge_kernel(po_ptr, pm_ptr, pl_ptr, merge_ptr, out_ptr, stride_ot,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int) -> dict:
-    """Tile shape of one launch: HPP heads per program (NUM_HG programs per KV head), BLOCK_M rows,
-    BLOCK_N keys, warps. 16-bit: 128 rows (64 for hd > 128) x 64 keys (32 for hd > 128); fp32 and
-    hd % 16 != 0 (see `_wide`): 32 rows x 16 keys. 8 warps from 4096 q elements per tile up;
-    2 for 16-bit scalar loads (the choices that do not spill: compile_check)."""
+def prefill_rows(dtype: torch.dtype, hd: int) -> int:
+    """tl.dot M rows of a prefill tile. 16-bit: 256 for 64 < hd <= 128, where a tile twice as
+    tall does twice the math per K/V tile loaded (H200, results/prefill_tiles-*-h200-2026-12-01.json:
+    1.2-1.4x faster than 128 rows on long prompts for G = 4 and 7, 1.6-2.6x for G = 2, whose
+    tiles had 64 rows; prompts of a few hundred keys within 0.97-1.03x), 128 for hd <= 64 (256 rows
+    measured 1.1-1.3x slower there), 64 for hd > 128; fp32 and hd % 16 != 0 (see `_wide`): 32."""
+    if not _wide(dtype, hd):
+        return 32
+    return PREFILL_ROWS // 2 if hd > 128 else TALL_PREFILL_ROWS if hd > 64 else PREFILL_ROWS
+
+
+def prefill_tile_tokens(dtype: torch.dtype, hd: int, group: int) -> int:
+    """Query tokens per prefill tile (`PrefillMeta.build`'s tile_tokens) for a model layout:
+    enough that a tile's tokens x min(G, 4) heads fill `prefill_rows` where the rows were measured
+    (64 < hd <= 128), else TILE_TOKENS. A power of two."""
+    rows = prefill_rows(dtype, hd)
+    if rows != TALL_PREFILL_ROWS:
+        return TILE_TOKENS
+    return min(MAX_TILE_TOKENS, rows // triton.next_power_of_2(min(group, 4)))
+
+
+def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int,
+                   rows: Optional[int] = None, block_n: Optional[int] = None,
+                   num_warps: Optional[int] = None) -> dict:
+    """Tile shape of one launch: HPP heads per program (NUM_HG programs per KV head), BLOCK_M rows
+    (`prefill_rows`, or fewer when tile_tokens x G is less), BLOCK_N keys (64; 32 for hd > 128;
+    16 without `_wide`), warps (16 for the tall 256 x 128 tiles, 8 from 4096 q elements per tile
+    up, else 4; 2 for 16-bit scalar loads). compile_check holds them to no register spills, but
+    for the tall tiles' 64-80 bytes: every spill-free tall config measured 1.2-1.3x slower.
+    `rows`, `block_n` and `num_warps` override the choice (tuning sweeps)."""
     wide = _wide(dtype, hd)
-    rows = (PREFILL_ROWS if hd <= 128 else PREFILL_ROWS // 2) if wide else 32
+    rows = rows or prefill_rows(dtype, hd)
     hpp = min(group, max(1, rows // tile_tokens))
     block_m = max(16, triton.next_power_of_2(tile_tokens * hpp))
-    block_n = (64 if hd <= 128 else 32) if wide else 16
+    block_n = block_n or ((64 if hd <= 128 else 32) if wide else 16)
     block_d = max(16, triton.next_power_of_2(hd))
-    warps = 8 if block_m * block_d >= 4096 else 4
+    warps = 16 if block_m * block_d >= TALL_PREFILL_ROWS * 128 else 8 if block_m * block_d >= 4096 else 4
     if not wide and dtype != torch.float32:
         warps = 2  # scalar loads (hd % 16 != 0): more registers per thread, or it spills
     return dict(HPP=hpp, NUM_HG=triton.cdiv(group, hpp), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps)
+                num_warps=num_warps or warps)
 
 
 def merge_warps(tile_tokens: int, block_d: int) -> int:
-    return 8 if tile_tokens * block_d >= 4096 else 4 if tile_tokens * block_d >= 2048 else 1
+    n = tile_tokens * block_d          # fp32 accumulator elements (16 warps: no spill at 128 x 128)
+    return 16 if n >= 8192 else 8 if n >= 4096 else 4 if n >= 2048 else 1
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, meta: PrefillMeta, scale: float,
-                            out: Optional[torch.Tensor] = None,
-                            num_stages: int = 2) -> torch.Tensor:
+                            out: Optional[torch.Tensor] = None, num_stages: int = 2,
+                            **tile_knobs) -> torch.Tensor:
     # q [T, H, hd] -> out [T, H, hd]. Per tile kind (prefill tiles, decode tiles) one attention
     # launch, plus one merge launch when some of its tiles were split into key segments.
+    # `tile_knobs` (rows, block_n, num_warps) override prefill_config for the prefill tiles.
     t_total, h, hd = q.shape
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
     assert t_total == meta.num_tokens, f"q has {t_total} rows, meta covers {meta.num_tokens}"
@@ -201,7 +231,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     for tiles, merges, parts, tile_tokens, segment in kinds:
         if tiles.shape[0] == 0:
             continue
-        cfg = prefill_config(q.dtype, hd, group, tile_tokens)
+        cfg = prefill_config(q.dtype, hd, group, tile_tokens,
+                             **(tile_knobs if tile_tokens > 1 else {}))
         warps = cfg.pop("num_warps")
         assert segment % cfg["BLOCK_N"] == 0, "key segments must be whole key tiles"
         if parts:

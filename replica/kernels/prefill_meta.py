@@ -8,9 +8,10 @@ kv_lens[c] >= q_lens[c]; kv_lens[c] - q_lens[c] is the cached prefix). Building 
 host-to-device copy of one packed int32 tensor (from pinned memory on CUDA, so it does not wait for
 the stream); nothing is read back. Torch and numpy only (no triton): the reference path uses it too.
 
-Tiles. Chunks with q_len >= 2 are cut into prefill tiles of `tile_tokens` (32) query tokens; the
-kernel stacks them with up to 4 of the G query heads of one KV head into a 128-row tl.dot M
-dimension, so the map does not depend on G. Chunks with q_len == 1 (decode rows mixed into the
+Tiles. Chunks with q_len >= 2 are cut into prefill tiles of `tile_tokens` query tokens (the
+caller's choice: `paged_prefill.prefill_tile_tokens` for its layout; 32 by default); the kernel
+stacks them with up to 4 of the G query heads of one KV head into its tl.dot M dimension, so the
+map does not depend on G. Chunks with q_len == 1 (decode rows mixed into the
 step) become decode tiles of one token (the kernel stacks all G heads). Each kind has its own
 kernel launch and its own section of the map.
 

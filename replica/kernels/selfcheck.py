@@ -239,6 +239,13 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
             (9, 0), (1, 7), (17, 30), (2, 6)], 8),
         "paged_prefill.bs32_gqa4_hd128_default_tiles": lambda: pp(device, dtype, 8, 2, 128, 32, 3, [
             (40, 33), (1, 64), (33, 0)], 32),
+        # tall tiles (16-bit, 64 < hd <= 128: 256 rows, 3 stages; `prefill_tile_tokens`)
+        "paged_prefill.bs16_gqa4_hd128_tall_tiles": lambda: pp(device, dtype, 8, 2, 128, 16, 14, [
+            (130, 0), (1, 64), (70, 100), (64, 0), (2, 5)], 64),
+        "paged_prefill.gqa2_hd128_tall_tiles_segments": lambda: pp(device, dtype, 4, 2, 128, 16, 24, [
+            (200, 130), (1, 5), (129, 0)], 128, 128),
+        "paged_prefill.group7_hd128_tall_tiles": lambda: pp(device, dtype, 14, 2, 128, 16, 10, [
+            (100, 30), (1, 20), (65, 0)], 64),
         "paged_prefill.hd80_group3": lambda: pp(device, dtype, 6, 2, 80, 16, 4, [
             (16, 15), (1, 1), (19, 0)], 8),
         "paged_prefill.group8_head_groups": lambda: pp(device, dtype, 16, 2, 32, 16, 5, [

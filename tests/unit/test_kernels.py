@@ -349,6 +349,9 @@ def test_triton_kernels_compile_for_hopper_without_spills():
         pytest.skip("this triton wheel has no runnable ptxas")
     results = compile_check.compile_all(arch=90)
     assert len(results) > 20
-    bad = {k: v for k, v in results.items()
-           if v["spill_bytes"] != 0 or not 0 < v["regs"] <= 255 or v["shared"] > 227 * 1024}
+    bad = {k: v for k, v in results.items() if v["spill_bytes"] > compile_check.spill_allowance(k)
+           or not 0 < v["regs"] <= 255 or v["shared"] > 227 * 1024}
     assert not bad, bad
+    assert compile_check.spill_allowance("paged_prefill.8b_bf16_bs16") > 0   # tall tiles
+    assert compile_check.spill_allowance("paged_prefill_merge.8b_bf16_bs16") == 0
+    assert compile_check.spill_allowance("paged_prefill.8b_fp32_bs16") == 0

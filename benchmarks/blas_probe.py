@@ -1,0 +1,68 @@
+"""cuBLAS or cuBLASLt for the engine's GEMMs? Times each layer projection and the lm_head of a
+preset at decode and mixed-step row counts under `torch.backends.cuda.preferred_blas_library`
+'cublas' and 'cublaslt' (graph-timed, one process, one GPU), and prints each step-sized sum as a
+fraction of the 8192^3 bf16 GEMM rate measured in the same run.
+
+    python3 benchmarks/blas_probe.py --out $OUT/blas.json   # GPU, ~30 s
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common as C  # noqa: E402
+from benchmarks import roofline as RF  # noqa: E402
+from benchmarks.decode_shapes import timed_ms  # noqa: E402
+from replica.presets import PRESETS  # noqa: E402
+
+
+def gemm_shapes(p: dict) -> dict[str, tuple[int, int]]:
+    """name -> (out_features, in_features) of one layer's projections and the lm_head."""
+    d, h = p["hidden_size"], p["num_attention_heads"]
+    kvh, hd = p.get("num_key_value_heads", h), p.get("head_dim") or d // h
+    return {"wqkv": ((h + 2 * kvh) * hd, d), "wo": (d, h * hd), "w13": (2 * p["intermediate_size"], d),
+            "w2": (d, p["intermediate_size"]), "lm_head": (p["vocab_size"], d)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="llama-8b,llama-1b,qwen2-0.5b")
+    ap.add_argument("--rows", default="64,256,500,512,2560")
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    rate = RF.gemm_rate(dev)
+    rec = dict(env=C.env_info(dev), gemm_TFLOPs=rate / 1e12, rows=[])
+    for model in a.models.split(","):
+        p = PRESETS[model]
+        shapes = gemm_shapes(p)
+        layers = p["num_hidden_layers"]
+        ws = {k: torch.randn(o, i, device=dev, dtype=dt) * 0.02 for k, (o, i) in shapes.items()}
+        for m in map(int, a.rows.split(",")):
+            xs = {i: torch.randn(m, i, device=dev, dtype=dt) for i in {i for _, i in shapes.values()}}
+            row = dict(model=model, rows=m)
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                ms = {k: timed_ms(lambda w=w: F.linear(xs[w.shape[1]], w), dev) for k, w in ws.items()}
+                step = sum(v * (1 if k == "lm_head" else layers) for k, v in ms.items())
+                flop = 2 * m * sum(o * i * (1 if k == "lm_head" else layers) for k, (o, i) in shapes.items())
+                row[lib] = dict(ms=ms, step_ms=step, of_gemm_rate=flop / step / 1e9 / (rate / 1e12))
+            row["lt_vs_cublas"] = row["cublaslt"]["step_ms"] / row["cublas"]["step_ms"]
+            rec["rows"].append(row)
+            C.log(f"{model:<11} M={m:<5} cublas {row['cublas']['step_ms']:7.3f} ms "
+                  f"({row['cublas']['of_gemm_rate']:.2f} of the rate)  cublaslt {row['cublaslt']['step_ms']:7.3f} ms "
+                  f"({row['cublaslt']['of_gemm_rate']:.2f})  lt/cublas x{row['lt_vs_cublas']:.3f}")
+        torch.backends.cuda.preferred_blas_library("cublas")
+        del ws
+        torch.cuda.empty_cache()
+    C.write_json(a.out, rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 For each model (random llama-8b, llama-1b) and max_seq_len (8192, 32768) an engine is built as a
 server builds it (process worker, default buckets and sizing) and driven through its asyncio API:
-- burst: N seeded requests arriving at once (prompt and output U[lo, hi] tokens, greedy, ignore_eos);
+- burst: N seeded requests arriving at once (prompt and output U[lo, hi] tokens, or outputs
+  U[out_lo, out_hi] when given: long prompts, short answers; greedy, ignore_eos);
 - poisson: the same distribution arriving as a Poisson process at three rates (fractions of the
   burst's request throughput): a throughput-vs-latency curve;
 - multiturn: C conversations of T turns sharing a 1-2k-token system prefix, each turn resending the
@@ -33,6 +34,7 @@ import random
 import subprocess
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
@@ -43,9 +45,13 @@ from replica import Engine, EngineConfig, GenerationRequest, SamplingParams  # n
 
 # ---------------------------------------------------------------- workloads
 
-def burst_requests(n: int, lo: int, hi: int, seed: int, vocab: int = 256) -> list[tuple[list[int], int]]:
+def burst_requests(n: int, lo: int, hi: int, seed: int, vocab: int = 256, out_lo: Optional[int] = None,
+                   out_hi: Optional[int] = None) -> list[tuple[list[int], int]]:
+    """n (prompt, output length): prompts U[lo, hi] tokens, outputs U[out_lo, out_hi] (default the same)."""
     rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi)) for _ in range(n)]
+    out_lo, out_hi = out_lo or lo, out_hi or hi
+    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], rng.randint(out_lo, out_hi))
+            for _ in range(n)]
 
 
 async def _one(engine, ids, max_tokens, t_send, rec):
@@ -198,7 +204,7 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
     C.log(f"{model} @ {msl}: ready in {build_s:.1f} s ({s.max_num_seqs} rows, {len(s.captured_buckets)} buckets, "
           f"{s.total_blocks} blocks); startup {rep['startup']}")
     try:
-        reqs = burst_requests(a.burst, a.lo, a.hi, seed=a.seed)
+        reqs = burst_requests(a.burst, a.lo, a.hi, seed=a.seed, out_lo=a.out_lo, out_hi=a.out_hi)
         rep["phases"]["burst"] = run_phase(eng, "burst", model, lambda: run_arrivals(eng, reqs, [0.0] * len(reqs)), gemm, bw)
         if full and "poisson" in a.phases and budget.ok(a.reserve_s):
             burst = rep["phases"]["burst"]
@@ -214,7 +220,8 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
                 for _ in range(n):
                     t += rng.expovariate(rate)
                     arr.append(t)
-                preqs = burst_requests(n, a.lo, a.hi, seed=a.seed + 1000 + int(frac * 100))  # fresh prompts per rate
+                preqs = burst_requests(n, a.lo, a.hi, seed=a.seed + 1000 + int(frac * 100),  # fresh prompts per rate
+                                       out_lo=a.out_lo, out_hi=a.out_hi)
                 r = run_phase(eng, f"poisson@{frac:.2f}", model, lambda: run_arrivals(eng, preqs, arr), gemm, bw)
                 r["offered_requests_per_s"] = rate
                 curve.append(r)
@@ -238,8 +245,8 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
     return rep
 
 
-SIZES = [("burst", 500, 24, "requests in the burst"), ("lo", 200, 8, "shortest prompt/output"),
-         ("hi", 400, 24, "longest prompt/output"), ("poisson", 300, 16, "max requests per Poisson rate"),
+SIZES = [("burst", 500, 24, "requests in the burst"), ("lo", 200, 8, "shortest prompt (and output)"),
+         ("hi", 400, 24, "longest prompt (and output)"), ("poisson", 300, 16, "max requests per Poisson rate"),
          ("poisson-s", 12.0, 2.0, "target seconds of arrivals per rate"),
          ("convs", 48, 4, "multi-turn conversations"), ("turns", 4, 3, "turns per conversation"),
          ("prefix", 1536, 40, "shared system-prefix tokens"), ("turn-lo", 48, 4, "shortest user turn / answer"),
@@ -259,6 +266,8 @@ def main() -> None:
     ap.add_argument("--baseline-tree", default=None, help="a directory holding the pre-rewrite replica/")
     ap.add_argument("--no-cache-off", dest="cache_off_compare", action="store_false")
     ap.add_argument("--engine-kw", default="{}", help='EngineConfig overrides as JSON, e.g. \'{"step_token_budget": 8192}\'')
+    ap.add_argument("--out-lo", type=int, default=None, help="shortest output (default: --lo)")
+    ap.add_argument("--out-hi", type=int, default=None, help="longest output (default: --hi)")
     ap.add_argument("--phases", default="burst,poisson,b1,multiturn",
                     help="which phases to run at the first max_seq_len (bursts run at every one)")
     C.add_sized_args(ap, SIZES)

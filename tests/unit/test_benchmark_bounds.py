@@ -17,7 +17,7 @@ def _matmul_params(name: str) -> int:
     return nl * (h * q + 2 * h * kv + q * h + 3 * h * i)
 
 
-def test_work_floor_is_every_tokens_matmuls_plus_the_kv_decode_reads():
+def test_work_floor_is_every_tokens_matmuls_prompt_attention_and_the_kv_decode_reads():
     name, reqs = "llama-8b", [(300, 200)] * 10 + [(100, 400)] * 10
     p = RF.PRESETS[name]
     P, O, n = 300 * 10 + 100 * 10, 200 * 10 + 400 * 10, 20
@@ -25,10 +25,14 @@ def test_work_floor_is_every_tokens_matmuls_plus_the_kv_decode_reads():
     matmul = (2.0 * _matmul_params(name) * (P + O) + lm_head * (n + O)) / F
     ctx = P / n + O / n / 2
     attention = O * ctx * RF.kv_bytes_per_token(name) / BW
+    hd = p["hidden_size"] // p["num_attention_heads"]     # causal: token t sees t + 1 keys
+    per_layer = sum(4 * hd * p["num_attention_heads"] * t for q, _ in reqs for t in range(1, q + 1))
+    prompt_attention = per_layer * p["num_hidden_layers"] / F
     got = RF.work_floor(name, reqs, F, BW)
     assert got["matmul_s"] == pytest.approx(matmul, rel=1e-12)
+    assert got["prompt_attention_s"] == pytest.approx(prompt_attention, rel=1e-12)
     assert got["attention_s"] == pytest.approx(attention, rel=1e-12)
-    assert got["floor_s"] == pytest.approx(matmul + attention, rel=1e-12)
+    assert got["floor_s"] == pytest.approx(matmul + prompt_attention + attention, rel=1e-12)
 
 
 def test_the_roofline_undercounts_decode_at_many_rows_and_overcounts_it_at_one():

@@ -188,7 +188,7 @@ def prefill_config(dtype: torch.dtype, hd: int, group: int, tile_tokens: int,
     (`prefill_rows`, or fewer when tile_tokens x G is less), BLOCK_N keys (64; 32 for hd > 128;
     16 without `_wide`), warps (16 for the tall 256 x 128 tiles, 8 from 4096 q elements per tile
     up, else 4; 2 for 16-bit scalar loads). compile_check holds them to no register spills, but
-    for the tall tiles' 64-80 bytes: every spill-free tall config measured 1.2-1.3x slower.
+    for the tall tiles' 48-88 bytes: every spill-free tall config measured 1.2-1.3x slower.
     `rows`, `block_n` and `num_warps` override the choice (tuning sweeps)."""
     wide = _wide(dtype, hd)
     rows = rows or prefill_rows(dtype, hd)

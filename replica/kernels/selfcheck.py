@@ -239,7 +239,7 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
             (9, 0), (1, 7), (17, 30), (2, 6)], 8),
         "paged_prefill.bs32_gqa4_hd128_default_tiles": lambda: pp(device, dtype, 8, 2, 128, 32, 3, [
             (40, 33), (1, 64), (33, 0)], 32),
-        # tall tiles (16-bit, 64 < hd <= 128: 256 rows, 3 stages; `prefill_tile_tokens`)
+        # tall tiles (16-bit, 64 < hd <= 128: 256 rows at 16 warps; `prefill_tile_tokens`)
         "paged_prefill.bs16_gqa4_hd128_tall_tiles": lambda: pp(device, dtype, 8, 2, 128, 16, 14, [
             (130, 0), (1, 64), (70, 100), (64, 0), (2, 5)], 64),
         "paged_prefill.gqa2_hd128_tall_tiles_segments": lambda: pp(device, dtype, 4, 2, 128, 16, 24, [

@@ -25,7 +25,7 @@ def test_work_floor_is_every_tokens_matmuls_prompt_attention_and_the_kv_decode_r
     matmul = (2.0 * _matmul_params(name) * (P + O) + lm_head * (n + O)) / F
     ctx = P / n + O / n / 2
     attention = O * ctx * RF.kv_bytes_per_token(name) / BW
-    hd = p["hidden_size"] // p["num_attention_heads"]     # causal: token t sees t + 1 keys
+    hd = p["hidden_size"] // p["num_attention_heads"]     # causal: a prompt's t-th token sees t keys
     per_layer = sum(4 * hd * p["num_attention_heads"] * t for q, _ in reqs for t in range(1, q + 1))
     prompt_attention = per_layer * p["num_hidden_layers"] / F
     got = RF.work_floor(name, reqs, F, BW)

@@ -174,9 +174,10 @@ def check_paged_decode(device, dtype, h: int, kvh: int, hd: int, bs: int, max_bl
 
 def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
                         chunks: list[tuple[int, int]], tile_tokens: int,
-                        segment: int | None = None) -> None:
+                        segment: int | None = None, tile_rows: int | None = None) -> None:
     """chunks: (q_len, cached prefix length) each; kv_len = prefix + q_len. `segment` splits
-    tiles into key segments of that many keys (None: the default rule, no split at these sizes)."""
+    tiles into key segments of that many keys (None: the default rule, no split at these sizes);
+    `tile_rows` fixes the tile's matmul rows (the tall tiles' stacking, also in fp32 and the interpreter)."""
     g = torch.Generator().manual_seed(h * 1000 + hd * 10 + bs + len(chunks))
     q_lens = [ql for ql, _ in chunks]
     kv_lens = [ql + pre for ql, pre in chunks]
@@ -192,7 +193,7 @@ def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_b
     saved, paged_attention._empty = paged_attention._empty, _nan_empty  # poison the partials
     try:
         o = paged_prefill.paged_prefill_attention(q, k_cache, v_cache, tables, meta, scale,
-                                                  out=out)
+                                                  out=out, **({"rows": tile_rows} if tile_rows else {}))
     finally:
         paged_attention._empty = saved
     _check("paged_prefill_attention", o, reference.paged_prefill_attention(
@@ -241,11 +242,11 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
             (40, 33), (1, 64), (33, 0)], 32),
         # tall tiles (16-bit, 64 < hd <= 128: 256 rows at 16 warps; `prefill_tile_tokens`)
         "paged_prefill.bs16_gqa4_hd128_tall_tiles": lambda: pp(device, dtype, 8, 2, 128, 16, 14, [
-            (130, 0), (1, 64), (70, 100), (64, 0), (2, 5)], 64),
+            (130, 0), (1, 64), (70, 100), (64, 0), (2, 5)], 64, tile_rows=256),
         "paged_prefill.gqa2_hd128_tall_tiles_segments": lambda: pp(device, dtype, 4, 2, 128, 16, 24, [
-            (200, 130), (1, 5), (129, 0)], 128, 128),
+            (200, 130), (1, 5), (129, 0)], 128, 128, tile_rows=256),
         "paged_prefill.group7_hd128_tall_tiles": lambda: pp(device, dtype, 14, 2, 128, 16, 10, [
-            (100, 30), (1, 20), (65, 0)], 64),
+            (100, 30), (1, 20), (65, 0)], 64, tile_rows=256),
         "paged_prefill.hd80_group3": lambda: pp(device, dtype, 6, 2, 80, 16, 4, [
             (16, 15), (1, 1), (19, 0)], 8),
         "paged_prefill.group8_head_groups": lambda: pp(device, dtype, 16, 2, 32, 16, 5, [

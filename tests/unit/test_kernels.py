@@ -355,3 +355,24 @@ def test_triton_kernels_compile_for_hopper_without_spills():
     assert compile_check.spill_allowance("paged_prefill.8b_bf16_bs16") > 0   # tall tiles
     assert compile_check.spill_allowance("paged_prefill_merge.8b_bf16_bs16") == 0
     assert compile_check.spill_allowance("paged_prefill.8b_fp32_bs16") == 0
+
+
+@pytest.mark.parametrize("dtype, hd, group, tokens, block_m", [
+    (torch.bfloat16, 128, 4, 64, 256),    # llama-8b: 64 tokens x 4 heads
+    (torch.bfloat16, 128, 7, 64, 256),    # qwen2-7b: 4 of the 7 heads per program
+    (torch.bfloat16, 128, 2, 128, 256),   # qwen3: 128 tokens x 2 heads (was 32 x 2 = 64 rows)
+    (torch.float16, 128, 1, 128, 128),    # MHA: at most MAX_TILE_TOKENS tokens
+    (torch.bfloat16, 64, 4, 32, 128),     # llama-1b: hd 64 keeps 128 rows (256 measured slower)
+    (torch.bfloat16, 256, 2, 32, 64),     # hd 256: 64 rows, as before
+    (torch.float32, 128, 4, 32, 32),      # fp32: 32 rows
+])
+def test_prefill_tiles_fill_the_rows_measured_for_their_layout(dtype, hd, group, tokens, block_m):
+    """The runner passes `prefill_tile_tokens` to PrefillMeta.build; the kernel's config for that
+    tile height has the rows results/prefill_tiles-*.json measured fastest for the layout."""
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed (it is in the [test] extras)")
+    from replica.kernels import paged_prefill as pp
+    assert K.prefill_tile_tokens(dtype, hd, group) == tokens
+    cfg = pp.prefill_config(dtype, hd, group, tokens)
+    assert cfg["BLOCK_M"] == block_m
+    assert cfg["HPP"] * cfg["NUM_HG"] >= group

@@ -164,8 +164,9 @@ def prefill_rows(dtype: torch.dtype, hd: int) -> int:
     """tl.dot M rows of a prefill tile. 16-bit: 256 for 64 < hd <= 128, where a tile twice as
     tall does twice the math per K/V tile loaded (H200, results/prefill_tiles-*-h200-2026-12-01.json:
     1.2-1.4x faster than 128 rows on long prompts for G = 4 and 7, 1.6-2.6x for G = 2, whose
-    tiles had 64 rows; prompts of a few hundred keys within 0.97-1.03x), 128 for hd <= 64 (256 rows
-    measured 1.1-1.3x slower there), 64 for hd > 128; fp32 and hd % 16 != 0 (see `_wide`): 32."""
+    tiles had 64 rows; prompts of a few hundred keys within 0.97-1.03x; measured at hd 128 only,
+    80 <= hd < 128 pad to the same 128-wide tile), 128 for hd <= 64 (256 rows measured 1.1-1.3x
+    slower there), 64 for hd > 128; fp32 and hd % 16 != 0 (see `_wide`): 32."""
     if not _wide(dtype, hd):
         return 32
     return PREFILL_ROWS // 2 if hd > 128 else TALL_PREFILL_ROWS if hd > 64 else PREFILL_ROWS
@@ -173,8 +174,8 @@ def prefill_rows(dtype: torch.dtype, hd: int) -> int:
 
 def prefill_tile_tokens(dtype: torch.dtype, hd: int, group: int) -> int:
     """Query tokens per prefill tile (`PrefillMeta.build`'s tile_tokens) for a model layout:
-    enough that a tile's tokens x min(G, 4) heads fill `prefill_rows` where the rows were measured
-    (64 < hd <= 128), else TILE_TOKENS. A power of two."""
+    enough that a tile's tokens x min(G, 4) heads fill the tall rows (64 < hd <= 128; at most
+    MAX_TILE_TOKENS tokens, so MHA gets 128 rows), else TILE_TOKENS. A power of two."""
     rows = prefill_rows(dtype, hd)
     if rows != TALL_PREFILL_ROWS:
         return TILE_TOKENS

@@ -60,7 +60,8 @@ def routing_stats(s: Any, device: str = "") -> ReplicaStats:
                         prefill_backlog_tokens=s.prefill_backlog_tokens, decode_rows=s.decode_rows,
                         prefill_tokens_per_s=s.prefill_tokens_per_s, decode_step_s=dict(s.decode_step_s),
                         mean_output_tokens=s.mean_output_tokens, min_remaining_steps=s.min_remaining_steps,
-                        prefix_hashes=tuple(s.prefix_hashes or ()), device=device)
+                        prefix_hashes=tuple(s.prefix_hashes or ()), device=device,
+                        prefix_summary_time=float(getattr(s, "prefix_summary_time", 0.0) or 0.0))
 
 
 def device_key() -> str:

@@ -135,7 +135,8 @@ class ProcessWorker:
                 kind, packed, stats = self._conn.recv()
                 events = StepEvents(*packed)
                 if stats.prefix_hashes is None:   # sent only when refreshed: keep the last one
-                    stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes)
+                    stats = dataclasses.replace(stats, prefix_hashes=self._stats.prefix_hashes,
+                                                prefix_summary_time=self._stats.prefix_summary_time)
                 self._stats, self._last_message = stats, time.monotonic()
                 if events:
                     self._on_events(events)

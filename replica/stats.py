@@ -63,6 +63,7 @@ class EngineStats:
     mean_output_tokens: float = 0.0                 # finished sequences' output tokens (moving average)
     min_remaining_steps: int = 0                    # decode steps until the first running row frees
     prefix_hashes: Optional[tuple[int, ...]] = ()   # cached prefix summary (router); None: unchanged
+    prefix_summary_time: float = 0.0                # wall clock when that summary was built (0: never)
     startup: StartupReport = field(default_factory=StartupReport)
 
     @property

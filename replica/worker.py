@@ -84,6 +84,7 @@ class EngineCore:
         self.prefill_rate = Measured()                   # prompt tokens / s of mixed steps
         self._summary: tuple[int, ...] = ()
         self._summary_at = 0.0
+        self._summary_time = 0.0                        # the same moment, wall clock (published)
         self._backlog = self._decode_rows = 0           # O(rows) to count: refreshed with the summary
         self._min_remaining = 0
         self.startup = r.startup
@@ -150,6 +151,7 @@ class EngineCore:
         then holds every block its last requests left, for as long as it stays idle."""
         sch = self.scheduler
         self._summary, self._summary_at = self.pool.summary(MAX_SUMMARY), time.monotonic()
+        self._summary_time = time.time()
         self._backlog, self._decode_rows = sch.backlog_tokens(), sch.decode_rows()
         self._min_remaining = sch.min_remaining_steps()
 
@@ -188,7 +190,8 @@ class EngineCore:
             prefill_tokens_per_s=self.prefill_rate.value,
             decode_step_s=self._published_step_s(),
             mean_output_tokens=sch.mean_output_tokens, min_remaining_steps=self._min_remaining,
-            prefix_hashes=self._summary if summary else None, startup=self.startup)
+            prefix_hashes=self._summary if summary else None,
+            prefix_summary_time=self._summary_time if summary else 0.0, startup=self.startup)
 
     def _published_step_s(self) -> dict[int, float]:
         """bucket -> measured step seconds of the bucket its batches run at: a bucket handed to a

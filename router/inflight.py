@@ -9,9 +9,9 @@ was first sent.
   `confirm` records it where Ray actually sent it (moving it if the guess was wrong) and keeps it
   until `complete`; `drop_replica` forgets a dead replica.
 - `complete(rid, now)` ends a request's work. An accepted (confirmed) request stays on record at
-  its replica until that replica publishes stats stamped at or after the completion, or
-  `keep_prefixes_s` passes: until then its prefix hashes count as held there, and its sequences
-  as gone from stats taken while it ran. A request that completes before it was confirmed (a
+  its replica until the time `prefixes` is given for that replica (when its published prefix
+  summary was built) reaches the completion, or `keep_prefixes_s` passes: until then its prefix
+  hashes count as held there, and its sequences as gone from stats taken while it ran. A request that completes before it was confirmed (a
   rejection, or a reply that beat `on_request_routed`) is dropped, and a late `confirm` of it is
   ignored unless it was reserved again (a retry).
 - Views: `counts(now)` gives sequences per replica; `outstanding(now, since)` gives per replica an
@@ -157,7 +157,7 @@ class InFlight:
         """Per replica: all live sequences; the sequences and prompt tokens sent at or after
         `since[replica]` (every live request counts as recent for a replica not in `since`); the
         sequences sent before `since[replica]` and completed after it."""
-        self._prune(now, since)
+        self._prune(now, {})   # completed requests stay for `prefixes`, whose times may be older
         out: dict[Hashable, list] = {}
         for replica, entries in self._by_replica.items():
             o = out[replica] = [self._sequences[replica], 0, 0, 0, []]
@@ -174,23 +174,24 @@ class InFlight:
                     o[4].append((e.sent_at - t, e.work.prompt_tokens))
         for replica, done in self._done.items():
             t = since.get(replica)
-            if t is not None:   # what is left here completed after t (`_prune`)
-                gone = sum(d.sequences for d in done if d.sent_at < t)
+            if t is not None:   # sent before the stats, completed after them: still in them
+                gone = sum(d.sequences for d in done if d.sent_at < t < d.completed_at)
                 if gone:
                     out.setdefault(replica, [0, 0, 0, 0, []])[3] += gone
         return {rep: Outstanding(*o[:4], tuple(sorted(o[4]))) for rep, o in out.items()}
 
     def prefixes(self, now: float, since: Mapping[Hashable, float]) -> Mapping[Hashable, Counter]:
-        """Per replica, the prefix hashes (with multiplicity) of prompts sent there that its stats
-        may not show yet: live requests, and completed ones until `since[replica]` reaches their
-        completion. A read-only view: callers must not modify it."""
+        """Per replica, the prefix hashes (with multiplicity) of prompts sent there that its prefix
+        summary may not show yet: live requests, and completed ones until `since[replica]` (when
+        that summary was built) reaches their completion. A read-only view: callers must not
+        modify it."""
         self._prune(now, since)
         return self._hashes
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _prune(self, now: float, since: Mapping[Hashable, float]) -> None:
-        """Drop expired reservations, and completed requests that a replica's stats stamped at or
-        after their completion cover (or older than `keep_prefixes_s`)."""
+        """Drop expired reservations, and completed requests that a replica's prefix summary built
+        at `since[replica]`, at or after their completion, covers (or older than `keep_prefixes_s`)."""
         for rid in [rid for rid, deadline in self._deadlines.items() if deadline < now]:
             self._remove(rid)
         for replica, done in list(self._done.items()):

@@ -60,7 +60,7 @@ HINT_KWARG = "routing_hint"
 DEFAULT_STALE_AFTER_S = 10.0
 DEFAULT_RESERVATION_TTL_S = 5.0
 DEFAULT_NEW_REPLICA_IDLE_S = 10.0
-PREFIX_SUMMARY_LAG_S = 1.0     # replica/worker.py SUMMARY_PERIOD_S (0.5 s) plus publication jitter
+PREFIX_SUMMARY_LAG_S = 1.0     # summary age assumed when a replica does not publish its build time
 _ERROR_LOG_PERIOD_S = 60.0
 _COUNTED_IDS_MAX = 4096
 
@@ -177,13 +177,14 @@ class BucketAwareRequestRouter(RequestRouter):
         stats = self._read_all_stats(replicas)
         ids = [r.replica_id for r in replicas]
         since = {rep: s.timestamp for rep, s in zip(ids, stats) if s is not None}
+        summarised = {rep: _summary_time(s) for rep, s in zip(ids, stats) if s is not None}
         stats = self._new_replicas_as_idle(replicas, stats, now)   # after `since`: see there
         sent = self._inflight.outstanding(now, since)
         if self._peers > 1:
             sent = {rep: o.with_peers(self._peers) for rep, o in sent.items()}
-        # A replica's prefix summary is rebuilt at most every ~0.5 s, so it can lag its stats'
-        # timestamp: keep our own record of prefixes sent there PREFIX_SUMMARY_LAG_S longer.
-        prefixes = self._inflight.prefixes(now, {rep: t - PREFIX_SUMMARY_LAG_S for rep, t in since.items()})
+        # A replica's prefix summary is rebuilt less often than its stats are taken: keep our own
+        # record of prefixes sent there until the summary was built after they completed.
+        prefixes = self._inflight.prefixes(now, summarised)
         ranking = rank_replicas(hint, list(enumerate(stats)), now=now,
                                 stale_after_s=self._stale_after_s, rng=self._rng,
                                 outstanding={i: sent.get(rep) for i, rep in enumerate(ids)},
@@ -334,6 +335,13 @@ def _work(hint: Optional[RoutingHint], prefill_tokens: Optional[int]) -> Work:
 def _hashes(hint: Optional[RoutingHint]) -> tuple[int, ...]:
     """Every prefix hash of the hint's prompts (the replica holds these prefixes once it ran it)."""
     return tuple(h for pairs in hint.prefix_hashes for _, h in pairs) if hint else ()
+
+
+def _summary_time(s: ReplicaStats) -> float:
+    """When `s.prefix_hashes` was built: published by the replica, else assumed
+    PREFIX_SUMMARY_LAG_S before the stats (a peer that does not publish it). Never after them."""
+    built = s.prefix_summary_time
+    return min(built, s.timestamp) if built > 0 else s.timestamp - PREFIX_SUMMARY_LAG_S
 
 
 def _never_published(replica: RunningReplica) -> bool:

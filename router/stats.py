@@ -60,6 +60,10 @@ class ReplicaStats:
     # The GPU(s) it runs on, "<node id>:<gpu ids>" ("": unknown or CPU). Replicas publishing the
     # same value time-share one device (num_gpus < 1), and the estimate charges each the others' work.
     device: str = ""
+    # Wall clock when `prefix_hashes` was built (0: unknown). The summary is rebuilt less often
+    # than stats are taken, so it can be older than `timestamp`: blocks a request left after this
+    # moment are not in it yet (the router keeps its own record of them until it passes).
+    prefix_summary_time: float = 0.0
 
     @cached_property
     def prefix_set(self) -> frozenset[int]:
@@ -82,7 +86,7 @@ class ReplicaStats:
         return replace(self, running=0, free_slots=self.max_num_seqs, queued=0,
                        free_blocks=self.total_blocks, prefill_backlog_tokens=0, decode_rows=0,
                        prefill_tokens_per_s=0.0, decode_step_s={}, min_remaining_steps=0,
-                       prefix_hashes=(), device="", timestamp=timestamp)
+                       prefix_hashes=(), device="", timestamp=timestamp, prefix_summary_time=0.0)
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> Optional["ReplicaStats"]:
@@ -112,6 +116,7 @@ class ReplicaStats:
                 min_remaining_steps=int(d.get("min_remaining_steps", 0)),
                 prefix_hashes=tuple(int(h) for h in list(d.get("prefix_hashes") or ())[:MAX_PREFIX_HASHES]),
                 device=str(d.get("device") or "")[:MAX_DEVICE_CHARS],
+                prefix_summary_time=float(d.get("prefix_summary_time") or 0.0),
             )
         except (KeyError, TypeError, ValueError):
             return None

@@ -230,10 +230,11 @@ def test_routing_stats_carry_what_the_estimate_reads():
                     free_slots=1, queued=2, fallback="eager", block_size=16, total_blocks=900,
                     free_blocks=700, prefill_backlog_tokens=1234, decode_rows=2, prefill_tokens_per_s=3.5e4,
                     decode_step_s={1: 0.005, 4: 0.006}, prefix_hashes=(11, 22, 33),
-                    mean_output_tokens=87.5, min_remaining_steps=12)
+                    prefix_summary_time=1.7e9, mean_output_tokens=87.5, min_remaining_steps=12)
     back = ReplicaStats.from_dict(routing_stats(s).to_dict())
     assert (back.mean_output_tokens, back.min_remaining_steps) == (87.5, 12)
     assert (back.block_size, back.total_blocks, back.free_blocks, back.prefill_backlog_tokens,
             back.decode_rows, back.prefill_tokens_per_s) == (16, 900, 700, 1234, 2, 3.5e4)
     assert back.decode_step_s == {1: 0.005, 4: 0.006} and back.prefix_hashes == (11, 22, 33)
+    assert back.prefix_summary_time == 1.7e9
     assert routing_stats(EngineStats((1,), False, 64, 1, 0, 1, 0, "eager", prefix_hashes=None)).prefix_hashes == ()

@@ -124,8 +124,8 @@ def test_a_prefix_heavy_burst_sticks_to_the_prefix_holder_until_the_estimate_say
 def test_a_second_turn_follows_the_first_before_the_replica_publishes_its_prefix():
     """Turn 1 went to one of two equal replicas and completed; neither has published since. Turn 2
     (turn 1's prompt + answer + a new message) goes where turn 1's blocks are, every time; once
-    that replica publishes stats stamped after the completion without the prefix (evicted), the
-    router stops assuming it."""
+    that replica publishes a prefix summary built after the completion without the prefix
+    (evicted), the router stops assuming it."""
     clock = FakeClock()
     router = make_router(clock=clock)
     replicas = [replica("A", paged()), replica("B", paged())]
@@ -141,9 +141,40 @@ def test_a_second_turn_follows_the_first_before_the_replica_publishes_its_prefix
         assert choose(router, replicas, pr2)[0][0] is first
         router.on_request_completed(first.replica_id, f"t2-{i}")   # never accepted: forgotten
     holder = first.replica_id.unique_id
-    first.routing_stats = paged(timestamp=clock.t + 0.1).to_dict()
+    first.routing_stats = paged(timestamp=clock.t + 0.1, prefix_summary_time=clock.t + 0.1).to_dict()
     firsts = {names(choose(router, replicas, pending(job([turn2], 100))))[0][0] for _ in range(30)}
     assert firsts == {"A", "B"}, (holder, firsts)
+
+
+def test_the_router_keeps_a_turns_prefix_until_the_replica_summarises_after_it():
+    """The replica's stats are newer than its prefix summary (rebuilt less often): stats stamped
+    long after turn 1 completed, with a summary built before that, do not make the router forget
+    where turn 1's blocks are; a summary built after the completion without them (evicted) does."""
+    clock = FakeClock()
+    router = make_router(clock=clock)
+    replicas = [replica("A", paged()), replica("B", paged())]
+    turn1 = tokens(1, 2000)
+    turn2 = turn1 + tokens(2, 300)
+    pr1 = pending(job([turn1], max_tokens=100), request_id="t1")
+    first = choose(router, replicas, pr1)[0][0]
+    router.on_request_routed(pr1, first.replica_id, None)
+    clock.advance(0.5)
+    router.on_request_completed(first.replica_id, "t1")
+    done = clock.t
+    for r in replicas:   # both publish much later; neither summary has been rebuilt since turn 1
+        r.routing_stats = paged(timestamp=done + 5.0, prefix_summary_time=done - 0.2).to_dict()
+    clock.advance(5.0)
+    picks = {names(choose(router, replicas, pending(job([turn2], 100))))[0][0] for _ in range(20)}
+    assert picks == {first.replica_id.unique_id}
+    first.routing_stats = paged(timestamp=done + 5.5, prefix_summary_time=done + 0.1).to_dict()
+    picks = {names(choose(router, replicas, pending(job([turn2], 100))))[0][0] for _ in range(30)}
+    assert picks == {"A", "B"}
+
+
+def test_a_summary_is_never_taken_as_newer_than_its_stats_and_defaults_to_a_lag():
+    assert rr._summary_time(paged(timestamp=100.0, prefix_summary_time=99.5)) == 99.5
+    assert rr._summary_time(paged(timestamp=100.0, prefix_summary_time=101.0)) == 100.0
+    assert rr._summary_time(paged(timestamp=100.0)) == 100.0 - rr.PREFIX_SUMMARY_LAG_S   # an older peer
 
 
 def test_reservations_hold_the_estimated_work_and_a_move_takes_the_whole_prompt():

@@ -96,6 +96,19 @@ def test_prefixes_of_completed_requests_stay_until_the_replica_publishes_after_t
     assert "A" not in f.prefixes(20.0, {})                       # keep_prefixes_s passed
 
 
+def test_newer_stats_do_not_drop_prefixes_an_older_summary_lacks():
+    """Stats are taken more often than the prefix summary inside them is rebuilt: reading the
+    work against stats stamped after a completion must not forget the completed request's
+    prefix, which `prefixes` keeps until the summary's own time passes the completion."""
+    f = InFlight(ttl_s=5.0, keep_prefixes_s=10.0)
+    f.confirm("r", "A", Work(2, 100), now=0.0, hashes=(7,))
+    f.complete("r", now=1.0)
+    assert f.outstanding(3.0, {"A": 0.5}) == {"A": Outstanding(0, 0, 0, 2)}   # stats before: still shown
+    assert f.outstanding(3.0, {"A": 2.0}) == {}                              # stats after: gone
+    assert dict(f.prefixes(3.0, {"A": 0.8})["A"]) == {7: 1}                  # summary before: kept
+    assert "A" not in f.prefixes(3.0, {"A": 1.5})                            # summary after: covered
+
+
 def test_a_request_never_accepted_leaves_no_prefix_behind():
     """A rejected request completes without having been confirmed: its replica never ran it."""
     f = InFlight(ttl_s=5.0)

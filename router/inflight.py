@@ -11,9 +11,10 @@ was first sent.
 - `complete(rid, now)` ends a request's work. An accepted (confirmed) request stays on record at
   its replica until the time `prefixes` is given for that replica (when its published prefix
   summary was built) reaches the completion, or `keep_prefixes_s` passes: until then its prefix
-  hashes count as held there, and its sequences as gone from stats taken while it ran. A request that completes before it was confirmed (a
-  rejection, or a reply that beat `on_request_routed`) is dropped, and a late `confirm` of it is
-  ignored unless it was reserved again (a retry).
+  hashes count as held there, and its sequences as gone from stats taken while it ran. A
+  request that completes before it was confirmed (a rejection, or a reply that beat
+  `on_request_routed`) is dropped, and a late `confirm` of it is ignored unless it was reserved
+  again (a retry).
 - Views: `counts(now)` gives sequences per replica; `outstanding(now, since)` gives per replica an
   `Outstanding`: all sequences in flight there; the sequences and prompt tokens sent at or after
   `since[replica]` (the timestamp of the stats the ranking reads: what those stats cannot include

@@ -1,13 +1,14 @@
 """How fast is our paged prefill attention on long prompts, and which tile shape is fastest?
 
 The roofline counts a prompt's GEMM FLOPs only; a long prompt's causal attention adds 4 * hd * H
-FLOPs per (query, key) pair on top (llama-8b at 8k tokens: +14%, at 32k: +57%), so at long
-prompts the prefill kernel's rate decides how far below the roofline a trace falls. This probe
-times `paged_prefill_attention` over its tile knobs (query tokens per tile, rows per program,
-keys per tile, warps, stages) on packed steps of long causal prompts, prompts over long cached
-prefixes and a mixed step, for several head layouts, and times torch's own SDPA backends (flash,
-cuDNN, efficient) on the same causal prompts held contiguous: what an attention kernel without
-paging reaches on this card, the ceiling to compare with. Prints TFLOP/s and each config's time
+FLOPs per (query, key) pair on top (llama-8b at 8k tokens: +15%, at 32k: +62%;
+roofline.prompt_attention_flops), so at long prompts the prefill kernel's rate decides how far
+below the roofline a trace falls. This probe times `paged_prefill_attention` over its tile knobs
+(query tokens per tile, rows per program, keys per tile, warps, stages) on packed steps of long
+causal prompts, prompts over long cached prefixes and a mixed step, for several head layouts, and
+times torch's own SDPA backends (flash, cuDNN, efficient) on the same causal prompts held
+contiguous: what an attention kernel without paging reaches on this card, the ceiling to compare
+with. Prints TFLOP/s and each config's time
 relative to the engine's default; writes JSON.
 
     python3 benchmarks/prefill_tiles_probe.py --out $OUT/prefill_tiles.json   # GPU, ~2-3 min
@@ -25,13 +26,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
-from benchmarks.kernels_bench import LLAMA_8B, Shapes, prefill_inputs, time_us  # noqa: E402
+from benchmarks.kernels_bench import Shapes, prefill_inputs, time_us  # noqa: E402
+from replica.presets import PRESETS  # noqa: E402
 
-LAYOUTS = {"llama-8b": LLAMA_8B,                                      # G = 4, hd 128
-           "qwen2-7b": Shapes("qwen2-7b", 3584, 18944, 28, 4, 128),    # G = 7
-           "qwen3-0.6b": Shapes("qwen3-0.6b", 1024, 3072, 16, 8, 128),  # G = 2
-           "llama-1b": Shapes("llama-1b", 2048, 8192, 32, 8, 64),      # G = 4, hd 64
-           "qwen2-0.5b": Shapes("qwen2-0.5b", 896, 4864, 14, 2, 64)}    # G = 7, hd 64
+def preset_shapes(name: str) -> Shapes:
+    """A replica/presets.py layout as kernels_bench's Shapes."""
+    p = PRESETS[name]
+    heads = p["num_attention_heads"]
+    return Shapes(name, p["hidden_size"], p["intermediate_size"], heads,
+                  p.get("num_key_value_heads") or heads, p.get("head_dim") or p["hidden_size"] // heads)
+
+
+# G = 4 / 7 / 2 at head_dim 128, G = 4 / 7 at head_dim 64
+LAYOUTS = {name: preset_shapes(name) for name in ("llama-8b", "qwen2-7b", "qwen3-0.6b", "llama-1b", "qwen2-0.5b")}
 # name -> [(q_len, cached prefix)]; decode rows are (1, context - 1)
 CASES = {"1x8192": [(8192, 0)],
          "4x2048": [(2048, 0)] * 4,

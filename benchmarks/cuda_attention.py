@@ -8,7 +8,7 @@ stream can launch it too) and launches it on torch's current stream, so CUDA gra
 `decode_attention(...)` has the contract of `replica.kernels.paged_attention.paged_decode_attention`
 for the shapes the .cu takes (head_dim 128, block size 16, H / KVH <= 8, bf16 / fp16): the same
 split rule (`decode_plan`), the same scratch layout, and the engine's Triton combine kernel merges
-the partials. `programs` sets the persistent grid (CTAs); by default every SM gets as many CTAs as
+the partials (`combine_plan`). `programs` sets the persistent grid (CTAs); by default every SM gets as many CTAs as
 fit. Raises RuntimeError with the driver's error name on any failure.
 """
 from __future__ import annotations
@@ -159,8 +159,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                     smem_bytes(warps, stages), handle, params, None), "cuLaunchKernel")
     if num_splits > 1:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            launch(PA._decode_combine_kernel, (bsz, h), po, pm, pl, seq_lens, out, split, num_splits,
-                   out.stride(0), out.stride(1), NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=hd,
-                   num_warps=2)
+            kern, grid, meta, warps = PA.combine_plan(bsz, h, hd)
+            launch(kern, grid, po, pm, pl, seq_lens, out, split, num_splits, out.stride(0),
+                   out.stride(1), num_warps=warps, **meta)
     return out
 

@@ -18,8 +18,9 @@ over distinct block tables), `paged_prefill_attention` per packed-step case of P
 (timed the same way; TFLOP/s counts the causal score + PV work). `--sweep` adds the paged decode
 split sweep (rows at several contexts against one max_len, where the split choice matters) and a
 prefill stages/warps sweep. On CUDA the run ends with the paged decode kernel's specialisation
-count over the engine's bucket ladder 1..512 (the JIT caches of `_decode_split_kernel` /
-`_decode_combine_kernel`), which must be 1 + 1. The sweeps and the JIT accounting live in
+count over the engine's bucket ladder 1..512 (the JIT caches of `_decode_split_kernel` and the
+two combine kernels, `_decode_combine_kernel` below B x H = 4096, `_decode_combine_rows_kernel`
+from it), which must be 1 + 1 + 1. `--combine-sweep` times the combine's two grids alone. The sweeps and the JIT accounting live in
 benchmarks/kernels_sweeps.py.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Shapes:
 
 
 LLAMA_8B = Shapes("llama-8b", 4096, 14336, 32, 8, 128)
+QWEN2_05B = Shapes("qwen2-0.5b", 896, 4864, 14, 2, 64)
 TINY = Shapes("tiny", 64, 128, 4, 2, 16)
 # (batch, context, cache max length L)
 CASES_8B = [(1, 640, 2048), (8, 640, 2048), (32, 640, 2048), (64, 640, 2048), (8, 4096, 4096)]
@@ -277,6 +279,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep the paged kernels' tuning knobs")
     ap.add_argument("--paged-only", action="store_true", help="only the paged-KV ops (no norms, silu)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--combine-sweep", action="store_true",
+                    help="only the decode combine's two grids, llama-8b and qwen2-0.5b heads (GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton imports
@@ -294,6 +298,16 @@ def main() -> int:
         paged_decode_attention = paged_attention.paged_decode_attention
 
     device = torch.device("cuda" if cuda else "cpu")
+    if args.combine_sweep:
+        from benchmarks.kernels_sweeps import sweep_combine
+        dtype = getattr(torch, args.dtype)
+        rows = [r for sh in (LLAMA_8B, QWEN2_05B) for r in sweep_combine(sh, dtype, device, paged_attention)]
+        result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                      dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, combine=rows)
+        path = Path(os.environ.get("OUT", ".")) / "kernels_combine.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+        return 0
     tiny = args.tiny or not cuda
     dtype = getattr(torch, args.dtype) if cuda else torch.float32  # interpreter: no bf16 tl.dot
     sh, cases = (TINY, CASES_TINY) if tiny else (LLAMA_8B, CASES_8B)
@@ -339,7 +353,7 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     bad = [r for r in rows if not r["ok"]] + [k for k, v in checks.items() if v != "ok"]
-    if specs and (specs["split_kernel"], specs["combine_kernel"]) != (1, 1):  # whole ladder
+    if specs and (specs["split_kernel"], specs["combine_kernel"], specs["combine_rows_kernel"]) != (1, 1, 1):
         bad.append("paged decode specialisations")
     print(f"{len(rows) - len(bad)}/{len(rows)} correctness checks ok")
     return 1 if bad else 0

@@ -4,6 +4,8 @@
 - `sweep_decode_configs`: paged decode attention over warps, stages and key-tile width, against
   the engine's choice, at the row counts and contexts of loaded decode steps;
 - `sweep_prefill`: paged prefill attention over pipeline stages and key-segment sizes;
+- `sweep_combine`: paged decode attention with each combine grid (per head / per row) at the
+  batches where the rule picks one per row, below one split (an empty combine) and above it;
 - `decode_specializations`: compiled variants of the decode kernels over the engine's bucket
   ladder (must be 1 + 1: the split is a runtime argument);
 - `cold_jit`: seconds of each paged attention kernel's first call (compile + load + run).
@@ -92,6 +94,41 @@ def sweep_decode_configs(sh, dtype, device, paged_mod, max_len=8192):
     return out
 
 
+COMBINE_CASES = ((128, 512), (256, 512), (512, 512), (128, 4096), (256, 3000), (512, 2100))
+
+
+def sweep_combine(sh, dtype, device, paged_mod, max_len=8192):
+    """paged_decode_attention (split kernel + combine) with the combine forced to each grid,
+    graph-timed, at B x H >= COMBINE_ROWS_MIN_PROGRAMS (where the rule takes one program per row);
+    one row per (B, ctx, grid) with the active splits per row and the time relative to the
+    per-head grid."""
+    out = []
+    for batch, ctx in COMBINE_CASES:
+        kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
+        rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
+        inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
+        q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
+        lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+        split = paged_mod.decode_plan(batch, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
+                                      max_len // BLOCK_SIZE, dtype)[0]["split"]
+        times = {}
+        for kind in ("heads", "rows"):
+            fn = lambda i, kind=kind: paged_mod.paged_decode_attention(  # noqa: E731
+                q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot], inp["table_rows"], lens,
+                1.0 / math.sqrt(sh.head_dim), combine=kind)
+            times[kind], _ = time_us(fn, device, max(CALLS, rot))
+        for kind, t in times.items():
+            out.append(dict(shape=sh.name, batch=batch, ctx=ctx, split=split,
+                            splits_per_row=-(-ctx // split), combine=kind, us=t,
+                            vs_heads=t / times["heads"]))
+        print(f"  combine {sh.name} B={batch:<3} ctx={ctx:<5} splits/row {-(-ctx // split)}: "
+              f"heads {times['heads']:8.2f} us, rows {times['rows']:8.2f} us "
+              f"(x{times['rows'] / times['heads']:.3f})")
+        inp = None  # free before the next case (a `del` reads as undefined in the lambda above)
+        torch.cuda.empty_cache()
+    return out
+
+
 def sweep_prefill(sh, dtype, device, paged_mod, meta_cls):
     out = []
     for name in ("1x2048", "128+32k_prefix", "4x512+200dec"):
@@ -131,10 +168,12 @@ def jit_variants(fn) -> int:
 
 def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
     """Run paged_decode_attention at every bucket of the engine ladder (contexts 1..64) and count
-    the compiled variants of its two kernels. Their in-memory caches are emptied first (earlier
-    checks compiled other shapes), so the count is the ladder's alone (binaries come back from
-    Triton's disk cache)."""
-    for fn in (paged_mod._decode_split_kernel, paged_mod._decode_combine_kernel):
+    the compiled variants of its kernels (split, and each combine grid's). Their in-memory caches
+    are emptied first (earlier checks compiled other shapes), so the count is the ladder's alone
+    (binaries come back from Triton's disk cache)."""
+    kernels = (paged_mod._decode_split_kernel, paged_mod._decode_combine_kernel,
+               paged_mod._decode_combine_rows_kernel)
+    for fn in kernels:
         fn.device_caches.clear()
     inp = make_paged_inputs(sh, LADDER[-1], 64, max_len, dtype, device, 1)
     for b in LADDER:
@@ -146,11 +185,13 @@ def decode_specializations(sh, dtype, device, paged_mod, max_len=8192) -> dict:
     res = dict(ladder=list(LADDER), max_len=max_len,
                split_kernel=jit_variants(paged_mod._decode_split_kernel),
                combine_kernel=jit_variants(paged_mod._decode_combine_kernel),
+               combine_rows_kernel=jit_variants(paged_mod._decode_combine_rows_kernel),
                splits={b: paged_mod.decode_plan(b, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
                                                 max_len // BLOCK_SIZE, dtype)[0]["split"]
                        for b in LADDER})
     print(f"paged decode specialisations over {len(LADDER)} buckets: split kernel "
-          f"{res['split_kernel']}, combine kernel {res['combine_kernel']}; splits {res['splits']}")
+          f"{res['split_kernel']}, combine kernels {res['combine_kernel']} + {res['combine_rows_kernel']}; "
+          f"splits {res['splits']}")
     return res
 
 

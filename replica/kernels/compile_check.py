@@ -144,10 +144,10 @@ def _paged(arch: int, full: bool) -> dict:
         out[f"paged_decode_persistent.{name}"] = _resources(k)
         types = dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", len_ptr="*i64", out_ptr=p,
                      split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
-        k = _compile(pa._decode_combine_kernel, types,
-                     dict(NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"]), arch,
-                     1 if hd <= 64 else 2)
-        out[f"paged_decode_combine.{name}"] = _resources(k)
+        for kind in ("heads", "rows"):
+            kernel, _, meta, warps = pa.combine_plan(8, h, hd, kind)
+            suffix = "" if kind == "heads" else "_rows"
+            out[f"paged_decode_combine{suffix}.{name}"] = _resources(_compile(kernel, types, meta, arch, warps))
         types = dict(q_ptr=p, k_ptr=p, v_ptr=p, bt_ptr="*i32", tile_ptr="*i32", out_ptr=p,
                      po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
                      **{n: "i32" for n in pre_ints})

@@ -34,9 +34,14 @@ MAX_COMPILE_THREADS = 8
 _this_thread = threading.local()   # .compile_only: True inside `compile_only` on this thread
 
 
+def compiling() -> bool:
+    """Whether this thread is inside `compile_only` (a launch compiles instead of running)."""
+    return getattr(_this_thread, "compile_only", False)
+
+
 def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
     """Run `kernel` on `grid`, or only compile it inside `compile_only` (on this thread)."""
-    if getattr(_this_thread, "compile_only", False):
+    if compiling():
         kernel.warmup(*args, grid=grid, **meta)
     else:
         kernel[grid](*args, **meta)

@@ -21,12 +21,20 @@ only on tensor shapes, no host syncs):
    (q tile padded to BLOCK_G >= 16 rows for tl.dot) and keeps an online softmax. A row whose length
    fits in one split (seq_len <= split) is normalised and written to `out` by that program directly;
    other rows write fp32 partials (acc [G, hd], max [G], sum [G]) to scratch.
-2. `_decode_combine_kernel`, grid (B, H): merges the cdiv(seq_len, split) active partials of rows
-   with more than one split (rows with one return at once).
+2. the combine, for rows with more than one split (rows with one return at once), merging their
+   cdiv(seq_len, split) active partials. Two grids (`combine_plan`): (B, H), one program per
+   head, vectorised over CHUNK splits (`_decode_combine_kernel`); or, once B x H reaches
+   COMBINE_ROWS_MIN_PROGRAMS, (B,), one program per row, vectorised over its heads and walking the
+   splits one at a time (`_decode_combine_rows_kernel`). At large B the KV pool bounds the splits
+   a row can have (a 512-row llama-8b batch: one), so the combine is mostly empty programs, and
+   their number is its cost: 16k programs took 0.35 ms of a 20 ms step on an H200
+   (results/step_profile-8b-h200-2026-11-30.json). At small B a row may have hundreds of splits
+   (B = 1: 128-token splits), which the per-head grid takes CHUNK at a time.
 `split` and `num_splits` are RUNTIME arguments excluded from Triton's specialisation
 (`do_not_specialize`), so every batch size and every max_len shares ONE compiled split kernel and
-ONE combine kernel per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of 1..512 rows
-cost 2 cold compiles in all (measured on an H200: 1 + 1 over the 18-bucket ladder). The split
+one kernel per combine grid per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of
+1..512 rows cost 3 cold compiles in all (2 before the per-row combine; measured on an H200: 1 + 1
+over the 18-bucket ladder). The split
 size can therefore follow B freely (`decode_split`): ~45 * sqrt(B * KVH) tokens rounded to a power
 of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted to an H200 sweep
 over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
@@ -54,13 +62,14 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels.launch import launch
+from replica.kernels.launch import compiling, launch
 
 
 LOG2E = 1.4426950408889634
 SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
 MAX_SPLIT = 2048
 GRID_CAP = 65536       # decode programs per launch at most (empty ones included)
+COMBINE_ROWS_MIN_PROGRAMS = 4096   # B x H from which the combine runs one program per row
 
 
 def _empty(shape, dtype, device):
@@ -216,6 +225,58 @@ def _decode_combine_kernel(po_ptr, pm_ptr, pl_ptr, len_ptr, out_ptr, split, num_
                  out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit(do_not_specialize=["split", "num_splits"])
+def _decode_combine_rows_kernel(po_ptr, pm_ptr, pl_ptr, len_ptr, out_ptr, split, num_splits,
+                                stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    # grid (B,): program b merges every head of row b, one split at a time (online, as the split
+    # kernel's softmax): tiles [BLOCK_H] of max / sum and [BLOCK_H, BLOCK_D] of partial output
+    b = tl.program_id(0).to(tl.int64)
+    seq_len = tl.load(len_ptr + b).to(tl.int32)
+    n_active = (seq_len + split - 1) // split
+    if n_active > 1:  # one split: the split kernel already wrote this row
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        h_mask = offs_h < NUM_HEADS
+        hd_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        base = (b * NUM_HEADS + offs_h) * num_splits                            # [BLOCK_H]
+        m_run = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_run = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for s in range(0, n_active):
+            # padding heads read max 0 and sum 1 (no inf - inf, no 0 / 0); they are never stored
+            m_s = tl.load(pm_ptr + base + s, mask=h_mask, other=0.0)
+            l_s = tl.load(pl_ptr + base + s, mask=h_mask, other=1.0)
+            o_s = tl.load(po_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=hd_mask,
+                          other=0.0)
+            m_new = tl.maximum(m_run, m_s)
+            a_run = tl.exp2(m_run - m_new)
+            a_s = tl.exp2(m_s - m_new)
+            acc = acc * a_run[:, None] + o_s * a_s[:, None]
+            l_run = l_run * a_run + l_s * a_s
+            m_run = m_new
+        out = acc / l_run[:, None]
+        tl.store(out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+
+
+def combine_plan(bsz: int, h: int, hd: int, kind: Optional[str] = None) -> tuple:
+    """(kernel, grid, constexprs, num_warps) of the combine launch; kind "heads" or "rows" forces
+    a grid (tests, benchmarks), None takes the rule in the module docstring."""
+    block_d = max(16, triton.next_power_of_2(hd))
+    if kind is None:
+        kind = "rows" if bsz * h >= COMBINE_ROWS_MIN_PROGRAMS else "heads"
+    if kind == "rows":
+        block_h = triton.next_power_of_2(h)
+        return (_decode_combine_rows_kernel, (bsz,),
+                dict(NUM_HEADS=h, HEAD_DIM=hd, BLOCK_H=block_h, BLOCK_D=block_d),
+                4 if block_h * block_d >= 2048 else 2)
+    assert kind == "heads", kind
+    return (_decode_combine_kernel, (bsz, h), dict(NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=block_d),
+            1 if hd <= 64 else 2)
+
+
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, *row_vectors: torch.Tensor) -> bool:
     """Shapes the kernels take. row_vectors: 1-D per-row inputs (table_rows, seq_lens)."""
@@ -277,8 +338,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None,
                            split: Optional[int] = None, block_n: Optional[int] = None,
                            num_warps: int = 4, num_stages: int = 2,
-                           programs: Optional[int] = None) -> torch.Tensor:
-    # q [B, H, hd] -> out [B, H, hd]; `split`/`block_n`/`num_warps`/`num_stages` are tuning knobs.
+                           programs: Optional[int] = None,
+                           combine: Optional[str] = None) -> torch.Tensor:
+    # q [B, H, hd] -> out [B, H, hd]; `split`/`block_n`/`num_warps`/`num_stages` are tuning knobs,
+    # `combine` forces the combine's grid ("heads" / "rows"; see combine_plan).
     # `programs`: run the split kernel as a persistent grid of that many programs (each walks the
     # work items), so it occupies at most that many SMs and can run beside a GEMM on the others
     bsz, h, hd = q.shape
@@ -305,9 +368,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         launch(_decode_split_kernel, (bsz, kvh, num_splits), *head, *strides, num_warps=num_warps,
                num_stages=num_stages, **consts)
     if num_splits > 1:
-        launch(
-            _decode_combine_kernel, (bsz, h),
-            po, pm, pl, seq_lens, out, split, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=consts["BLOCK_D"],
-            num_warps=1 if hd <= 64 else 2)
+        # compile-ahead (start-up's probe runs the widest batch) compiles both grids: the bucket
+        # ladder's small batches take the per-head one, its large ones the per-row one
+        for kind in ("heads", "rows") if compiling() and combine is None else (combine,):
+            kernel, grid, meta, warps = combine_plan(bsz, h, hd, kind)
+            launch(kernel, grid, po, pm, pl, seq_lens, out, split, num_splits, out.stride(0),
+                   out.stride(1), num_warps=warps, **meta)
     return out

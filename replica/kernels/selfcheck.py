@@ -153,7 +153,7 @@ def check_rope_paged(device, dtype, h: int, kvh: int, hd: int, bs: int, prefill:
 
 def check_paged_decode(device, dtype, h: int, kvh: int, hd: int, bs: int, max_blocks: int,
                        lens: list[int], split: int | None, block_n: int | None,
-                       programs: int | None = None) -> None:
+                       programs: int | None = None, combine: str | None = None) -> None:
     g = torch.Generator().manual_seed(h * 1000 + hd * 10 + bs + len(lens))
     k_cache, v_cache, tables, rows = paged_case(g, lens, bs, max_blocks, kvh, hd, dtype, device)
     b = len(lens)
@@ -165,7 +165,7 @@ def check_paged_decode(device, dtype, h: int, kvh: int, hd: int, bs: int, max_bl
     try:
         o = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, rows, seq_lens,
                                                    scale, out=out, split=split, block_n=block_n,
-                                                   programs=programs)
+                                                   programs=programs, combine=combine)
     finally:
         paged_attention._empty = saved
     _check("paged_decode_attention", o, reference.paged_decode_attention(
@@ -233,6 +233,14 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
                                                           [320, 300, 9, 1], 16, 16, programs=5),
         "paged_decode.persistent_one_split_group3": lambda: pd(device, dtype, 6, 2, 80, 16, 3,
                                                                [48, 2, 17], 64, 16, programs=2),
+        # the per-row combine (B x H >= COMBINE_ROWS_MIN_PROGRAMS picks it): heads padded to a
+        # power of two (6 -> 8), rows of one split (skipped) and of many (walked one at a time)
+        "paged_decode.combine_rows_many_splits": lambda: pd(device, dtype, 6, 2, 80, 8, 40,
+                                                            [320, 16, 300, 9, 1], 16, 16,
+                                                            combine="rows"),
+        "paged_decode.combine_rows_group8_default": lambda: pd(device, dtype, 16, 2, 64, 16, 8,
+                                                               [128, 65, 1, 100], 64, None,
+                                                               combine="rows"),
         # (H, KVH, hd, BS, max_blocks, [(q_len, cached prefix)], tile_tokens)
         "paged_prefill.bs16_gqa4_mixed": lambda: pp(device, dtype, 8, 2, 16, 16, 6, [
             (1, 40), (3, 0), (21, 11), (37, 0), (1, 0), (5, 16)], 8),

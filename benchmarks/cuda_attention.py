@@ -8,8 +8,8 @@ stream can launch it too) and launches it on torch's current stream, so CUDA gra
 `decode_attention(...)` has the contract of `replica.kernels.paged_attention.paged_decode_attention`
 for the shapes the .cu takes (head_dim 128, block size 16, H / KVH <= 8, bf16 / fp16): the same
 split rule (`decode_plan`), the same scratch layout, and the engine's Triton combine kernel merges
-the partials (`combine_plan`). `programs` sets the persistent grid (CTAs); by default every SM gets as many CTAs as
-fit. Raises RuntimeError with the driver's error name on any failure.
+the partials (`combine_plan`). `programs` sets the persistent grid (CTAs); by default every SM
+gets as many CTAs as fit. Raises RuntimeError with the driver's error name on any failure.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def build(dtype: torch.dtype, warps: int, stages: int, bulk: bool = False,
     flags = ["-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v",
              *_flags(dtype, warps, stages, bulk, evict_first)]
     key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:20]
-    cache = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "graphserve", "cuda")
+    root = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
+    cache = os.path.join(root, "graphserve", "cuda")
     os.makedirs(cache, exist_ok=True)
     cubin, report = os.path.join(cache, key + ".cubin"), os.path.join(cache, key + ".txt")
     if not os.path.exists(cubin):
@@ -132,7 +133,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
     # q [B, H, 128] -> out [B, H, 128]; block_tables int32, table_rows / seq_lens int64 (as the
     # engine passes them); smids [programs] int32 receives each CTA's SM (a check of placement)
-    assert fits(q, k_cache, v_cache), "the probe kernel takes head_dim 128, block size 16, H / KVH <= 8, 16-bit, rows contiguous"
+    assert fits(q, k_cache, v_cache), \
+        "the probe kernel takes head_dim 128, block size 16, H / KVH <= 8, 16-bit, contiguous rows"
     assert k_cache.stride() == v_cache.stride(), "the kernel reads V with K's strides"
     assert block_tables.dtype == torch.int32 and table_rows.dtype == seq_lens.dtype == torch.int64
     bsz, h, hd = q.shape
@@ -146,7 +148,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         po = torch.empty((bsz, h, num_splits, hd), dtype=torch.float32, device=q.device)
         pm = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
-    programs = programs or ctas_per_sm(warps, stages) * torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = programs or ctas_per_sm(warps, stages) * sms
     tensors = (q, k_cache, v_cache, block_tables, table_rows, seq_lens, out, po, pm, pl)
     args = _Args(*[t.data_ptr() for t in tensors], smids.data_ptr() if smids is not None else None,
                  scale * PA.LOG2E, split, num_splits, bsz, kvh, h // kvh,
@@ -155,8 +158,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                  out.stride(0), out.stride(1))
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
     handle = (stream or torch.cuda.current_stream()).cuda_stream
-    _check(_driver().cuLaunchKernel(kernel(q.dtype, warps, stages, bulk, evict_first), programs, 1, 1, warps * 32, 1, 1,
-                                    smem_bytes(warps, stages), handle, params, None), "cuLaunchKernel")
+    fn = kernel(q.dtype, warps, stages, bulk, evict_first)
+    _check(_driver().cuLaunchKernel(fn, programs, 1, 1, warps * 32, 1, 1, smem_bytes(warps, stages),
+                                    handle, params, None), "cuLaunchKernel")
     if num_splits > 1:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             kern, grid, meta, warps = PA.combine_plan(bsz, h, hd)

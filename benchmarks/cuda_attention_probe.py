@@ -96,8 +96,9 @@ def per_sm(layer: Layer, q, frees: list[int], calls: int, hold_ms: float, names:
             expect = 0 if p >= sm_count() else 2 * (sm_count() - p)
             res[name][p] = {"gbps": nbytes / ms / 1e6, "gbps_per_sm": nbytes / ms / 1e6 / p,
                             "valid": held == expect and (p >= sm_count() or ms * calls < 0.8 * hold_ms)}
-            C.log(f"{name} P={p:3d}: {res[name][p]['gbps']:6.0f} GB/s, {res[name][p]['gbps_per_sm']:5.1f} per SM"
-                  f"{'' if res[name][p]['valid'] else '  (INVALID)'}")
+            r = res[name][p]
+            C.log(f"{name} P={p:3d}: {r['gbps']:6.0f} GB/s, {r['gbps_per_sm']:5.1f} per SM"
+                  f"{'' if r['valid'] else '  (INVALID)'}")
     return res
 
 
@@ -177,12 +178,12 @@ def overlap_graphed(p: dict, a, rec: dict) -> None:
     res = rec["graphed_ms_per_layer"] = {}
     res["serial/triton"] = per_layer(lambda: serial(tri, x, a.layers))
     w, st, b = CONFIGS[a.graphed_config]
-    ef = a.evict_first
-    res["serial/cuda"] = per_layer(lambda: serial(cud, x, a.layers, warps=w, stages=st, bulk=b, evict_first=ef))
+    config = dict(warps=w, stages=st, bulk=b, evict_first=a.evict_first)
+    res["serial/cuda"] = per_layer(lambda: serial(cud, x, a.layers, **config))
     res["gemms-only"] = per_layer(lambda: gemms_only(x))
     res["halves-gemms"] = per_layer(lambda: halves_gemms(x[:h], x[h:]))
     for sms in [int(v) for v in a.attention_sms.split(",")]:
-        knobs = dict(programs=sms * CA.ctas_per_sm(w, st), warps=w, stages=st, bulk=b, evict_first=ef)
+        knobs = dict(config, programs=sms * CA.ctas_per_sm(w, st))
         with blas("cublaslt", sms):
             res[f"gemms-only/carve{sms}"] = per_layer(lambda: gemms_only(x))
             res[f"halves-gemms/carve{sms}"] = per_layer(lambda: halves_gemms(x[:h], x[h:]))
@@ -234,7 +235,8 @@ def trace_pipelined(p: dict, a, rec: dict) -> None:
     w, st, b = CONFIGS[a.graphed_config]
     out = rec["trace" + ("/evict-first" if a.evict_first else "")] = {}
     for sms in [int(v) for v in a.trace_sms.split(",")]:
-        knobs = dict(programs=sms * CA.ctas_per_sm(w, st), warps=w, stages=st, bulk=b, evict_first=a.evict_first)
+        knobs = dict(programs=sms * CA.ctas_per_sm(w, st), warps=w, stages=st, bulk=b,
+                     evict_first=a.evict_first)
         with blas("cublaslt", sms):
             cap.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(cap):
@@ -253,8 +255,8 @@ def trace_pipelined(p: dict, a, rec: dict) -> None:
         for ev in prof.events():
             if ev.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            kind = ("attention" if "decode_attention" in ev.name else
-                    "gemm" if any(k in ev.name.lower() for k in ("gemm", "sm90", "cutlass", "xmma")) else "other")
+            gemm = any(k in ev.name.lower() for k in ("gemm", "sm90", "cutlass", "xmma"))
+            kind = "attention" if "decode_attention" in ev.name else "gemm" if gemm else "other"
             spans[kind].append([ev.time_range.start, ev.time_range.end])
         att, gemm = _union(spans["attention"]), _union(spans["gemm"])
         every = _union(spans["attention"] + spans["gemm"] + spans["other"])

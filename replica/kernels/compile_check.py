@@ -147,7 +147,8 @@ def _paged(arch: int, full: bool) -> dict:
         for kind in ("heads", "rows"):
             kernel, _, meta, warps = pa.combine_plan(8, h, hd, kind)
             suffix = "" if kind == "heads" else "_rows"
-            out[f"paged_decode_combine{suffix}.{name}"] = _resources(_compile(kernel, types, meta, arch, warps))
+            k = _compile(kernel, types, meta, arch, warps)
+            out[f"paged_decode_combine{suffix}.{name}"] = _resources(k)
         types = dict(q_ptr=p, k_ptr=p, v_ptr=p, bt_ptr="*i32", tile_ptr="*i32", out_ptr=p,
                      po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
                      **{n: "i32" for n in pre_ints})

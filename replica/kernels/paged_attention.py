@@ -33,8 +33,8 @@ only on tensor shapes, no host syncs):
 `split` and `num_splits` are RUNTIME arguments excluded from Triton's specialisation
 (`do_not_specialize`), so every batch size and every max_len shares ONE compiled split kernel and
 one kernel per combine grid per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of
-1..512 rows cost 3 cold compiles in all (2 before the per-row combine; measured on an H200: 1 + 1
-over the 18-bucket ladder). The split
+1..512 rows cost 3 cold compiles in all (split, per-head combine, per-row combine; an H200
+measured 1 + 1 over the 18-bucket ladder before the per-row grid existed). The split
 size can therefore follow B freely (`decode_split`): ~45 * sqrt(B * KVH) tokens rounded to a power
 of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted to an H200 sweep
 over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
@@ -273,8 +273,8 @@ def combine_plan(bsz: int, h: int, hd: int, kind: Optional[str] = None) -> tuple
                 dict(NUM_HEADS=h, HEAD_DIM=hd, BLOCK_H=block_h, BLOCK_D=block_d),
                 4 if block_h * block_d >= 2048 else 2)
     assert kind == "heads", kind
-    return (_decode_combine_kernel, (bsz, h), dict(NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=block_d),
-            1 if hd <= 64 else 2)
+    return (_decode_combine_kernel, (bsz, h),
+            dict(NUM_HEADS=h, HEAD_DIM=hd, CHUNK=16, BLOCK_D=block_d), 1 if hd <= 64 else 2)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -18,6 +18,9 @@
 // w, w + total_warps, ... in split-major order, and its ring crosses item boundaries without
 // draining. Each warp works alone (no __syncthreads): one ring, one online softmax.
 //
+// Measured (session 17, docs/perf-notes.md): 76 GB/s per SM on 8 free SMs with 16 warps and no
+// ring, 1.6x the Triton kernel; deeper rings and bulk copies read less. Not used by the engine.
+//
 // Compile-time knobs (-D): USE_HALF (fp16; bf16 without it), WARPS, STAGES, CTAS, BULK, EVICT_FIRST.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -196,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, CTAS) decode_attention(
     a.smids[blockIdx.x] = static_cast<int32_t>(id);
   }
 
-  // Producer: cp.async one tile (16 tokens of K and of V, 4 KB each) of cursor p into `stage`.
+  // Producer: copy one tile (16 tokens of K and of V, 4 KB each) of cursor p into `stage`.
   // The block number comes from `tbl`, 32 table entries held one per lane and refilled every 32
   // tiles, so issuing a tile never waits on a global load.
   Cursor p{};
@@ -225,8 +228,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, CTAS) decode_attention(
     const DTYPE* src = (lane < 16 ? a.k : a.v) + blk * a.skb + p.kvh * a.skh + src_row * HD;
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // after this warp's reads
     bulk_row(ring + stage * 2 * TILE + (lane >> 4) * TILE + r * ROW, src, bar);
-    return;
-#endif
+#else
     const int64_t off = blk * a.skb + p.kvh * a.skh + lrow * HD + lcol;   // V has K's strides
     const DTYPE* ks = a.k + off;
     const DTYPE* vs = a.v + off;
@@ -246,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, CTAS) decode_attention(
         cp_async16(kd + TILE + 2 * j * ROW, vs + 2 * j * HD, valid, policy);
       }
     }
+#endif
   };
 
   Cursor c;

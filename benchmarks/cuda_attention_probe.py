@@ -16,6 +16,12 @@ In one process on one GPU this probe
    GEMMs on a green context of all SMs but P plus cuBLASLt's carveout of P, attention on P SMs
    (green or primary context), against the serial layer with either kernel.
 
+Session 17 on an H200 (results/cuda_attention-8b-h200-2026-12-01.json): the kernel equals the
+Triton kernel's error in every check and reads 76 GB/s per SM on 8 free SMs, 67-69 on 33 (16
+warps per SM, no ring; the Triton kernel 38-48). The pipelined layer is still x1.10-1.21 of serial
+at 512 and 1024 rows: in the trace, attention runs 25% and the GEMMs 39% slower beside each other
+than alone, because the half-batches re-read the weights. The engine keeps the Triton kernel.
+
     python3 benchmarks/cuda_attention_probe.py --out $OUT/cuda_attention.json   # GPU with nvcc, ~2 min
 """
 from __future__ import annotations

@@ -23,25 +23,35 @@ from benchmarks.kernels_bench import (BLOCK_SIZE, CALLS, LADDER, PREFILL_CASES_8
                                       prefill_inputs, time_us)
 
 
+def decode_case(sh, batch: int, ctx: int, max_len: int, dtype, device, paged_mod):
+    """(KV bytes one call reads, table rotations, run) for timing paged decode at `batch` rows of
+    `ctx` tokens: enough rotations of the block table that ~120 MB of KV lies between two reads of
+    the same block (L2 does not serve the repeats); `run(i, **knobs)` is call i."""
+    kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
+    rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
+    inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
+    q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
+    lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+
+    def run(i: int, **knobs):
+        return paged_mod.paged_decode_attention(q, inp["pk_cache"], inp["pv_cache"],
+                                                inp["tables"][i % rot], inp["table_rows"], lens,
+                                                1.0 / math.sqrt(sh.head_dim), **knobs)
+    return kv_bytes, rot, run
+
+
 def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
     """paged_decode_attention over split sizes at contexts far below max_len (the engine's case:
     the table is as wide as the longest allowed sequence); rows sorted per (B, ctx)."""
     out = []
     for batch in (1, 8, 64, 256):
         for ctx in (1024, 8192):
-            kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
-            rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
-            inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
-            q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
-            lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+            kv_bytes, rot, run = decode_case(sh, batch, ctx, max_len, dtype, device, paged_mod)
             default = paged_mod.decode_plan(batch, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
                                             max_len // BLOCK_SIZE, dtype)[0]["split"]
             case = []
             for split in sorted({64, 128, 256, 512, 1024, 2048, default}):
-                fn = lambda i: paged_mod.paged_decode_attention(  # noqa: E731
-                    q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot],
-                    inp["table_rows"], lens, 1.0 / math.sqrt(sh.head_dim), split=split)
-                t, _ = time_us(fn, device, max(CALLS, rot))
+                t, _ = time_us(lambda i, split=split: run(i, split=split), device, max(CALLS, rot))
                 case.append(dict(batch=batch, ctx=ctx, max_len=max_len, split=split,
                                  default=split == default, us=t,
                                  gbs=kv_bytes * torch.finfo(dtype).bits / 16 / t / 1e3))
@@ -51,7 +61,7 @@ def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
                   f"{best['us']:8.2f} us; default split={dflt['split']} {dflt['us']:8.2f} us "
                   f"({dflt['gbs']:6.1f} GB/s)")
             out += case
-            inp = None  # free before the next case (a `del` reads as undefined in the lambdas above)
+            run = None  # free the case's pool before the next one
             torch.cuda.empty_cache()
     return out
 
@@ -69,17 +79,10 @@ def sweep_decode_configs(sh, dtype, device, paged_mod, max_len=8192):
     with its time relative to the default."""
     out = []
     for batch, ctx in ((8, 1024), (64, 1024), (64, 4096), (256, 512), (512, 512), (512, 1024)):
-        kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
-        rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
-        inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
-        q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
-        lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+        kv_bytes, rot, run = decode_case(sh, batch, ctx, max_len, dtype, device, paged_mod)
         times = {}
         for name, knobs in {"default": {}, **DECODE_CONFIGS}.items():
-            fn = lambda i, knobs=knobs: paged_mod.paged_decode_attention(  # noqa: E731
-                q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot], inp["table_rows"], lens,
-                1.0 / math.sqrt(sh.head_dim), **knobs)
-            times[name], _ = time_us(fn, device, max(CALLS, rot))
+            times[name], _ = time_us(lambda i, knobs=knobs: run(i, **knobs), device, max(CALLS, rot))
         for name, t in times.items():
             out.append(dict(shape=sh.name, batch=batch, ctx=ctx, config=name, us=t,
                             vs_default=t / times["default"],
@@ -89,7 +92,7 @@ def sweep_decode_configs(sh, dtype, device, paged_mod, max_len=8192):
               f"({kv_bytes * torch.finfo(dtype).bits / 16 / times['default'] / 1e3:6.1f} GB/s); " +
               " ".join(f"{n} x{t / times['default']:.2f}" for n, t in times.items() if n != "default") +
               f"; best {best}")
-        inp = None  # free before the next case (a `del` reads as undefined in the lambda above)
+        run = None  # free the case's pool before the next one
         torch.cuda.empty_cache()
     return out
 
@@ -104,19 +107,12 @@ def sweep_combine(sh, dtype, device, paged_mod, max_len=8192):
     per-head grid."""
     out = []
     for batch, ctx in COMBINE_CASES:
-        kv_bytes = batch * ctx * sh.kv_heads * sh.head_dim * 4
-        rot = max(1, min(16, math.ceil(120e6 / kv_bytes)))
-        inp = make_paged_inputs(sh, batch, ctx, max_len, dtype, device, rot)
-        q = torch.randn(batch, sh.heads, sh.head_dim, device=device).to(dtype)
-        lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+        _, rot, run = decode_case(sh, batch, ctx, max_len, dtype, device, paged_mod)
         split = paged_mod.decode_plan(batch, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
                                       max_len // BLOCK_SIZE, dtype)[0]["split"]
         times = {}
         for kind in ("heads", "rows"):
-            fn = lambda i, kind=kind: paged_mod.paged_decode_attention(  # noqa: E731
-                q, inp["pk_cache"], inp["pv_cache"], inp["tables"][i % rot], inp["table_rows"], lens,
-                1.0 / math.sqrt(sh.head_dim), combine=kind)
-            times[kind], _ = time_us(fn, device, max(CALLS, rot))
+            times[kind], _ = time_us(lambda i, kind=kind: run(i, combine=kind), device, max(CALLS, rot))
         for kind, t in times.items():
             out.append(dict(shape=sh.name, batch=batch, ctx=ctx, split=split,
                             splits_per_row=-(-ctx // split), combine=kind, us=t,
@@ -124,7 +120,7 @@ def sweep_combine(sh, dtype, device, paged_mod, max_len=8192):
         print(f"  combine {sh.name} B={batch:<3} ctx={ctx:<5} splits/row {-(-ctx // split)}: "
               f"heads {times['heads']:8.2f} us, rows {times['rows']:8.2f} us "
               f"(x{times['rows'] / times['heads']:.3f})")
-        inp = None  # free before the next case (a `del` reads as undefined in the lambda above)
+        run = None  # free the case's pool before the next one
         torch.cuda.empty_cache()
     return out
 

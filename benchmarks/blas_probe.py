@@ -3,7 +3,12 @@ preset at decode and mixed-step row counts under `torch.backends.cuda.preferred_
 'cublas' and 'cublaslt' (graph-timed, one process, one GPU), and prints each step-sized sum as a
 fraction of the 8192^3 bf16 GEMM rate measured in the same run.
 
-    python3 benchmarks/blas_probe.py --out $OUT/blas.json   # GPU, ~30 s
+`--graphs` times what a choice would change: every bucket's whole decode graph (the engine's
+ModelRunner, captured under each library in turn, rows attending --ctx tokens each through real
+block tables), alternating the libraries over --repeats engines each.
+
+    python3 benchmarks/blas_probe.py --out $OUT/blas.json            # GPU, ~30 s
+    python3 benchmarks/blas_probe.py --graphs --out $OUT/blas_graphs.json   # GPU, ~30 s a model
 """
 from __future__ import annotations
 
@@ -29,12 +34,77 @@ def gemm_shapes(p: dict) -> dict[str, tuple[int, int]]:
             "w2": (d, p["intermediate_size"]), "lm_head": (p["vocab_size"], d)}
 
 
+def graph_ms(model: str, lib: str, ctx: int, kv_gib: float) -> dict[int, float]:
+    """bucket -> ms per greedy decode-graph replay, for a ModelRunner captured under `lib`. Row i
+    of a bucket attends ctx tokens in its own blocks (1 + i * blocks_per_row onward)."""
+    from replica.config import EngineConfig
+    from replica.model_runner import ModelRunner
+
+    torch.backends.cuda.preferred_blas_library(lib)
+    runner = ModelRunner(EngineConfig(model=f"random:{model}", max_seq_len=8192, max_num_seqs=512,
+                                      kv_cache_bytes=int(kv_gib * 2**30)))
+    step, kv, bs = runner.decode, runner.kv, runner.kv.block_size
+    per_row = -(-ctx // bs)
+    out = {}
+    for b in runner.graphs.captured_buckets:
+        if 1 + b * per_row > kv.num_blocks:
+            break
+        rows = torch.arange(b, device="cuda")
+        blocks = 1 + rows[:, None] * per_row + torch.arange(per_row, device="cuda")
+        kv.block_tables[:b, :per_row] = blocks.to(torch.int32)
+        step.tokens[:b] = 1
+        step.src[:b] = -1
+        step.positions[:b] = ctx - 1
+        step.table_rows[:b] = rows
+        step.slots[:b] = blocks[:, -1] * bs + (ctx - 1) % bs
+        step.steps[:b] = 0
+        for _ in range(3):
+            runner.graphs.replay(b, "greedy")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            runner.graphs.replay(b, "greedy")
+        end.record()
+        torch.cuda.synchronize()
+        out[b] = start.elapsed_time(end) / 20
+    del runner, step, kv
+    torch.backends.cuda.preferred_blas_library("cublas")
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def graphs_main(a) -> int:
+    rec = dict(env=C.env_info("cuda"), ctx=a.ctx, models={})
+    for model in a.models.split(","):
+        runs = {"cublas": [], "cublaslt": []}
+        for _ in range(a.repeats):
+            for lib in ("cublas", "cublaslt"):
+                runs[lib].append(graph_ms(model, lib, a.ctx, a.kv_gib))
+        buckets = sorted(set(runs["cublas"][0]) & set(runs["cublaslt"][0]))
+        best = {lib: {b: min(r[b] for r in rs) for b in buckets} for lib, rs in runs.items()}
+        ratio = {b: best["cublaslt"][b] / best["cublas"][b] for b in buckets}
+        rec["models"][model] = dict(runs=runs, best=best, lt_vs_cublas=ratio)
+        for b in buckets:
+            C.log(f"{model:<11} bucket {b:<4} cublas {best['cublas'][b]:7.3f} ms  "
+                  f"cublaslt {best['cublaslt'][b]:7.3f} ms  x{ratio[b]:.3f}")
+    C.write_json(a.out, rec)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="llama-8b,llama-1b,qwen2-0.5b")
     ap.add_argument("--rows", default="64,256,500,512,2560")
+    ap.add_argument("--graphs", action="store_true", help="time whole decode graphs per bucket")
+    ap.add_argument("--ctx", type=int, default=448)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kv-gib", type=float, default=40.0)
     a = ap.parse_args()
+    if a.graphs:
+        return graphs_main(a)
     dev, dt = "cuda", torch.bfloat16
     rate = RF.gemm_rate(dev)
     rec = dict(env=C.env_info(dev), gemm_TFLOPs=rate / 1e12, rows=[])

@@ -116,7 +116,7 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self):
         return build_openai_app(self._frontend, api_keys=self._keys, max_body_bytes=self._max_body)
 
-    async def generate(self, prompts: Sequence[PromptInput], *, max_tokens: int = 16,
+    async def generate(self, prompts: Sequence[PromptInput], *, max_tokens: int = 16, min_tokens: int = 0,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        min_p: float = 0.0, stop: Sequence[str] = (),
                        stop_token_ids: Sequence[int] = (), seed: Optional[int] = None, n: int = 1,
@@ -130,7 +130,7 @@ class OpenAIIngress:
         except Exception as e:
             raise _for_python(e) from None
 
-    async def stream(self, prompts: Sequence[PromptInput], *, max_tokens: int = 16,
+    async def stream(self, prompts: Sequence[PromptInput], *, max_tokens: int = 16, min_tokens: int = 0,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      min_p: float = 0.0, stop: Sequence[str] = (),
                      stop_token_ids: Sequence[int] = (), seed: Optional[int] = None, n: int = 1,
@@ -147,8 +147,8 @@ class OpenAIIngress:
             raise _for_python(e) from None
 
 
-_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
-             "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+_SAMPLING = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
+             "seed", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "logit_bias")
 
 

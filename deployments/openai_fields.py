@@ -115,7 +115,7 @@ FIELDS: tuple[FieldPolicy, ...] = (
     _h("repetition_penalty", BOTH, "(0, 2]; 1 is off (prompt and output tokens)", "vllm"),
     _h("ignore_eos", BOTH, "generate max_tokens even past the end-of-sequence token", "vllm"),
     _h("stop_token_ids", BOTH, "up to 64 token ids that end the sequence", "vllm"),
-    _r("min_tokens", BOTH, "a minimum length is not implemented", (None, 0), "vllm"),
+    _h("min_tokens", BOTH, "no EOS, stop token or stop string before this many tokens", "vllm"),
     _r("priority", BOTH, "requests are not prioritised", (None, 0), "vllm"),
     _r("use_beam_search", BOTH, "beam search is not implemented", (None, False), "vllm"),
     _r("length_penalty", BOTH, "beam search is not implemented", (None, 1, 1.0), "vllm"),

@@ -87,6 +87,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: Optional[Number] = Field(None, gt=0.0, le=2.0)
     ignore_eos: Optional[StrictBool] = None
     stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=64)]] = None
+    min_tokens: Optional[StrictInt] = Field(None, ge=0)
 
     @property
     def streaming(self) -> bool:
@@ -114,7 +115,8 @@ class _SamplingFields(BaseModel):
         stop = self.stop
         stop = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
         pick = lambda v, default: default if v is None else v   # noqa: E731
-        return dict(max_tokens=max_tokens, temperature=float(pick(self.temperature, 1.0)),
+        return dict(max_tokens=max_tokens, min_tokens=pick(self.min_tokens, 0),
+                    temperature=float(pick(self.temperature, 1.0)),
                     top_p=float(pick(self.top_p, 1.0)), top_k=max(pick(self.top_k, 0), 0),
                     min_p=float(pick(self.min_p, 0.0)), seed=self.seed, stop=stop,
                     stop_token_ids=tuple(self.stop_token_ids or ()),

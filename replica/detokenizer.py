@@ -6,7 +6,8 @@ and from `prefix` to the end; the new text is the difference. A window ending in
 incomplete UTF-8 sequence: hold it back until the next token completes it.
 
 Stop strings: emitted text never includes a stop string; text that could still become the start of
-one is held back (at most the longest stop string minus one character).
+one is held back (at most the longest stop string minus one character). With `min_tokens`, stop
+strings are looked for only once that many tokens are in (vLLM's rule).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional, Sequence
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), min_tokens: int = 0):
         self.tok = tokenizer
         self.ids: list[int] = []
         self.prefix = 0             # window start (ids before it are settled)
@@ -23,6 +24,7 @@ class IncrementalDetokenizer:
         self.emitted = 0            # chars of self.text handed out
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.min_tokens = min_tokens
 
     def add(self, ids: Sequence[int]) -> None:
         self.ids.extend(ids)
@@ -35,7 +37,7 @@ class IncrementalDetokenizer:
 
     def take(self, final: bool) -> tuple[str, Optional[str]]:
         """New text to emit, and the stop string matched (the text then ends before it)."""
-        for s in self.stop:
+        for s in self.stop if len(self.ids) >= self.min_tokens else ():
             at = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if at >= 0:
                 out = self.text[self.emitted:at]

@@ -20,7 +20,8 @@ from typing import AsyncIterator
 
 from replica.config import EngineConfig
 from replica.detokenizer import IncrementalDetokenizer
-from replica.sampling_params import GenerationChunk, GenerationRequest, InvalidRequestError, TokenLogprob
+from replica.sampling_params import (MIN_TOKENS_BANS, GenerationChunk, GenerationRequest, InvalidRequestError,
+                                     TokenLogprob)
 from replica.inbox import Inbox, deliver, fail
 from replica.sequence import Event, Sequence, StepEvents
 from replica.stats import EngineStats
@@ -79,7 +80,8 @@ class Engine:
         EngineDeadError."""
         seq = self._make_sequence(request)
         state = _Request(seq.request_id, asyncio.get_running_loop(), len(seq.prompt_ids),
-                         IncrementalDetokenizer(self.tokenizer, seq.params.stop), seq.params.logprobs)
+                         IncrementalDetokenizer(self.tokenizer, seq.params.stop, seq.params.min_tokens),
+                         seq.params.logprobs)
         self._requests[seq.request_id] = state
         done = False
         try:
@@ -133,6 +135,10 @@ class Engine:
         p = request.params
         if any(k >= vocab for k, _ in p.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        held = len(set(p.stop_token_ids)) + (0 if p.ignore_eos else self.info.eos_ids)
+        if p.min_tokens and held > MIN_TOKENS_BANS:
+            raise InvalidRequestError(f"min_tokens can hold back at most {MIN_TOKENS_BANS} stop token ids "
+                                      f"(this model's EOS ids included); this request has {held}", "min_tokens")
         seed = p.seed if p.seed is not None else self._seed_rng.getrandbits(62)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         return Sequence(rid, ids, p, seed)

@@ -274,7 +274,7 @@ class ModelRunner:
         if batch.admitted:
             a = batch.admitted
             self.tables.write([s.row for s in a], [s.params for s in a], [s.seed for s in a],
-                              [s.prompt_ids for s in a], [s.output_ids for s in a])
+                              [s.prompt_ids for s in a], [s.output_ids for s in a], [s.stop_ids for s in a])
         if batch.table_writes:
             r, col, blk = (self._to_device(list(x)) for x in zip(*batch.table_writes))
             self.kv.block_tables[r, col] = blk.to(torch.int32)

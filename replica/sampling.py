@@ -1,14 +1,15 @@
 """Token selection inside the CUDA graph, with per-sequence parameters held in device tables.
 
 `SamplingTables` holds one row per admitted sequence (the scheduler's block-table row; the last
-row is scratch for padding): temperature, top-k/top-p/min-p, seed, penalties, logit bias, and the
-token counts penalties need (output counts; prompt presence). `write` fills rows at admission in
+row is scratch for padding): temperature, top-k/top-p/min-p, seed, penalties, logit bias,
+min_tokens with the ids it holds back, and the token counts penalties need (output counts; prompt
+presence). `write` fills rows at admission in
 one packed copy; a step then passes only `rows` and `steps` ([B] int64 each), so the sampling graph
 of a bucket never changes and never syncs.
 
 Two paths:
 - `greedy(logits)`: argmax of the raw logits (every row plain greedy: no bias, penalty or logprobs);
-- `full(logits, rows, steps)`: bias -> penalties -> temperature -> top-k / top-p / min-p -> draw,
+- `full(logits, rows, steps)`: bias -> min_tokens bans -> penalties -> temperature -> top-k / top-p / min-p -> draw,
   with greedy rows (temperature 0) taking the argmax of the processed logits; also the raw
   distribution's log-probabilities (log_softmax before any processing: vLLM's default) of the chosen
   token and the top `MAX_LOGPROBS`, and the output counts updated with the chosen tokens.
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from replica.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TOKENS_BANS, SamplingParams
 
 _M32 = 0xFFFFFFFF
-# float columns of the table; int columns are top_k, seed
+# float columns of the table, and its int columns
 F_TEMP, F_TOP_P, F_MIN_P, F_PRESENCE, F_FREQUENCY, F_REPETITION = range(6)
+I_TOP_K, I_SEED, I_MIN_TOKENS = range(3)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -84,37 +86,38 @@ class SamplingTables:
         self.floats = torch.zeros(R, 6, dtype=torch.float32, device=device)
         self.floats[:, F_TOP_P] = 1.0
         self.floats[:, F_REPETITION] = 1.0
-        self.ints = torch.zeros(R, 2, dtype=torch.long, device=device)          # top_k, seed
+        self.ints = torch.zeros(R, 3, dtype=torch.long, device=device)          # I_* columns
         self.bias_ids = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
         self.bias_vals = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+        # min_tokens: the ids a row may not draw before its min_tokens-th token; -inf, 0 = unused
+        self.ban_ids = torch.zeros(R, MIN_TOKENS_BANS, dtype=torch.long, device=device)
+        self.ban_vals = torch.zeros(R, MIN_TOKENS_BANS, dtype=torch.float32, device=device)
         self.counts = torch.zeros(R, V, dtype=torch.int32, device=device)       # output tokens
         self.prompt_seen = torch.zeros(R, V, dtype=torch.bool, device=device)
         self.device = device
 
     @staticmethod
     def bytes_for(num_rows: int, vocab_size: int) -> int:
-        return (num_rows + 1) * (vocab_size * 5 + MAX_LOGIT_BIAS * 12 + 40)
+        return (num_rows + 1) * (vocab_size * 5 + (MAX_LOGIT_BIAS + MIN_TOKENS_BANS) * 12 + 48)
 
     def write(self, rows: list[int], params: list[SamplingParams], seeds: list[int],
-              prompts: list[list[int]], outputs: list[list[int]]) -> None:
+              prompts: list[list[int]], outputs: list[list[int]], stop_ids: list) -> None:
         """Fill the rows of newly admitted sequences (eager, before the step that first samples
-        them). Penalty counts are rebuilt only for sequences that use penalties (a recompute after
-        preemption counts its earlier output again)."""
-        n = len(rows)
+        them). `stop_ids[k]`: the token ids that end sequence k (what min_tokens holds back; ids
+        past the vocabulary are never drawn anyway). Penalty counts are rebuilt only for sequences
+        that use penalties (a recompute after preemption counts its earlier output again)."""
         f = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
                            p.repetition_penalty] for p in params], dtype=torch.float32)
-        i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds)], dtype=torch.long)
-        bias_ids = torch.zeros(n, MAX_LOGIT_BIAS, dtype=torch.long)
-        bias_vals = torch.zeros(n, MAX_LOGIT_BIAS, dtype=torch.float32)
-        for r, p in enumerate(params):
-            if p.logit_bias:
-                bias_ids[r, :len(p.logit_bias)] = torch.tensor([k for k, _ in p.logit_bias])
-                bias_vals[r, :len(p.logit_bias)] = torch.tensor([v for _, v in p.logit_bias])
+        i = torch.tensor([[p.top_k, s, p.min_tokens] for p, s in zip(params, seeds)], dtype=torch.long)
+        bias = _id_table([p.logit_bias for p in params], MAX_LOGIT_BIAS)
+        V = self.counts.shape[1]
+        bans = _id_table([[(t, float("-inf")) for t in sorted(ids) if t < V] if p.min_tokens else ()
+                          for p, ids in zip(params, stop_ids)], MIN_TOKENS_BANS)
         idx = _to(torch.tensor(rows, dtype=torch.long), self.device)
         self.floats.index_copy_(0, idx, _to(f, self.device))
         self.ints.index_copy_(0, idx, _to(i, self.device))
-        self.bias_ids.index_copy_(0, idx, _to(bias_ids, self.device))
-        self.bias_vals.index_copy_(0, idx, _to(bias_vals, self.device))
+        for table, host in zip((self.bias_ids, self.bias_vals, self.ban_ids, self.ban_vals), bias + bans):
+            table.index_copy_(0, idx, _to(host, self.device))
         pen = [k for k, p in enumerate(params) if _uses_penalties(p)]
         if pen:
             self._write_counts([rows[k] for k in pen], [prompts[k] for k in pen], [outputs[k] for k in pen])
@@ -133,10 +136,13 @@ class SamplingTables:
                                    torch.ones(len(o_rows), dtype=torch.int32, device=self.device), accumulate=True)
 
     # -- inside the graph -----------------------------------------------------------------------
-    def processed(self, raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """raw fp32 logits [B, V] -> after logit bias and penalties (before temperature)."""
+    def processed(self, raw: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """raw fp32 logits [B, V] -> after logit bias, min_tokens bans and penalties (before
+        temperature). steps [B]: the output index each row samples."""
         f = self.floats[rows]                                                        # [B, 6]
         x = raw.scatter_add(1, self.bias_ids[rows], self.bias_vals[rows])
+        held = (steps < self.ints[rows, I_MIN_TOKENS])[:, None]                      # [B, 1]
+        x = x.scatter_add(1, self.ban_ids[rows], torch.where(held, self.ban_vals[rows], 0.0))
         counts = self.counts[rows]                                                   # [B, V]
         seen = (counts > 0) | self.prompt_seen[rows]
         rep = f[:, F_REPETITION, None]
@@ -146,9 +152,9 @@ class SamplingTables:
     def full(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
         """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`."""
         raw = logits.float()
-        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 2]
-        x = self.processed(raw, rows)
-        tok = draw(x, f[:, F_TEMP], ints[:, 0], f[:, F_TOP_P], f[:, F_MIN_P], ints[:, 1], steps)
+        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 3]
+        x = self.processed(raw, rows, steps)
+        tok = draw(x, f[:, F_TEMP], ints[:, I_TOP_K], f[:, F_TOP_P], f[:, F_MIN_P], ints[:, I_SEED], steps)
         out.tokens.copy_(tok)
         lp = torch.log_softmax(raw, dim=-1)
         out.logprob.copy_(lp.gather(1, tok[:, None])[:, 0])
@@ -157,6 +163,18 @@ class SamplingTables:
         out.top_ids.copy_(top.indices)
         V = self.counts.shape[1]   # atomics on a flat view: capture-safe, duplicates (padding) add up
         self.counts.view(-1).scatter_add_(0, rows * V + tok, torch.ones_like(tok, dtype=torch.int32))
+
+
+def _id_table(entries: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (token id, value) lists -> host ids [n, width] int64 and values [n, width] fp32,
+    padded with (0, 0.0): a padding entry adds nothing where the table is scatter-added."""
+    ids = torch.zeros(len(entries), width, dtype=torch.long)
+    vals = torch.zeros(len(entries), width, dtype=torch.float32)
+    for r, pairs in enumerate(entries):
+        if pairs:
+            ids[r, :len(pairs)] = torch.tensor([k for k, _ in pairs])
+            vals[r, :len(pairs)] = torch.tensor([v for _, v in pairs])
+    return ids, vals
 
 
 def _uses_penalties(p: SamplingParams) -> bool:

@@ -15,6 +15,9 @@ Semantics of the sampling extras (all applied inside the sampling graph, per row
   divided by the penalty when positive, multiplied when negative. 1 = off.
 - `logit_bias`: {token id: bias in [-100, 100]} added to the logits, up to 300 entries.
 - `min_p`: drop tokens whose probability (after temperature) is below `min_p` x the top token's.
+- `min_tokens` (vLLM): until this many tokens are generated, EOS (unless `ignore_eos`) and
+  `stop_token_ids` cannot be drawn (their logits are -inf) and stop strings are not matched.
+  `max_tokens` and `max_seq_len` still end a request sooner.
 Order: bias -> penalties -> temperature -> top-k / top-p / min-p -> draw. Greedy rows
 (temperature 0) take the argmax after bias and penalties.
 """
@@ -28,6 +31,8 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
+MAX_EOS_IDS = 16                                       # a model's EOS ids that min_tokens can hold back
+MIN_TOKENS_BANS = MAX_STOP_TOKEN_IDS + MAX_EOS_IDS     # token ids a min_tokens row holds back, at most
 
 
 class InvalidRequestError(ValueError):
@@ -55,6 +60,7 @@ def _is_number(v) -> bool:
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
+    min_tokens: int = 0           # no EOS, stop token or stop string before this many tokens
     temperature: float = 1.0      # 0 = greedy
     top_k: int = 0                # 0 = no top-k cut
     top_p: float = 1.0            # 1 = no nucleus cut
@@ -86,7 +92,7 @@ class SamplingParams:
         """Greedy with nothing that changes or reports the distribution: argmax of the raw logits."""
         return (self.greedy and self.logprobs is None and not self.logit_bias
                 and self.presence_penalty == 0 and self.frequency_penalty == 0
-                and self.repetition_penalty == 1)
+                and self.repetition_penalty == 1 and self.min_tokens == 0)
 
 
 def _validate(p: SamplingParams) -> None:
@@ -95,6 +101,9 @@ def _validate(p: SamplingParams) -> None:
 
     if not _is_int(p.max_tokens) or p.max_tokens < 1:
         fail("max_tokens", f"max_tokens must be a positive integer, got {p.max_tokens!r}")
+    if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_tokens:
+        fail("min_tokens", f"min_tokens must be an integer in [0, max_tokens={p.max_tokens}], "
+                           f"got {p.min_tokens!r}")
     for name, lo, hi in (("temperature", 0.0, 100.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0),
                          ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
                          ("repetition_penalty", 0.0, 2.0)):

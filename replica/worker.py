@@ -59,6 +59,7 @@ class EngineInfo:
     vocab_size: int
     max_seq_len: int
     block_size: int
+    eos_ids: int           # how many EOS ids the model declares (what min_tokens holds back)
 
 
 class EngineCore:
@@ -74,7 +75,7 @@ class EngineCore:
         self.pool = BlockPool(r.plan.num_blocks, c.block_size, c.enable_prefix_cache)
         self.scheduler = Scheduler(self.pool, r.rows, r.max_decode_rows, c.max_seq_len, r.step_token_budget,
                                    eos, c.max_queued_requests)
-        self.info = EngineInfo(r.vocab_size, c.max_seq_len, c.block_size)
+        self.info = EngineInfo(r.vocab_size, c.max_seq_len, c.block_size, len(eos))
         self._inflight: Optional[tuple[StepBatch, "InFlight"]] = None
         self._last_done = time.perf_counter()
         self.steps = collections.Counter()          # (bucket, path) -> decode steps

@@ -107,6 +107,31 @@ def test_greedy_tokens_match_hf_generate_on_gpu(tiny_llama_dir):
         hf.to("cpu")
 
 
+def test_min_tokens_in_graph_replay_matches_hf_generate(tiny_llama_dir):
+    """min_tokens holds stop ids back inside the full-mode graphs: greedy tokens equal HF's
+    generate(min_new_tokens=k, eos_token_id=stop) for prompts decoding together."""
+    path, hf_cpu = tiny_llama_dir
+    hf = hf_cpu.to("cuda")
+    eng = Engine(_config(path, "float32"))
+    prompts = [[5, 17, 99], list(range(40, 80)), [7], list(range(100, 113))]
+    try:
+        async def batch(extra):
+            return await asyncio.gather(*[collect(eng, ids=p, max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                  **extra(i)) for i, p in enumerate(prompts)])
+        plain = run(batch(lambda i: {}))
+        stops = [toks[1] for toks, _, _ in plain]         # each prompt's second token ends it early
+        held = run(batch(lambda i: dict(stop_token_ids=[stops[i]], min_tokens=6)))
+        for p, stop, (toks, _, _) in zip(prompts, stops, held):
+            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, min_new_tokens=6,
+                              do_sample=False, eos_token_id=stop, pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref and stop not in toks[:6]
+        s = eng.stats()
+        assert s.decode_steps and all(path == "graph" for _, path in s.decode_steps), s.decode_steps
+    finally:
+        eng.shutdown()
+        hf.to("cpu")
+
+
 def test_qwen2_layout_graphs_match_hf_generate_on_gpu(tmp_path):
     """A layout the kernels were not tuned on: Qwen2.5's 7 query heads per KV head (the decode
     kernel pads the group to 16 and masks), head_dim 64, q/k/v bias, tied embeddings. Every decode

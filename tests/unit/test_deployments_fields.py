@@ -64,6 +64,7 @@ HONOURED = {
     "stream_options": ({"stream": True}, {"include_usage": True}), "max_tokens": 5,
     "logit_bias": {"97": 5}, "presence_penalty": 0.5, "frequency_penalty": 0.5, "user": "alice",
     "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True, "stop_token_ids": [3],
+    "min_tokens": 2,
     "prompt": "other", "messages": [{"role": "user", "content": "other"}],
     "max_completion_tokens": 5, "safety_identifier": "bob",
 }
@@ -160,7 +161,8 @@ def test_documented_nullables_accept_null_as_the_default(api, endpoint):
 STRICT = [("max_tokens", True), ("n", True), ("seed", True), ("top_k", True), ("temperature", True),
           ("temperature", "0.5"), ("top_p", True), ("presence_penalty", False), ("min_p", "0.1"),
           ("repetition_penalty", True), ("stream", 1), ("ignore_eos", 0), ("max_tokens", 2.0),
-          ("stop", 5), ("user", 5), ("logit_bias", {"97": True}), ("stop_token_ids", [True])]
+          ("stop", 5), ("user", 5), ("logit_bias", {"97": True}), ("stop_token_ids", [True]),
+          ("min_tokens", True), ("min_tokens", 1.0)]
 
 
 @pytest.mark.parametrize("endpoint", [of.COMPLETIONS, of.CHAT])

@@ -256,13 +256,13 @@ def test_sampling_extras_reach_the_engine(api):
     resp = client.post("/v1/completions", json={
         "model": MODEL, "prompt": "hi", "max_tokens": 2, "min_p": 0.1, "presence_penalty": 0.5,
         "frequency_penalty": -0.5, "repetition_penalty": 1.3, "logit_bias": {"97": 100, "3": -5},
-        "stop_token_ids": [7], "top_k": -1, "logprobs": 0, "user": "u1"})
+        "stop_token_ids": [7], "top_k": -1, "logprobs": 0, "user": "u1", "min_tokens": 1})
     assert resp.status_code == 200, resp.text
     batch, _ = backend.calls[0]
     p = batch.params
     assert (p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.1, 0.5, -0.5, 1.3)
     assert p.logit_bias == ((3, -5.0), (97, 100.0)) and p.stop_token_ids == (7,)
-    assert p.top_k == 0 and p.logprobs == 0 and batch.user == "u1"
+    assert p.top_k == 0 and p.logprobs == 0 and batch.user == "u1" and p.min_tokens == 1
     # ... and the engine received them on every sequence.
     assert all(r.params == p for r in backend.engine.requests)
 
@@ -354,6 +354,8 @@ def test_surrogates_in_the_python_api_are_refused_too():
     ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
     ({"prompt": "x", "stop_token_ids": [1000]}, "stop_token_ids"),
+    ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "x", "n": 9}, "n"),                                       # capacity is 8
     ({"prompt": ["x"] * 9}, "prompt"),
     ({"prompt": ["x"] * 3, "n": 3}, "n"),

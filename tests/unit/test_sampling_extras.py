@@ -83,9 +83,9 @@ def test_penalties_and_bias_match_a_float64_reference():
              SamplingParams()]
     prompts = [[1, 2, 3], [7, 7, 8], [40], [9]]
     outputs = [[2, 2, 11], [8, 30, 30, 30], [3, 4], [1]]
-    tables.write([0, 1, 2, 3], cases, [0] * 4, prompts, outputs)
+    tables.write([0, 1, 2, 3], cases, [0] * 4, prompts, outputs, [frozenset({5})] * 4)
     raw = torch.randn(4, V) * 3
-    got = tables.processed(raw, torch.arange(4))
+    got = tables.processed(raw, torch.arange(4), torch.zeros(4, dtype=torch.long))
     for r, p in enumerate(cases):
         if r == 3:   # no penalties: its (stale) counts are never read into the result
             torch.testing.assert_close(got[r].double(), raw[r].double(), rtol=0, atol=0)

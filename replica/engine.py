@@ -135,7 +135,7 @@ class Engine:
         p = request.params
         if any(k >= vocab for k, _ in p.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
-        held = len(set(p.stop_token_ids)) + (0 if p.ignore_eos else self.info.eos_ids)
+        held = len(set(p.stop_token_ids)) + (0 if p.ignore_eos else self.info.num_eos_ids)
         if p.min_tokens and held > MIN_TOKENS_BANS:
             raise InvalidRequestError(f"min_tokens can hold back at most {MIN_TOKENS_BANS} stop token ids "
                                       f"(this model's EOS ids included); this request has {held}", "min_tokens")

@@ -59,7 +59,7 @@ class EngineInfo:
     vocab_size: int
     max_seq_len: int
     block_size: int
-    eos_ids: int           # how many EOS ids the model declares (what min_tokens holds back)
+    num_eos_ids: int       # how many EOS ids the model declares (what min_tokens holds back)
 
 
 class EngineCore:

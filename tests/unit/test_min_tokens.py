@@ -108,7 +108,7 @@ def test_stop_strings_wait_for_min_tokens(engine):
 
 def test_more_held_ids_than_the_table_is_a_400_naming_min_tokens(engine, monkeypatch):
     # a model declaring more EOS ids than the sampler's table holds back with 64 stop ids
-    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, eos_ids=MAX_EOS_IDS + 1))
+    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, num_eos_ids=MAX_EOS_IDS + 1))
     with pytest.raises(InvalidRequestError) as e:
         _chunks(engine, [1], max_tokens=4, min_tokens=2, stop_token_ids=list(range(64)))
     assert e.value.param == "min_tokens"

@@ -18,8 +18,8 @@ Semantics of the sampling extras (all applied inside the sampling graph, per row
 - `min_tokens` (vLLM): until this many tokens are generated, EOS (unless `ignore_eos`) and
   `stop_token_ids` cannot be drawn (their logits are -inf) and stop strings are not matched.
   `max_tokens` and `max_seq_len` still end a request sooner.
-Order: bias -> min_tokens bans -> penalties -> temperature -> top-k / top-p / min-p -> draw. Greedy rows
-(temperature 0) take the argmax after bias and penalties.
+Order: bias -> min_tokens bans -> penalties -> temperature -> top-k / top-p / min-p -> draw.
+Greedy rows (temperature 0) take the argmax after bias, bans and penalties.
 """
 from __future__ import annotations
 

@@ -55,6 +55,11 @@ class Shapes:
 
 LLAMA_8B = Shapes("llama-8b", 4096, 14336, 32, 8, 128)
 QWEN2_05B = Shapes("qwen2-0.5b", 896, 4864, 14, 2, 64)
+# head layouts of the other presets, for the split sweep (hidden and inter unused there)
+LLAMA_1B = Shapes("llama-1b", 2048, 8192, 32, 8, 64)
+QWEN3_06B = Shapes("qwen3-0.6b", 1024, 3072, 16, 8, 128)
+QWEN2_7B = Shapes("qwen2-7b", 3584, 18944, 28, 4, 128)
+SPLIT_SWEEP_LAYOUTS = (LLAMA_8B, QWEN2_05B, LLAMA_1B, QWEN3_06B, QWEN2_7B)
 TINY = Shapes("tiny", 64, 128, 4, 2, 16)
 # (batch, context, cache max length L)
 CASES_8B = [(1, 640, 2048), (8, 640, 2048), (32, 640, 2048), (64, 640, 2048), (8, 4096, 4096)]
@@ -281,6 +286,13 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--combine-sweep", action="store_true",
                     help="only the decode combine's two grids, llama-8b and qwen2-0.5b heads (GPU)")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="only the decode split sweep, every preset's head layout at the engine's "
+                         "batches and burst-to-long contexts (GPU)")
+    ap.add_argument("--split-max-len", type=int, default=8192,
+                    help="the table width (max_len) of the split sweep")
+    ap.add_argument("--split-layouts", default=",".join(sh.name for sh in SPLIT_SWEEP_LAYOUTS),
+                    help="comma-separated head layouts of the split sweep")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton imports
@@ -305,6 +317,18 @@ def main() -> int:
         result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                       dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, combine=rows)
         path = Path(os.environ.get("OUT", ".")) / "kernels_combine.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+        return 0
+    if args.split_sweep:
+        dtype = getattr(torch, args.dtype)
+        layouts = [sh for sh in SPLIT_SWEEP_LAYOUTS if sh.name in args.split_layouts.split(",")]
+        rows = [r for sh in layouts for r in sweep_paged_decode(
+            sh, dtype, device, paged_attention, max_len=args.split_max_len,
+            batches=(1, 8, 32, 64, 128, 256, 512), ctxs=(448, 2048, 8192))]
+        result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                      dtype=str(dtype)[6:], calls_per_graph=CALLS, replays=REPLAYS, split=rows)
+        path = Path(os.environ.get("OUT", ".")) / f"kernels_split-{args.split_max_len}.json"
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
         return 0

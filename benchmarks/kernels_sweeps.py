@@ -40,26 +40,28 @@ def decode_case(sh, batch: int, ctx: int, max_len: int, dtype, device, paged_mod
     return kv_bytes, rot, run
 
 
-def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768):
+def sweep_paged_decode(sh, dtype, device, paged_mod, max_len=32768, batches=(1, 8, 64, 256),
+                       ctxs=(1024, 8192), splits=(64, 128, 256, 512, 1024, 2048)):
     """paged_decode_attention over split sizes at contexts far below max_len (the engine's case:
     the table is as wide as the longest allowed sequence); rows sorted per (B, ctx)."""
     out = []
-    for batch in (1, 8, 64, 256):
-        for ctx in (1024, 8192):
+    for batch in batches:
+        for ctx in ctxs:
             kv_bytes, rot, run = decode_case(sh, batch, ctx, max_len, dtype, device, paged_mod)
             default = paged_mod.decode_plan(batch, sh.heads, sh.kv_heads, sh.head_dim, BLOCK_SIZE,
                                             max_len // BLOCK_SIZE, dtype)[0]["split"]
             case = []
-            for split in sorted({64, 128, 256, 512, 1024, 2048, default}):
+            for split in sorted({*splits, default}):
                 t, _ = time_us(lambda i, split=split: run(i, split=split), device, max(CALLS, rot))
-                case.append(dict(batch=batch, ctx=ctx, max_len=max_len, split=split,
+                case.append(dict(layout=sh.name, batch=batch, ctx=ctx, max_len=max_len, split=split,
                                  default=split == default, us=t,
                                  gbs=kv_bytes * torch.finfo(dtype).bits / 16 / t / 1e3))
             case.sort(key=lambda r: r["us"])
             best, dflt = case[0], next(r for r in case if r["default"])
-            print(f"  paged sweep B={batch:<3} ctx={ctx:<5} L={max_len}: best split={best['split']} "
-                  f"{best['us']:8.2f} us; default split={dflt['split']} {dflt['us']:8.2f} us "
-                  f"({dflt['gbs']:6.1f} GB/s)")
+            print(f"  paged sweep {sh.name} B={batch:<3} ctx={ctx:<5} L={max_len}: best split="
+                  f"{best['split']} {best['us']:8.2f} us; default split={dflt['split']} "
+                  f"{dflt['us']:8.2f} us ({dflt['gbs']:6.1f} GB/s, x{dflt['us'] / best['us']:.2f})",
+                  flush=True)
             out += case
             run = None  # free the case's pool before the next one
             torch.cuda.empty_cache()

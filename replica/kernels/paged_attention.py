@@ -35,10 +35,11 @@ only on tensor shapes, no host syncs):
 one kernel per combine grid per (dtype, H, KVH, hd, BS, table dtype): the ~18 graph buckets of
 1..512 rows cost 3 cold compiles in all (split, per-head combine, per-row combine; an H200
 measured 1 + 1 over the 18-bucket ladder before the per-row grid existed). The split
-size can therefore follow B freely (`decode_split`): ~45 * sqrt(B * KVH) tokens rounded to a power
-of two, 64..2048 (B=1: 128, B=8: 256, B=64: 1024, B=256: 2048 for KVH=8), fitted to an H200 sweep
-over short and long contexts; max_len only caps it (num_splits = cdiv(max_len, split), most of
-them empty when contexts are far below max_len: an empty program costs one load of seq_len).
+size can therefore follow B freely (`decode_split`): 128 tokens up to B * KVH = 64, then
+~1.5 * B * KVH rounded to a power of two, 64..2048 (B=1: 128, B=8: 128, B=64: 1024, B=128: 2048
+for KVH=8), fitted to an H200 sweep over five head layouts and short and long contexts; max_len
+only caps it (num_splits = cdiv(max_len, split), most of them empty when contexts are far below
+max_len: an empty program costs one load of seq_len).
 
 `programs=P` runs the same work items on a persistent grid of P programs
 (`_decode_split_persistent`: each walks items p, p + P, ...). The engine does not use it: it is
@@ -66,7 +67,8 @@ from replica.kernels.launch import compiling, launch
 
 
 LOG2E = 1.4426950408889634
-SPLIT_SCALE = 45       # decode split ~ SPLIT_SCALE * sqrt(B * KVH) tokens; see decode_split
+SMALL_GRID_SPLIT = 128  # decode split while B * KVH <= SMALL_GRID; see decode_split
+SMALL_GRID = 64
 MAX_SPLIT = 2048
 GRID_CAP = 65536       # decode programs per launch at most (empty ones included)
 COMBINE_ROWS_MIN_PROGRAMS = 4096   # B x H from which the combine runs one program per row
@@ -305,13 +307,20 @@ def decode_block_n(dtype: torch.dtype, hd: int) -> int:
 def decode_split(batch: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
     """Tokens per split, a power of two. The kernels take it at run time, so any value costs no
     compile and it may follow B exactly. Graph-captured decode cannot see the contexts, so the
-    rule is fitted to be near the best over short AND long ones: ~SPLIT_SCALE * sqrt(B * KVH)
-    tokens (B*KVH = 8/64/512/2048 -> 128/256/1024/2048), at most MAX_SPLIT, at least one tile,
-    and large enough that the grid (empty programs included) stays under GRID_CAP programs.
-    H200 sweep, llama-8b bf16 BS=16, max_len 32k (benchmarks/kernels_bench.py --sweep): this
-    rule is within 0-11% of the best split at every (B, ctx) of {1, 8, 64, 256} x {1k, 8k},
-    where the old one-size grid target lost up to 25% (B=1, ctx 8k)."""
-    rule = 2 ** round(math.log2(SPLIT_SCALE * math.sqrt(max(1, batch * num_kv_heads))))
+    rule is fitted to be near the best over short AND long ones, from x = B * KVH (the programs a
+    split spreads over): SMALL_GRID_SPLIT tokens while x <= SMALL_GRID (64 when x <= 2), else
+    ~1.5x tokens, at most MAX_SPLIT; at least one tile, and large enough that the grid (empty
+    programs included) stays under GRID_CAP programs.
+    H200 sweeps (results/kernels_split-h200-2026-12-01.json: five head layouts, B 1-512, contexts
+    448 / 2048 / 8192 at max_len 8192; -32768- for three layouts at max_len 32768): this rule's
+    time is x1.03 / x1.04 of the best split's (geometric mean; worst x1.23 / x1.22), where the
+    earlier ~45 * sqrt(x) rule read x1.04 / x1.04 (worst x1.40 / x1.27: short contexts at 8-128
+    rows of the 2- and 4-KV-head layouts, whose few long splits left most SMs idle)."""
+    x = max(1, batch * num_kv_heads)
+    if x <= SMALL_GRID:
+        rule = 64 if x <= 2 else SMALL_GRID_SPLIT
+    else:
+        rule = 2 ** round(math.log2(1.5 * x))
     floor = triton.next_power_of_2(triton.cdiv(max_len * batch * num_kv_heads, GRID_CAP))
     split = max(min(rule, MAX_SPLIT), floor, block_n)
     return min(split, max(block_n, triton.next_power_of_2(max_len)))

@@ -34,6 +34,19 @@ def gemm_shapes(p: dict) -> dict[str, tuple[int, int]]:
             "w2": (d, p["intermediate_size"]), "lm_head": (p["vocab_size"], d)}
 
 
+def point_rows_at_blocks(runner, rows: int, ctx: int) -> None:
+    """Row i of the runner's decode step feeds one token at position ctx - 1 of its own blocks
+    (1 + i * blocks_per_row onward), through real block tables."""
+    step, kv, bs = runner.decode, runner.kv, runner.kv.block_size
+    per_row = -(-ctx // bs)
+    r = torch.arange(rows, device="cuda")
+    blocks = 1 + r[:, None] * per_row + torch.arange(per_row, device="cuda")
+    kv.block_tables[:rows, :per_row] = blocks.to(torch.int32)
+    step.tokens[:rows], step.src[:rows], step.positions[:rows] = 1, -1, ctx - 1
+    step.table_rows[:rows], step.steps[:rows] = r, 0
+    step.slots[:rows] = blocks[:, -1] * bs + (ctx - 1) % bs
+
+
 def graph_ms(model: str, lib: str, ctx: int, kv_gib: float) -> dict[int, float]:
     """bucket -> ms per greedy decode-graph replay, for a ModelRunner captured under `lib`. Row i
     of a bucket attends ctx tokens in its own blocks (1 + i * blocks_per_row onward)."""
@@ -43,21 +56,13 @@ def graph_ms(model: str, lib: str, ctx: int, kv_gib: float) -> dict[int, float]:
     torch.backends.cuda.preferred_blas_library(lib)
     runner = ModelRunner(EngineConfig(model=f"random:{model}", max_seq_len=8192, max_num_seqs=512,
                                       kv_cache_bytes=int(kv_gib * 2**30)))
-    step, kv, bs = runner.decode, runner.kv, runner.kv.block_size
-    per_row = -(-ctx // bs)
+    kv = runner.kv
+    per_row = -(-ctx // kv.block_size)
     out = {}
     for b in runner.graphs.captured_buckets:
         if 1 + b * per_row > kv.num_blocks:
             break
-        rows = torch.arange(b, device="cuda")
-        blocks = 1 + rows[:, None] * per_row + torch.arange(per_row, device="cuda")
-        kv.block_tables[:b, :per_row] = blocks.to(torch.int32)
-        step.tokens[:b] = 1
-        step.src[:b] = -1
-        step.positions[:b] = ctx - 1
-        step.table_rows[:b] = rows
-        step.slots[:b] = blocks[:, -1] * bs + (ctx - 1) % bs
-        step.steps[:b] = 0
+        point_rows_at_blocks(runner, b, ctx)
         for _ in range(3):
             runner.graphs.replay(b, "greedy")
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,7 +72,7 @@ def graph_ms(model: str, lib: str, ctx: int, kv_gib: float) -> dict[int, float]:
         end.record()
         torch.cuda.synchronize()
         out[b] = start.elapsed_time(end) / 20
-    del runner, step, kv
+    del runner, kv
     torch.backends.cuda.preferred_blas_library("cublas")
     import gc
     gc.collect()

@@ -1,5 +1,5 @@
 """Where a preset's decode step goes, kernel by kernel: the engine's ModelRunner, each row of a
-bucket attending --ctx tokens through real block tables (as `blas_probe.graph_ms`), and the torch
+bucket attending --ctx tokens through real block tables (`blas_probe.point_rows_at_blocks`), and the torch
 profiler over --replays greedy graph replays per bucket. Prints and writes, per bucket, the GPU
 time of a step and its kernels by total time (ms per step, launches per step).
 
@@ -16,18 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as C  # noqa: E402
-
-
-def point_rows_at_blocks(runner, rows: int, ctx: int) -> None:
-    """Row i of the decode step feeds one token at position ctx - 1 of its own blocks."""
-    step, kv, bs = runner.decode, runner.kv, runner.kv.block_size
-    per_row = -(-ctx // bs)
-    r = torch.arange(rows, device="cuda")
-    blocks = 1 + r[:, None] * per_row + torch.arange(per_row, device="cuda")
-    kv.block_tables[:rows, :per_row] = blocks.to(torch.int32)
-    step.tokens[:rows], step.src[:rows], step.positions[:rows] = 1, -1, ctx - 1
-    step.table_rows[:rows], step.steps[:rows] = r, 0
-    step.slots[:rows] = blocks[:, -1] * bs + (ctx - 1) % bs
+from benchmarks.blas_probe import point_rows_at_blocks  # noqa: E402
 
 
 def kernel_table(runner, rows: int, replays: int) -> dict:

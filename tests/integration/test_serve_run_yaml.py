@@ -49,17 +49,18 @@ def test_serve_run_app_yaml_starts_and_answers(serve_run, ray_cluster):
     proc, log = serve_run
     url = ray_cluster.base_url
 
-    def answering():
+    def ready():
         assert proc.poll() is None, f"serve run exited:\n{log.read_text()[-4000:]}"
-        return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
 
-    wait_for(answering, 150, "the app deployed by `serve run deployments/app.yaml` to answer")
+    # The readiness probe a client (or KubeRay) waits on: the ingress answers /v1/models as soon
+    # as it runs, but a completion sent before any LLMReplica runs is a 503 after the replica wait.
+    wait_for(ready, 150, "the app deployed by `serve run deployments/app.yaml` to be ready")
+    assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
     resp = httpx.post(f"{url}/v1/completions", timeout=60,
                       json={"model": "random:tiny", "prompt": ["Hello", "there"], "max_tokens": 4})
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["choices"]) == 2
-    # /health is 200 once a decode replica runs (the completion above proves one does).
-    assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
 
     ladder = yaml.safe_load(APP_YAML.read_text())["applications"][0]["args"]["batch_buckets"]
     if ladder is None:   # each engine sizes its own: on these CPU replicas, the ladder up to 64 rows

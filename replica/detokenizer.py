@@ -1,9 +1,8 @@
-"""Incremental detokenisation and stop strings, per request, on the async side of the engine.
+"""A request's text and its stop strings, per request, on the async side of the engine.
 
-Decoding the whole output every step is O(n^2); decoding only the new token breaks multi-byte and
-merged pieces. So we decode a short window twice: the ids from `prefix` to `read` (already emitted)
-and from `prefix` to the end; the new text is the difference. A window ending in U+FFFD is an
-incomplete UTF-8 sequence: hold it back until the next token completes it.
+Text comes from the tokenizer's `TextStream` (replica/text_stream.py), started from the prompt's
+last tokens, so a new token's text is what it adds in context (its leading space included) and
+a character split over several tokens appears once all of them are in.
 
 Stop strings: emitted text never includes a stop string; text that could still become the start of
 one is held back (at most the longest stop string minus one character). With `min_tokens`, stop
@@ -13,13 +12,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from replica.text_stream import CONTEXT_TOKENS
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = (), min_tokens: int = 0):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0             # window start (ids before it are settled)
-        self.read = 0               # ids whose text is already in self.text
+    def __init__(self, tokenizer, stop: Sequence[str] = (), min_tokens: int = 0,
+                 context: Sequence[int] = ()):
+        self._stream = tokenizer.stream(list(context[-CONTEXT_TOKENS:]))
+        self.num_ids = 0            # token ids added
         self.text = ""              # all decoded text so far
         self.emitted = 0            # chars of self.text handed out
         self.stop = tuple(stop)
@@ -27,17 +27,12 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens
 
     def add(self, ids: Sequence[int]) -> None:
-        self.ids.extend(ids)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd") or len(after) < len(before):
-            return  # incomplete character: wait for the next token
-        self.text += after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        self.num_ids += len(ids)
+        self.text += self._stream.step(ids)
 
     def take(self, final: bool) -> tuple[str, Optional[str]]:
         """New text to emit, and the stop string matched (the text then ends before it)."""
-        for s in self.stop if len(self.ids) >= self.min_tokens else ():
+        for s in self.stop if self.num_ids >= self.min_tokens else ():
             at = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if at >= 0:
                 out = self.text[self.emitted:at]
@@ -49,8 +44,6 @@ class IncrementalDetokenizer:
         return out, None
 
     def flush_all(self) -> str:
-        """Text including any held-back incomplete tail, for the final chunk."""
-        full = self.tok.decode(self.ids)
-        if len(full) > len(self.text) and full.startswith(self.text):
-            self.text = full
+        """The rest of the text, any held-back incomplete character included, for the final chunk."""
+        self.text += self._stream.finish()
         return self.take(final=True)[0]

@@ -80,7 +80,8 @@ class Engine:
         EngineDeadError."""
         seq = self._make_sequence(request)
         state = _Request(seq.request_id, asyncio.get_running_loop(), len(seq.prompt_ids),
-                         IncrementalDetokenizer(self.tokenizer, seq.params.stop, seq.params.min_tokens),
+                         IncrementalDetokenizer(self.tokenizer, seq.params.stop, seq.params.min_tokens,
+                                                context=seq.prompt_ids),
                          seq.params.logprobs)
         self._requests[seq.request_id] = state
         done = False

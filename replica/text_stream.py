@@ -13,10 +13,11 @@ Three implementations, chosen by the tokenizer (replica/tokenizer.py):
 - `DecodeStreamText`: a Hugging Face fast tokenizer's own streaming decoder
   (`tokenizers.decoders.DecodeStream`, Rust): one call per id.
 - `WindowStream`: any `decode(ids) -> str`, by decoding a short window twice per step (the text
-  of the new ids is the difference); for tokenizers the above cannot serve (slow ones). Through the detokenizer it costs 2.4-3.3x the time per
-  token of DecodeStreamText (results/detok-cpu-2026-12-02.json, benchmarks/detok_bench.py), and
-  a window that starts at a token decoding to nothing (a lone invalid byte, a special token)
-  loses the next token's leading "▁" space under a stripping decoder.
+  of the new ids is the difference), for tokenizers the above cannot serve (slow ones). Through
+  the detokenizer it costs 2.4-3.3x the time per token of DecodeStreamText on a dev CPU
+  (results/detok-cpu-2026-12-02.json, benchmarks/detok_bench.py), and a window that starts at a
+  token decoding to nothing (a lone invalid byte, a special token) loses the next token's
+  leading "▁" space under a stripping decoder.
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class DecodeStreamText:
         self._stream = self._new_stream()
         self._held: list[int] = []       # ids stepped in since the last text
         self.step(context)
+        self._held = []                  # a character the context leaves open is not ours to flush
 
     def step(self, ids: Sequence[int]) -> str:
         out = []

@@ -212,3 +212,11 @@ def test_clean_up_tokenization_spaces_is_not_applied(tmp_path):
     assert hf.decode(ids) == "a list . of it 's words , kept"
     assert isinstance(hf.stream(), DecodeStreamText)
     assert streamed(hf.stream(), ids, random.Random(6)) == "a list . of it 's words , kept"
+
+
+def test_ids_past_the_tokenizer_vocabulary_decode_to_nothing(tok):
+    """Checkpoints pad the embedding past the tokenizer (Qwen2: 151936 rows, 151646 tokens), so a
+    sampled id may have no token: the stream skips it, as the whole-text decode does."""
+    size = tok._tok.backend_tokenizer.get_vocab_size()
+    ids = tok.encode("one two") + [size, size + 100] + tok.encode(" three")
+    assert streamed(tok.stream(), ids, random.Random(7)) == tok.decode(ids) == "one two three"

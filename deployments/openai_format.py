@@ -25,7 +25,6 @@ from typing import Any, Optional, Sequence
 
 from deployments.protocol import Completion, StreamChunk, Usage
 from replica.sampling_params import TokenLogprob
-from replica.tokenizer import ByteTokenizer
 
 MIN_LOGPROB = -9999.0
 
@@ -41,7 +40,9 @@ def sse(obj: Any) -> str:
 
 
 class TokenText:
-    """Token id -> text and UTF-8 bytes, cached (a vocabulary is bounded)."""
+    """Token id -> the bytes it adds to a text (`tokenizer.token_bytes`: a leading space included,
+    a partial character's own bytes) and their text (U+FFFD for a partial character), cached (a
+    vocabulary is bounded)."""
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
@@ -49,12 +50,10 @@ class TokenText:
         self.bytes = lru_cache(maxsize=65536)(self._bytes)
 
     def _text(self, token_id: int) -> str:
-        return self._tok.decode([token_id])
+        return bytes(self.bytes(token_id)).decode("utf-8", errors="replace")
 
     def _bytes(self, token_id: int) -> tuple[int, ...]:
-        if isinstance(self._tok, ByteTokenizer):   # one byte per token, even inside a character
-            return (token_id,) if 0 <= token_id < 256 else ()
-        return tuple(self.text(token_id).encode("utf-8"))
+        return tuple(self._tok.token_bytes(token_id))
 
 
 def _lp(v: float) -> float:

@@ -2,7 +2,8 @@
 
 Both expose the small surface the engine and the ingress use: `encode(text) -> list[int]`,
 `decode(ids) -> str`, `stream(context) -> TextStream` (a request's text, step by step:
-replica/text_stream.py), `eos_token_ids`, and `chat_ids(messages) -> list[int]`. `load_tokenizer(model)`
+replica/text_stream.py), `token_bytes(id) -> bytes` (what one token adds to a text:
+replica/token_bytes.py), `eos_token_ids`, and `chat_ids(messages) -> list[int]`. `load_tokenizer(model)`
 loads only the tokenizer (no weights), so the ingress can count tokens cheaply.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from replica.config import ConfigError
 from replica.presets import is_random
 from replica.sampling_params import InvalidRequestError
 from replica.text_stream import DecodeStreamText, TextStream, Utf8Stream, WindowStream
+from replica.token_bytes import token_bytes_for
 
 BOS, EOS, PAD = 256, 257, 258
 
@@ -33,6 +35,9 @@ class ByteTokenizer:
     def stream(self, context: Sequence[int] = ()) -> TextStream:
         return Utf8Stream(context)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes((token_id,)) if 0 <= token_id < 256 else b""
+
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """A plain-text template: '<role>: <content>\\n' per message, then 'assistant: '."""
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
@@ -49,6 +54,7 @@ class HFTokenizer:
         eos = self._tok.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         self._backend = _streaming_backend(self._tok)
+        self.token_bytes = token_bytes_for(self._tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)

@@ -21,6 +21,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def detokenize(tokenizer, chunks, stop=(), context=()):
+    """Feed `chunks` (lists of ids) through an IncrementalDetokenizer as the engine does; returns
+    (text emitted, stop string matched or None). The text is flushed only when none matched."""
+    from replica.detokenizer import IncrementalDetokenizer
+
+    d = IncrementalDetokenizer(tokenizer, stop, context=context)
+    out = []
+    for ids in chunks:
+        d.add(ids)
+        piece, matched = d.take(final=False)
+        out.append(piece)
+        if matched:
+            return "".join(out), matched
+    out.append(d.flush_all())
+    return "".join(out), None
+
+
 def prefill_then_decode_batch(core, prompts, params):
     """Drive an EngineCore (no worker thread) until every prompt has its first token, drain the step
     in flight, and return the pure-decode StepBatch of the next step (not launched)."""

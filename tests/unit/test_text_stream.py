@@ -14,8 +14,8 @@ import random
 
 import pytest
 
+from engine_helpers import detokenize
 from hf_fixtures import MULTILINGUAL, trained_tokenizer
-from replica.detokenizer import IncrementalDetokenizer
 from replica.text_stream import CONTEXT_TOKENS, DecodeStreamText, Utf8Stream, WindowStream
 from replica.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -117,16 +117,9 @@ def test_detokenizer_holds_stop_strings_over_a_real_tokenizer(tok):
     """Stop strings span tokens of a merged vocabulary; the text ends before the first match."""
     ctx = tok.encode("Question: what comes next?")
     ids = tok.encode(" The paged KV cache. Answer: done and more text after it")
-    d = IncrementalDetokenizer(tok, stop=["Answer:"], context=ctx)
-    out, matched = [], None
-    for i in ids:
-        d.add([i])
-        piece, matched = d.take(final=False)
-        out.append(piece)
-        if matched:
-            break
+    text, matched = detokenize(tok, [[i] for i in ids], ["Answer:"], context=ctx)
     assert matched == "Answer:"
-    assert "".join(out) == reference(tok.decode, ctx[-CONTEXT_TOKENS:], ids).split("Answer:")[0]
+    assert text == reference(tok.decode, ctx[-CONTEXT_TOKENS:], ids).split("Answer:")[0]
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3])

@@ -32,15 +32,16 @@ def byte_level_alphabet() -> dict[str, int]:
 
 def decoder_types(backend) -> set[str]:
     """The decoder types of a `tokenizers.Tokenizer`, a Sequence's members included."""
-    if backend.decoder is None:
-        return set()
     found: set[str] = set()
 
     def walk(spec: dict) -> None:
         found.add(spec.get("type"))
         for member in spec.get("decoders", ()):
             walk(member)
-    walk(json.loads(backend.decoder.__getstate__()))
+    try:
+        walk(json.loads(backend.decoder.__getstate__()))
+    except (AttributeError, TypeError, ValueError):   # no decoder, or no serialised form
+        return set()
     return found
 
 

@@ -1,34 +1,23 @@
 """Tiny Hugging Face checkpoints built offline for tests: a byte-level BPE tokenizer (no merges) and
 a random LlamaForCausalLM saved with `save_pretrained`, so the engine's checkpoint path is exercised
-end to end without a download."""
+end to end without a download; and BPE tokenizers trained here in the two decoder families real
+checkpoints use (`trained_tokenizer`), for text that merges, strips and falls back to bytes."""
 from __future__ import annotations
 
 import torch
+
+from replica.token_bytes import byte_level_alphabet
 
 BOS, EOS = 256, 257
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the
-    rest are shifted past 255 so every byte has a visible, whitespace-free symbol."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
 def byte_tokenizer(chat_template: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: b for b, ch in _byte_chars().items()}
+    vocab = dict(byte_level_alphabet())                  # GPT-2's stand-in character -> byte
     vocab.update({"<s>": BOS, "</s>": EOS})
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

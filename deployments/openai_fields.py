@@ -71,7 +71,9 @@ FIELDS: tuple[FieldPolicy, ...] = (
     _h("max_tokens", BOTH, "positive; prompt + max_tokens must fit the context (completions "
                            "default 16, chat default: the rest of the context)"),
     _h("logprobs", BOTH, "completions: 0-20 alternatives per token; chat: true/false (with "
-                         "`top_logprobs`); raw model log-probabilities, streaming included"),
+                         "`top_logprobs`); raw model log-probabilities, streaming included; a "
+                         "token's text and bytes are what it adds to the text (its leading space; "
+                         "a partial character's own bytes)"),
     _h("logit_bias", BOTH, "{token id: bias in [-100, 100]}, at most 300 entries"),
     _h("presence_penalty", BOTH, "[-2, 2]"),
     _h("frequency_penalty", BOTH, "[-2, 2]"),

@@ -135,6 +135,9 @@ class AppArgs(BaseModel):
     use_cuda_graphs: bool = True
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
+    # Requests reaching an engine between two of its steps are admitted longest max_tokens first
+    # (a burst's tail of small decode batches is shorter), else in arrival order (EngineConfig.admission_order).
+    admission_order: Literal["longest_first", "arrival"] = "longest_first"
     seed: int = 0
     # Where each replica's step loop runs (EngineConfig.engine_process): "auto" is a child process
     # on CUDA, so the replica's busy event loop never holds the GPU loop back, and a thread on CPU.
@@ -246,7 +249,8 @@ class AppArgs(BaseModel):
                             step_token_budget=self.step_token_budget,
                             mixed_graph_tokens=self.mixed_graph_tokens, fallback=self.fallback,
                             memory_utilization=self.memory_utilization, use_cuda_graphs=self.use_cuda_graphs,
-                            seed=self.seed, engine_process=self.engine_process)
+                            admission_order=self.admission_order, seed=self.seed,
+                            engine_process=self.engine_process)
 
     def replica_capacity(self, gpus: bool = True) -> int:
         """Sequences one replica holds at once, as far as the config says: max_num_seqs, else the

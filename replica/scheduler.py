@@ -8,9 +8,12 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
    to the waiting queue to be recomputed), so running decodes never deadlock on memory;
 3. prefill chunks, up to the step's token budget (`step_token_budget` minus the decode rows, but
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
-   admissions, oldest first. Admission takes a block-table row, the prompt's cached leading blocks
-   (prefix cache, replica/blocks.py) and fresh blocks for the rest of its known tokens; it waits
-   while that would leave less than a small watermark of blocks free.
+   admissions, oldest first. "Oldest" is the scheduler's arrival order: requests drained from the
+   inbox at one step are numbered longest `max_tokens` first (unless `longest_first` is off), so
+   a burst's rows finish closer together; across steps, order of submission. Admission takes a
+   block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
+   blocks for the rest of its known tokens; it waits while that would leave less than a small
+   watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
 back (one step after its launch: the worker keeps one step in flight), applies stops and limits,
 frees finished sequences, registers newly full blocks in the prefix cache, and returns `Event`s.
@@ -44,12 +47,13 @@ class EngineOverloadedError(RuntimeError):
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_rows: int, max_decode_rows: int, max_seq_len: int,
-                 step_token_budget: int, eos_token_ids, max_queued: Optional[int] = None):
+                 step_token_budget: int, eos_token_ids, max_queued: Optional[int] = None,
+                 longest_first: bool = True):
         self.pool, self.bs = pool, pool.block_size
         self.max_rows, self.max_decode_rows = max_rows, max_decode_rows
         self.max_seq_len, self.budget = max_seq_len, step_token_budget
         self.eos = frozenset(eos_token_ids)
-        self.max_queued = max_queued
+        self.max_queued, self.longest_first = max_queued, longest_first
         self.watermark = max(1, pool.usable_blocks // 100)
         self._lock = threading.Lock()
         self._incoming: collections.deque[Sequence] = collections.deque()
@@ -349,11 +353,14 @@ class Scheduler:
     def _drain_inbox(self, events: list[Event]) -> None:
         with self._lock:
             for seq in self._incoming:
-                seq.arrival = self._arrivals
-                self._arrivals += 1
                 p = seq.params
                 seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos)
                 seq.max_output = min(p.max_tokens, self.max_seq_len - len(seq.prompt_ids))
+            arrived = sorted(self._incoming, key=lambda s: -s.max_output) if self.longest_first \
+                else self._incoming                        # sorted() is stable: ties keep their order
+            for seq in arrived:
+                seq.arrival = self._arrivals
+                self._arrivals += 1
                 self.waiting.append(seq)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()

@@ -135,9 +135,10 @@ class AppArgs(BaseModel):
     use_cuda_graphs: bool = True
     # What a replica does with a decode batch larger than its largest bucket (EngineConfig.fallback).
     fallback: Literal["eager", "queue"] = "eager"
-    # Requests reaching an engine between two of its steps are admitted longest max_tokens first
-    # (a burst's tail of small decode batches is shorter), else in arrival order (EngineConfig.admission_order).
-    admission_order: Literal["longest_first", "arrival"] = "longest_first"
+    # Each engine admits the waiting request with the most output left among those that arrived
+    # within this many seconds of the oldest one waiting (a burst's tail of small decode batches
+    # is shorter); 0: in order of arrival (EngineConfig.admission_window_s).
+    admission_window_s: float = Field(2.0, ge=0)
     seed: int = 0
     # Where each replica's step loop runs (EngineConfig.engine_process): "auto" is a child process
     # on CUDA, so the replica's busy event loop never holds the GPU loop back, and a thread on CPU.
@@ -249,7 +250,7 @@ class AppArgs(BaseModel):
                             step_token_budget=self.step_token_budget,
                             mixed_graph_tokens=self.mixed_graph_tokens, fallback=self.fallback,
                             memory_utilization=self.memory_utilization, use_cuda_graphs=self.use_cuda_graphs,
-                            admission_order=self.admission_order, seed=self.seed,
+                            admission_window_s=self.admission_window_s, seed=self.seed,
                             engine_process=self.engine_process)
 
     def replica_capacity(self, gpus: bool = True) -> int:

@@ -17,7 +17,6 @@ from typing import Literal, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FALLBACKS = ("eager", "queue")
-ADMISSION_ORDERS = ("longest_first", "arrival")
 # The bucket ladder the engine captures when `batch_buckets` is not given: dense where padding
 # costs most (small batches), sparser above. Cut at max_num_seqs, which is always a bucket.
 LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -89,12 +88,12 @@ class EngineConfig:
     # Requests waiting for admission beyond the running rows; a submit past it raises
     # EngineOverloadedError. None: no bound.
     max_queued_requests: Optional[int] = None
-    # Order of admission among the requests that reach the engine between two steps: "longest_first"
-    # takes the longest max_tokens first, so a burst's sequences finish closer together and its
-    # tail of small decode batches is shorter (SGLang's longest-output-first, bounded to one step's
-    # arrivals: across steps it is arrival order, so nothing waits behind later requests);
-    # "arrival": strictly in submission order.
-    admission_order: Literal["longest_first", "arrival"] = "longest_first"
+    # Longest output first, within a window: the next admission is the waiting request with the
+    # most output tokens left among those that arrived within this many seconds of the oldest one
+    # waiting. A burst's sequences then finish close together, so its tail of small decode batches
+    # is shorter (SGLang's longest-output-first); no request waits behind one that arrived more
+    # than the window after it. 0: strictly in order of arrival.
+    admission_window_s: float = 2.0
     # Seed for random weights (random:* models) and for requests that do not give one.
     seed: int = 0
 
@@ -152,8 +151,8 @@ def _validate(c: EngineConfig) -> None:
         fail(f"memory_utilization={c.memory_utilization} must be between 0.05 and 0.99")
     if c.fallback not in FALLBACKS:
         fail(f"fallback={c.fallback!r} must be one of {FALLBACKS}")
-    if c.admission_order not in ADMISSION_ORDERS:
-        fail(f"admission_order={c.admission_order!r} must be one of {ADMISSION_ORDERS}")
+    if not c.admission_window_s >= 0:
+        fail(f"admission_window_s={c.admission_window_s} must be >= 0 (0: admit in order of arrival)")
     if c.engine_process not in ("auto", "thread", "process"):
         fail(f"engine_process={c.engine_process!r} must be 'auto', 'thread' or 'process'")
     if c.step_token_budget is not None and c.step_token_budget < 1:

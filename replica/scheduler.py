@@ -8,10 +8,9 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
    to the waiting queue to be recomputed), so running decodes never deadlock on memory;
 3. prefill chunks, up to the step's token budget (`step_token_budget` minus the decode rows, but
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
-   admissions, oldest first. "Oldest" is the scheduler's arrival order: requests drained from the
-   inbox at one step are numbered longest `max_tokens` first (unless `longest_first` is off), so
-   a burst's rows finish closer together; across steps, order of submission. Admission takes a
-   block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
+   admissions: the waiting sequence with the most output left among those that arrived within
+   `window_s` of the oldest waiting one (`_next_to_admit`; 0: the oldest), so a burst's rows
+   finish closer together. Admission takes a block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
    blocks for the rest of its known tokens; it waits while that would leave less than a small
    watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
@@ -28,6 +27,7 @@ from __future__ import annotations
 import bisect
 import collections
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -39,6 +39,7 @@ from replica.sampling_params import TokenLogprob
 from replica.sequence import Event, Sequence, Status, StepEvents
 
 OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
+MAX_SCAN = 2048       # waiting sequences one admission looks at for the longest output
 
 
 class EngineOverloadedError(RuntimeError):
@@ -48,12 +49,12 @@ class EngineOverloadedError(RuntimeError):
 class Scheduler:
     def __init__(self, pool: BlockPool, max_rows: int, max_decode_rows: int, max_seq_len: int,
                  step_token_budget: int, eos_token_ids, max_queued: Optional[int] = None,
-                 longest_first: bool = True):
+                 window_s: float = 0.0, clock=time.monotonic):
         self.pool, self.bs = pool, pool.block_size
         self.max_rows, self.max_decode_rows = max_rows, max_decode_rows
         self.max_seq_len, self.budget = max_seq_len, step_token_budget
         self.eos = frozenset(eos_token_ids)
-        self.max_queued, self.longest_first = max_queued, longest_first
+        self.max_queued, self.window_s, self.clock = max_queued, window_s, clock
         self.watermark = max(1, pool.usable_blocks // 100)
         self._lock = threading.Lock()
         self._incoming: collections.deque[Sequence] = collections.deque()
@@ -73,6 +74,7 @@ class Scheduler:
         with self._lock:
             if self.max_queued is not None and len(self._incoming) + len(self.waiting) >= self.max_queued:
                 raise EngineOverloadedError(f"the engine's queue is full ({self.max_queued} requests wait)")
+            seq.arrived_s = self.clock()
             self._incoming.append(seq)
 
     def abort(self, request_id: str) -> None:
@@ -100,7 +102,7 @@ class Scheduler:
         budget = max(self.budget - len(batch.decode), self.budget // 4)
         budget = self._plan_chunks(batch, list(self.running.values()), budget)
         while budget > 0 and self.waiting and self._free_rows:
-            seq = next((s for s in self.waiting if s.pending == 0), None)
+            seq = self._next_to_admit()
             if seq is None or not self._admit(seq, batch):
                 break
             budget = self._plan_chunks(batch, [seq], budget)
@@ -114,6 +116,23 @@ class Scheduler:
         self._repeatable = (batch, self._roster, np.array([s.params.max_tokens for s in batch.decode.seqs])) \
             if repeatable else None
         return batch
+
+    def _next_to_admit(self) -> Optional[Sequence]:
+        """The waiting sequence with the most output tokens left among those (none in flight) that
+        arrived within `window_s` of the oldest one, the oldest on ties; the oldest with no window.
+        `waiting` is in arrival order, so the scan stops at the window's end (or MAX_SCAN)."""
+        ready = (s for s in self.waiting if s.pending == 0)
+        best = next(ready, None)
+        if best is None or not self.window_s:
+            return best
+        horizon, most = best.arrived_s + self.window_s, best.max_output - len(best.output_ids)
+        for _, seq in zip(range(MAX_SCAN), ready):
+            if seq.arrived_s > horizon:
+                break
+            left = seq.max_output - len(seq.output_ids)
+            if left > most:
+                best, most = seq, left
+        return best
 
     def _repeat_decode(self) -> Optional[StepBatch]:
         """The steady state without the per-row plan: when the last batch decoded every running
@@ -353,14 +372,11 @@ class Scheduler:
     def _drain_inbox(self, events: list[Event]) -> None:
         with self._lock:
             for seq in self._incoming:
+                seq.arrival = self._arrivals
+                self._arrivals += 1
                 p = seq.params
                 seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos)
                 seq.max_output = min(p.max_tokens, self.max_seq_len - len(seq.prompt_ids))
-            arrived = sorted(self._incoming, key=lambda s: -s.max_output) if self.longest_first \
-                else self._incoming                        # sorted() is stable: ties keep their order
-            for seq in arrived:
-                seq.arrival = self._arrivals
-                self._arrivals += 1
                 self.waiting.append(seq)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()

@@ -30,6 +30,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     arrival: int = 0                     # submission order (the scheduler's clock): oldest first
+    arrived_s: float = 0.0               # when it was submitted (Scheduler.clock, seconds)
     # -- scheduler state --
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -74,7 +74,7 @@ class EngineCore:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.pool = BlockPool(r.plan.num_blocks, c.block_size, c.enable_prefix_cache)
         self.scheduler = Scheduler(self.pool, r.rows, r.max_decode_rows, c.max_seq_len, r.step_token_budget,
-                                   eos, c.max_queued_requests, c.admission_order == "longest_first")
+                                   eos, c.max_queued_requests, c.admission_window_s)
         self.info = EngineInfo(r.vocab_size, c.max_seq_len, c.block_size, len(eos))
         self._inflight: Optional[tuple[StepBatch, "InFlight"]] = None
         self._last_done = time.perf_counter()

@@ -11,7 +11,8 @@ decode step at bucket b = the measured step at b less its KV reads at the measur
 the KV reads of this step's contexts (128 KiB per token at 4.13 TB/s); eager (past the largest
 bucket) x1.6; a mixed step = its prompt tokens at 75k tokens/s plus its decode rows' step. Not
 modelled: preemption (the pool is large), sampling, host time, EOS (every sequence runs its
-max_tokens, as serve_load's requests do with ignore_eos).
+max_tokens, as serve_load's requests do with ignore_eos), and the engine's longest-output-first
+admission window (EngineConfig.admission_window_s): admission here is first come, first served.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
    to the waiting queue to be recomputed), so running decodes never deadlock on memory;
 3. prefill chunks, up to the step's token budget (`step_token_budget` minus the decode rows, but
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
-   admissions: the waiting sequence with the most output left among those that arrived within
-   `window_s` of the oldest waiting one (`_next_to_admit`; 0: the oldest), so a burst's rows
-   finish closer together. Admission takes a block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
+   admissions: the waiting sequences that arrived within `window_s` of the oldest waiting one,
+   most output left first (`_admission_order`; 0: oldest first), so a burst's rows finish
+   closer together. Admission takes a block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
    blocks for the rest of its known tokens; it waits while that would leave less than a small
    watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
@@ -101,9 +101,8 @@ class Scheduler:
         self._plan_decode(batch)
         budget = max(self.budget - len(batch.decode), self.budget // 4)
         budget = self._plan_chunks(batch, list(self.running.values()), budget)
-        while budget > 0 and self.waiting and self._free_rows:
-            seq = self._next_to_admit()
-            if seq is None or not self._admit(seq, batch):
+        for seq in self._admission_order() if budget > 0 and self._free_rows else ():
+            if budget <= 0 or not self._free_rows or not self._admit(seq, batch):
                 break
             budget = self._plan_chunks(batch, [seq], budget)
         for seq in batch.chunks.seqs:
@@ -117,22 +116,17 @@ class Scheduler:
             if repeatable else None
         return batch
 
-    def _next_to_admit(self) -> Optional[Sequence]:
-        """The waiting sequence with the most output tokens left among those (none in flight) that
-        arrived within `window_s` of the oldest one, the oldest on ties; the oldest with no window.
-        `waiting` is in arrival order, so the scan stops at the window's end (or MAX_SCAN)."""
-        ready = (s for s in self.waiting if s.pending == 0)
-        best = next(ready, None)
-        if best is None or not self.window_s:
-            return best
-        horizon, most = best.arrived_s + self.window_s, best.max_output - len(best.output_ids)
-        for _, seq in zip(range(MAX_SCAN), ready):
-            if seq.arrived_s > horizon:
-                break
-            left = seq.max_output - len(seq.output_ids)
-            if left > most:
-                best, most = seq, left
-        return best
+    def _admission_order(self) -> list[Sequence]:
+        """Waiting sequences (none in flight) in the order this step may admit them: those that
+        arrived within `window_s` of the oldest one (at most MAX_SCAN), most output tokens left
+        first and the oldest on ties, then the rest in arrival order (`waiting`'s own order)."""
+        ready = [s for s in self.waiting if s.pending == 0]
+        if not ready or not self.window_s:
+            return ready
+        cut = bisect.bisect_right(ready, ready[0].arrived_s + self.window_s, hi=min(len(ready), MAX_SCAN),
+                                  key=lambda s: s.arrived_s)
+        head = sorted(ready[:cut], key=lambda s: s.max_output - len(s.output_ids), reverse=True)  # stable
+        return head + ready[cut:]
 
     def _repeat_decode(self) -> Optional[StepBatch]:
         """The steady state without the per-row plan: when the last batch decoded every running

@@ -208,7 +208,7 @@ def run_config(a, model: str, msl: int, gemm, bw, budget, full: bool) -> dict:
         rep["phases"]["burst"] = run_phase(eng, "burst", model, lambda: run_arrivals(eng, reqs, [0.0] * len(reqs)), gemm, bw)
         if full and "poisson" in a.phases and budget.ok(a.reserve_s):
             burst = rep["phases"]["burst"]
-            req_rate = burst["requests"] / burst["wall_s"]
+            req_rate = a.rate_base or burst["requests"] / burst["wall_s"]
             curve = []
             for frac in a.rates:
                 if not budget.ok(a.reserve_s):
@@ -260,6 +260,9 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma list (GPU default llama-8b,llama-1b; CPU tiny)")
     ap.add_argument("--seq-lens", default=None, help="comma list of max_seq_len (GPU 8192,32768; CPU 256)")
     ap.add_argument("--rates", default="0.3,0.6,0.9", help="Poisson rates as fractions of the burst's")
+    ap.add_argument("--rate-base", type=float, default=None,
+                    help="requests/s the Poisson fractions refer to (default: the burst's, measured in the run); "
+                         "fixed, it makes the curves of two engine configs comparable")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--reserve-s", type=float, default=45.0)

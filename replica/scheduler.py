@@ -10,9 +10,9 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
    admissions: the waiting sequences that arrived within `window_s` of the oldest waiting one,
    most output left first (`_admission_order`; 0: oldest first), so a burst's rows finish
-   closer together. Admission takes a block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
-   blocks for the rest of its known tokens; it waits while that would leave less than a small
-   watermark of blocks free.
+   closer together. Admission takes a block-table row, the prompt's cached leading blocks
+   (prefix cache, replica/blocks.py) and fresh blocks for the rest of its known tokens; it waits
+   while that would leave less than a small watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
 back (one step after its launch: the worker keeps one step in flight), applies stops and limits,
 frees finished sequences, registers newly full blocks in the prefix cache, and returns `Event`s.
@@ -39,7 +39,7 @@ from replica.sampling_params import TokenLogprob
 from replica.sequence import Event, Sequence, Status, StepEvents
 
 OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
-MAX_SCAN = 2048       # waiting sequences one admission looks at for the longest output
+MAX_SCAN = 2048       # the most waiting sequences one step orders by output left (the rest wait)
 
 
 class EngineOverloadedError(RuntimeError):
@@ -101,10 +101,13 @@ class Scheduler:
         self._plan_decode(batch)
         budget = max(self.budget - len(batch.decode), self.budget // 4)
         budget = self._plan_chunks(batch, list(self.running.values()), budget)
-        for seq in self._admission_order() if budget > 0 and self._free_rows else ():
-            if budget <= 0 or not self._free_rows or not self._admit(seq, batch):
-                break
-            budget = self._plan_chunks(batch, [seq], budget)
+        if budget > 0 and self._free_rows:
+            for seq in self._admission_order():
+                if not self._admit(seq, batch):
+                    break
+                budget = self._plan_chunks(batch, [seq], budget)
+                if budget <= 0 or not self._free_rows:
+                    break
         for seq in batch.chunks.seqs:
             self._register_full_blocks(seq)
         sampled = batch.sampled

@@ -8,9 +8,8 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
    to the waiting queue to be recomputed), so running decodes never deadlock on memory;
 3. prefill chunks, up to the step's token budget (`step_token_budget` minus the decode rows, but
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
-   admissions: the waiting sequences that arrived within `window_s` of the oldest waiting one,
-   most output left first (`_admission_order`; 0: oldest first), so a burst's rows finish
-   closer together. Admission takes a block-table row, the prompt's cached leading blocks
+   admissions, in `admission_order` (replica/admission.py: most output left first among those
+   that arrived within `window_s` of the oldest waiting one; 0: oldest first). Admission takes a block-table row, the prompt's cached leading blocks
    (prefix cache, replica/blocks.py) and fresh blocks for the rest of its known tokens; it waits
    while that would leave less than a small watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
@@ -32,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from replica.admission import admission_order
 from replica.batch import COLUMNS, DecodeRows, StepBatch
 from replica.blocks import BlockPool
 from replica.block_hash import ROOT
@@ -39,7 +39,6 @@ from replica.sampling_params import TokenLogprob
 from replica.sequence import Event, Sequence, Status, StepEvents
 
 OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
-MAX_SCAN = 2048       # the most waiting sequences one step orders by output left (the rest wait)
 
 
 class EngineOverloadedError(RuntimeError):
@@ -102,7 +101,7 @@ class Scheduler:
         budget = max(self.budget - len(batch.decode), self.budget // 4)
         budget = self._plan_chunks(batch, list(self.running.values()), budget)
         if budget > 0 and self._free_rows:
-            for seq in self._admission_order():
+            for seq in admission_order(self.waiting, self.window_s):
                 if not self._admit(seq, batch):
                     break
                 budget = self._plan_chunks(batch, [seq], budget)
@@ -118,18 +117,6 @@ class Scheduler:
         self._repeatable = (batch, self._roster, np.array([s.params.max_tokens for s in batch.decode.seqs])) \
             if repeatable else None
         return batch
-
-    def _admission_order(self) -> list[Sequence]:
-        """Waiting sequences (none in flight) in the order this step may admit them: those that
-        arrived within `window_s` of the oldest one (at most MAX_SCAN), most output tokens left
-        first and the oldest on ties, then the rest in arrival order (`waiting`'s own order)."""
-        ready = [s for s in self.waiting if s.pending == 0]
-        if not ready or not self.window_s:
-            return ready
-        cut = bisect.bisect_right(ready, ready[0].arrived_s + self.window_s, hi=min(len(ready), MAX_SCAN),
-                                  key=lambda s: s.arrived_s)
-        head = sorted(ready[:cut], key=lambda s: s.max_output - len(s.output_ids), reverse=True)  # stable
-        return head + ready[cut:]
 
     def _repeat_decode(self) -> Optional[StepBatch]:
         """The steady state without the per-row plan: when the last batch decoded every running

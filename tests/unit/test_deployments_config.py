@@ -74,6 +74,13 @@ def test_one_ladder_and_the_default_ladder_serve_every_rank():
             AppArgs(**bad)
 
 
+def test_the_admission_window_reaches_every_engine():
+    assert AppArgs().engine_config(0).admission_window_s == 2.0
+    assert AppArgs(admission_window_s=0).engine_config(1).admission_window_s == 0.0
+    with pytest.raises(ValidationError, match="admission_window_s"):
+        AppArgs(admission_window_s=-0.5)
+
+
 def test_cpu_cluster_gets_one_cpu_replica_per_tier():
     opts = replica_options(AppArgs(bucket_sets=[[1, 2], [4, 8]]), gpus_in_cluster=0)
     assert opts["num_replicas"] == 2

@@ -11,7 +11,7 @@ in arrival order they end over a long tail of ever smaller decode batches, each 
 weight. Admitting the most work first makes the ends meet (longest processing time first; SGLang's
 longest-output-first). The window bounds the unfairness: nothing waits behind a request that
 arrived more than `window_s` after it. It is in seconds because a burst can reach the scheduler
-over many steps (a process engine's child reads its pipe between steps).
+over several steps (a process engine's child reads its pipe between steps).
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ One `schedule()` builds the next `StepBatch` (replica/batch.py):
 3. prefill chunks, up to the step's token budget (`step_token_budget` minus the decode rows, but
    at least a quarter of it, so prompts never starve): unfinished prompts first, then new
    admissions, in `admission_order` (replica/admission.py: most output left first among those
-   that arrived within `window_s` of the oldest waiting one; 0: oldest first). Admission takes a block-table row, the prompt's cached leading blocks
-   (prefix cache, replica/blocks.py) and fresh blocks for the rest of its known tokens; it waits
-   while that would leave less than a small watermark of blocks free.
+   that arrived within `window_s` of the oldest waiting one; 0: oldest first). Admission takes a
+   block-table row, the prompt's cached leading blocks (prefix cache, replica/blocks.py) and fresh
+   blocks for the rest of its known tokens; it waits while that would leave less than a small
+   watermark of blocks free.
 `postprocess(batch, tokens, logprobs)` consumes the tokens of a step once the runner has read them
 back (one step after its launch: the worker keeps one step in flight), applies stops and limits,
 frees finished sequences, registers newly full blocks in the prefix cache, and returns `Event`s.

@@ -8,8 +8,11 @@ scheduler, the runner's host work and the event traffic, on whatever CPU runs it
 
     python benchmarks/host_step.py                   # 500 requests, prompt U[200,400], 100 decode steps
     python benchmarks/host_step.py --rows 256 --steps 200
+    python benchmarks/host_step.py --finishing 0.5  # half the rows end inside the timed steps
 
-Prints ms per step of `EngineCore.step()` once every request decodes, the host time of the mixed
+Prints ms per step of `EngineCore.step()` once every request decodes (and how many of those steps
+the scheduler had to plan row by row rather than build from the last: a step after rows joined,
+or one that admits), the host time of the mixed
 steps that admitted them (prompt chunks up to `--budget` tokens beside the decode rows), and the cost of packing and
 pickling one step's events and stats as the process worker sends them (its sender thread does that
 under the same GIL).
@@ -49,12 +52,25 @@ def stub_model(core: EngineCore) -> None:
     model.decode, model.forward_mixed = decode, forward_mixed
 
 
+def count_calls(obj, name: str) -> list[int]:
+    """Wrap obj.name to count its calls; returns the one-element counter."""
+    calls, inner = [0], getattr(obj, name)
+
+    def counted(*args, **kw):
+        calls[0] += 1
+        return inner(*args, **kw)
+    setattr(obj, name, counted)
+    return calls
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=500, help="requests, all decoding at once")
     ap.add_argument("--steps", type=int, default=100, help="decode steps timed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=int, default=2048, help="step_token_budget (the engine's default)")
+    ap.add_argument("--finishing", type=float, default=0.0,
+                    help="share of the rows whose max_tokens ends inside the timed steps, spread evenly")
     a = ap.parse_args(argv)
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < a.rows) + (a.rows,)
     for r in range(a.repeats):
@@ -64,7 +80,9 @@ def main(argv=None) -> None:
         rng = random.Random(r)
         for i in range(a.rows):
             prompt = [rng.randrange(256) for _ in range(rng.randint(200, 400))]
-            params = SamplingParams(max_tokens=a.steps + 200, temperature=0.0, ignore_eos=True)
+            ends = i < a.finishing * a.rows          # ends after 3..steps tokens: inside the window
+            max_tokens = 3 + int((a.steps - 3) * i / max(1, a.finishing * a.rows)) if ends else a.steps + 200
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             core.scheduler.submit(Sequence(f"r{i}", prompt, params, i))
         t0 = time.perf_counter()
         while core.scheduler.waiting or core.scheduler._incoming or core.tokens["mixed_steps"] == 0 \
@@ -72,6 +90,7 @@ def main(argv=None) -> None:
             core.step()                                   # admit and prefill everything: mixed steps
         mixed_s = (time.perf_counter() - t0) / max(1, core.tokens["mixed_steps"])
         core.step()
+        planned = count_calls(core.scheduler, "_plan")
         t0 = time.perf_counter()
         for _ in range(a.steps):
             events = core.step()
@@ -82,7 +101,8 @@ def main(argv=None) -> None:
             blob = pickle.dumps(("events", (events.ids, events.tokens, events.other), stats),
                                 protocol=pickle.HIGHEST_PROTOCOL)
         pickle_s = (time.perf_counter() - t0) / 20
-        print(f"repeat {r}: {len(events)} rows, host {per_step * 1e3:.2f} ms/step, "
+        print(f"repeat {r}: {len(events)} rows at the end, host {per_step * 1e3:.2f} ms/step "
+              f"({planned[0]} of {a.steps} planned row by row), "
               f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes); admission: "
               f"{core.tokens['mixed_steps']} mixed steps of {a.budget} tokens, {mixed_s * 1e3:.2f} ms each")
 

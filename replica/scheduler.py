@@ -121,24 +121,34 @@ class Scheduler:
 
     def _repeat_decode(self) -> Optional[StepBatch]:
         """The steady state without the per-row plan: when the last batch decoded every running
-        sequence and nothing has joined, left or been preempted since (`_roster`), and nothing
-        can be admitted, the next batch is the same rows one position on, each fed the token its
-        row sampled last step (src = its own row). Columns are updated as arrays, each row's two
-        counters in one loop; only rows that enter a new block touch the pool. None where the
-        general plan is needed (`_plan`): a row at its length limit, fewer free blocks than rows
-        entering a block (preemption), a change of rows, or a waiting sequence and a free row."""
-        if self._repeatable is None:
+        sequence that could decode, nothing has joined since, and nothing can be admitted, the
+        next batch is the last one's rows one position on, each fed the token its row sampled
+        last step (src = its row there), less the rows that have left: finished or aborted since
+        (`_roster` moved) or at their length limit, as the general plan would skip them. Columns
+        are updated as arrays; only rows that enter a new block touch the pool. None where the
+        general plan is needed (`_plan`): fewer free blocks than rows entering a block
+        (preemption), no row left, or a waiting sequence and a free row."""
+        if self._repeatable is None or (self.waiting and self._free_rows):
             return None
         prev, roster, max_tokens = self._repeatable
-        if roster != self._roster or (self.waiting and self._free_rows):
-            return None
-        cols = prev.decode.cols.copy()
-        tokens, src, positions, _, slots, steps = cols
-        positions += 1
-        steps += 1
-        if (steps >= max_tokens).any() or (positions + 1 >= self.max_seq_len).any():
-            return None
-        seqs, bs = prev.decode.seqs, self.bs
+        seqs, cols = prev.decode.seqs, prev.decode.cols.copy()
+        cols[2] += 1                                      # positions
+        cols[5] += 1                                      # steps
+        stays = (cols[5] < max_tokens) & (cols[2] + 1 < self.max_seq_len)
+        if roster != self._roster:                        # only removals: joins go through _plan
+            stays &= np.fromiter((s.status is Status.RUNNING for s in seqs), bool, len(seqs))
+        src = np.arange(len(seqs))
+        greedy, logprobs = prev.greedy, prev.logprobs
+        if not stays.all():
+            src = np.flatnonzero(stays)
+            if not len(src):
+                return None
+            cols, max_tokens = cols[:, src], max_tokens[src]
+            seqs = [seqs[j] for j in src.tolist()]
+            greedy = all(s.params.plain_greedy for s in seqs)
+            logprobs = any(s.params.logprobs is not None for s in seqs)
+        tokens, _, positions, _, slots, _ = cols
+        bs = self.bs
         entering = np.flatnonzero(positions % bs == 0)
         if len(entering) > self.pool.num_free:
             return None
@@ -149,12 +159,12 @@ class Scheduler:
                 self._grow(seq, seqs)                      # a free block is there: no preemption
             slots[j] = seq.block_table[block] * bs
         tokens[:] = 0
-        src[:] = np.arange(len(seqs))
+        cols[1] = src
         for seq in seqs:
             seq.num_computed += 1
             seq.pending += 1
-        batch = StepBatch(DecodeRows(seqs, cols), greedy=prev.greedy, logprobs=prev.logprobs)
-        self._repeatable = (batch, roster, max_tokens)
+        batch = StepBatch(DecodeRows(seqs, cols), greedy=greedy, logprobs=logprobs)
+        self._repeatable = (batch, self._roster, max_tokens)
         return batch
 
     def _plan_decode(self, batch: StepBatch) -> None:

@@ -115,7 +115,37 @@ def test_postprocess_packs_plain_tokens_and_keeps_the_rest_whole():
     assert StepEvents(events.ids, events.tokens, events.other).expand()[0] == Event("p", (11,))
 
 
-def test_a_row_at_its_limit_leaves_the_steady_path():
+def test_rows_that_finish_or_reach_their_limit_leave_the_steady_path_without_replanning():
+    """A finish (EOS), an abort and a row at max_tokens drop those rows from the steady batch;
+    the rows that stay keep the steady path, fed from their rows in the step before."""
+    sch = Scheduler(BlockPool(64, 4), max_rows=4, max_decode_rows=4, max_seq_len=64,
+                    step_token_budget=64, eos_token_ids=[EOS])
+    limits = {"a": 30, "b": 4, "c": 30, "d": 30}          # b stops at its limit; c on EOS; d aborted
+    for i, (rid, m) in enumerate(limits.items()):
+        sch.submit(Sequence(rid, [5, 6, 7], SamplingParams(max_tokens=m, ignore_eos=rid != "c"), seed=i))
+    planned = []
+    general = sch._plan
+    sch._plan = lambda batch: planned.append(len(batches)) or general(batch)
+    batches, inflight = [], None
+    for k in range(12):
+        if k == 7:
+            sch.abort("d")
+        batch = sch.schedule([])
+        batches.append(batch)
+        if inflight is not None:
+            sch.postprocess(inflight, [EOS if s.request_id == "c" and len(s.output_ids) == 5 else 3
+                                       for s in inflight.sampled])
+        inflight = batch
+    rows = [[s.request_id for s in b.decode.seqs] for b in batches]
+    assert planned == [0, 1], f"only the prefill and the first decode step are planned: {planned}"
+    assert rows[4] == ["a", "c", "d"] and rows[8] == ["a"]          # b, then c and d, left
+    for prev, cur in zip(batches[2:], batches[3:]):
+        before = [s.request_id for s in prev.decode.seqs]
+        assert cur.decode.cols[1].tolist() == [before.index(s.request_id) for s in cur.decode.seqs]
+    assert sch.running.keys() == {"a"}
+
+
+def test_a_row_at_its_limit_leaves_the_batch():
     sch = Scheduler(BlockPool(64, 4), max_rows=2, max_decode_rows=2, max_seq_len=64,
                     step_token_budget=64, eos_token_ids=[EOS])
     for i, m in enumerate((4, 30)):

@@ -65,7 +65,8 @@ class Scheduler:
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._in_flight: list[Sequence] = []              # sequences of the last batch's output rows
         self._roster = 0                                  # bumped whenever `running` changes
-        self._repeatable: Optional[tuple[StepBatch, int, np.ndarray]] = None  # see _repeat_decode
+        # the last batch if the next may repeat it: (batch, roster, its rows' params); _repeat_decode
+        self._repeatable: Optional[tuple[StepBatch, int, np.ndarray]] = None
         self.counters = collections.Counter()
         self.mean_output_tokens = 0.0                     # moving average over finished sequences
 
@@ -115,8 +116,7 @@ class Scheduler:
         batch.logprobs = any(s.params.logprobs is not None for s in sampled)
         repeatable = (batch.decode.seqs and not batch.mixed and not batch.admitted
                       and len(batch.decode) == len(self.running))
-        self._repeatable = (batch, self._roster, np.array([s.params.max_tokens for s in batch.decode.seqs])) \
-            if repeatable else None
+        self._repeatable = (batch, self._roster, self._row_params(batch.decode.seqs)) if repeatable else None
         return batch
 
     def _repeat_decode(self) -> Optional[StepBatch]:
@@ -130,11 +130,11 @@ class Scheduler:
         (preemption), no row left, or a waiting sequence and a free row."""
         if self._repeatable is None or (self.waiting and self._free_rows):
             return None
-        prev, roster, max_tokens = self._repeatable
+        prev, roster, params = self._repeatable
         seqs, cols = prev.decode.seqs, prev.decode.cols.copy()
         cols[2] += 1                                      # positions
         cols[5] += 1                                      # steps
-        stays = (cols[5] < max_tokens) & (cols[2] + 1 < self.max_seq_len)
+        stays = (cols[5] < params[0]) & (cols[2] + 1 < self.max_seq_len)
         if roster != self._roster:                        # only removals: joins go through _plan
             stays &= np.fromiter((s.status is Status.RUNNING for s in seqs), bool, len(seqs))
         src = np.arange(len(seqs))
@@ -143,10 +143,9 @@ class Scheduler:
             src = np.flatnonzero(stays)
             if not len(src):
                 return None
-            cols, max_tokens = cols[:, src], max_tokens[src]
+            cols, params = cols[:, src], params[:, src]
             seqs = [seqs[j] for j in src.tolist()]
-            greedy = all(s.params.plain_greedy for s in seqs)
-            logprobs = any(s.params.logprobs is not None for s in seqs)
+            greedy, logprobs = bool(params[1].all()), bool(params[2].any())
         tokens, _, positions, _, slots, _ = cols
         bs = self.bs
         entering = np.flatnonzero(positions % bs == 0)
@@ -164,8 +163,14 @@ class Scheduler:
             seq.num_computed += 1
             seq.pending += 1
         batch = StepBatch(DecodeRows(seqs, cols), greedy=greedy, logprobs=logprobs)
-        self._repeatable = (batch, self._roster, max_tokens)
+        self._repeatable = (batch, self._roster, params)
         return batch
+
+    @staticmethod
+    def _row_params(seqs: list[Sequence]) -> np.ndarray:
+        """(3, rows) int64: max_tokens, plain greedy (0/1), wants logprobs (0/1) of each row."""
+        return np.array([[s.params.max_tokens for s in seqs], [s.params.plain_greedy for s in seqs],
+                         [s.params.logprobs is not None for s in seqs]], dtype=np.int64).reshape(3, -1)
 
     def _plan_decode(self, batch: StepBatch) -> None:
         """A row for every sequence whose next input is its last token (known, or in flight:

@@ -52,15 +52,18 @@ def stub_model(core: EngineCore) -> None:
     model.decode, model.forward_mixed = decode, forward_mixed
 
 
-def count_calls(obj, name: str) -> list[int]:
-    """Wrap obj.name to count its calls; returns the one-element counter."""
-    calls, inner = [0], getattr(obj, name)
+def count_calls(obj, name: str) -> list[float]:
+    """Wrap obj.name to count its calls and the seconds they take; returns [calls, seconds]."""
+    tally, inner = [0, 0.0], getattr(obj, name)
 
     def counted(*args, **kw):
-        calls[0] += 1
-        return inner(*args, **kw)
+        t0 = time.perf_counter()
+        out = inner(*args, **kw)
+        tally[0] += 1
+        tally[1] += time.perf_counter() - t0
+        return out
     setattr(obj, name, counted)
-    return calls
+    return tally
 
 
 def main(argv=None) -> None:
@@ -91,6 +94,7 @@ def main(argv=None) -> None:
         mixed_s = (time.perf_counter() - t0) / max(1, core.tokens["mixed_steps"])
         core.step()
         planned = count_calls(core.scheduler, "_plan")
+        scheduled = count_calls(core.scheduler, "schedule")
         t0 = time.perf_counter()
         for _ in range(a.steps):
             events = core.step()
@@ -102,7 +106,7 @@ def main(argv=None) -> None:
                                 protocol=pickle.HIGHEST_PROTOCOL)
         pickle_s = (time.perf_counter() - t0) / 20
         print(f"repeat {r}: {len(events)} rows at the end, host {per_step * 1e3:.2f} ms/step "
-              f"({planned[0]} of {a.steps} planned row by row), "
+              f"({planned[0]} of {a.steps} planned row by row, schedule {scheduled[1] / a.steps * 1e3:.3f} ms), "
               f"events pickle {pickle_s * 1e3:.2f} ms ({len(blob)} bytes); admission: "
               f"{core.tokens['mixed_steps']} mixed steps of {a.budget} tokens, {mixed_s * 1e3:.2f} ms each")
 

@@ -10,7 +10,7 @@ from benchmarks import host_step
 def test_host_step_times_a_decode_step_with_every_row_decoding(capsys):
     host_step.main(["--rows", "12", "--steps", "5", "--repeats", "1"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    m = re.match(r"repeat 0: (\d+) rows at the end, host ([\d.]+) ms/step \((\d+) of 5 planned row by row\), "
+    m = re.match(r"repeat 0: (\d+) rows at the end, host ([\d.]+) ms/step \((\d+) of 5 planned row by row, schedule [\d.]+ ms\), "
                  r"events pickle ([\d.]+) ms", line)
     assert m and int(m.group(1)) == 12 and float(m.group(2)) > 0 and int(m.group(3)) == 0, line
 

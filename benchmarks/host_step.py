@@ -10,12 +10,12 @@ scheduler, the runner's host work and the event traffic, on whatever CPU runs it
     python benchmarks/host_step.py --rows 256 --steps 200
     python benchmarks/host_step.py --finishing 0.5  # half the rows end inside the timed steps
 
-Prints ms per step of `EngineCore.step()` once every request decodes (and how many of those steps
-the scheduler had to plan row by row rather than build from the last: a step after rows joined,
-or one that admits), the host time of the mixed
-steps that admitted them (prompt chunks up to `--budget` tokens beside the decode rows), and the cost of packing and
-pickling one step's events and stats as the process worker sends them (its sender thread does that
-under the same GIL).
+Prints, once every request decodes, ms per step of `EngineCore.step()`, how many of those steps
+the scheduler planned row by row rather than built from the last one (`Scheduler._plan`: after an
+admission or a preemption) and the time `schedule` took; the host time of the mixed steps that
+admitted them (prompt chunks up to `--budget` tokens beside the decode rows); and the cost of
+packing and pickling one step's events and stats as the process worker sends them (its sender
+thread does that under the same GIL).
 """
 from __future__ import annotations
 

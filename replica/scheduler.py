@@ -168,9 +168,9 @@ class Scheduler:
 
     @staticmethod
     def _row_params(seqs: list[Sequence]) -> np.ndarray:
-        """(3, rows) int64: max_tokens, plain greedy (0/1), wants logprobs (0/1) of each row."""
-        return np.array([[s.params.max_tokens for s in seqs], [s.params.plain_greedy for s in seqs],
-                         [s.params.logprobs is not None for s in seqs]], dtype=np.int64).reshape(3, -1)
+        """(3, rows) int64, one pass over the rows: max_tokens, plain greedy (0/1), wants logprobs (0/1)."""
+        rows = [(s.params.max_tokens, s.params.plain_greedy, s.params.logprobs is not None) for s in seqs]
+        return np.array(rows, dtype=np.int64).reshape(-1, 3).T
 
     def _plan_decode(self, batch: StepBatch) -> None:
         """A row for every sequence whose next input is its last token (known, or in flight:

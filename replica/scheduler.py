@@ -38,6 +38,7 @@ from replica.blocks import BlockPool
 from replica.block_hash import ROOT
 from replica.sampling_params import TokenLogprob
 from replica.sequence import Event, Sequence, Status, StepEvents
+from replica.steady_decode import LOGPROBS, PLAIN_GREEDY, POSITIONS, SLOTS, advance, row_params
 
 OUTPUT_EMA = 1 / 32   # weight of the newest finished sequence in `mean_output_tokens`
 
@@ -116,61 +117,39 @@ class Scheduler:
         batch.logprobs = any(s.params.logprobs is not None for s in sampled)
         repeatable = (batch.decode.seqs and not batch.mixed and not batch.admitted
                       and len(batch.decode) == len(self.running))
-        self._repeatable = (batch, self._roster, self._row_params(batch.decode.seqs)) if repeatable else None
+        self._repeatable = (batch, self._roster, row_params(batch.decode.seqs)) if repeatable else None
         return batch
 
     def _repeat_decode(self) -> Optional[StepBatch]:
         """The steady state without the per-row plan: when the last batch decoded every running
         sequence that could decode, nothing has joined since, and nothing can be admitted, the
-        next batch is the last one's rows one position on, each fed the token its row sampled
-        last step (src = its row there), less the rows that have left: finished or aborted since
-        (`_roster` moved) or at their length limit, as the general plan would skip them. Columns
-        are updated as arrays; only rows that enter a new block touch the pool. None where the
-        general plan is needed (`_plan`): fewer free blocks than rows entering a block
+        next batch is the last one's rows one position on, less the rows that have left
+        (replica/steady_decode.py). Only rows that enter a new block touch the pool. None where
+        the general plan is needed (`_plan`): fewer free blocks than rows entering a block
         (preemption), no row left, or a waiting sequence and a free row."""
         if self._repeatable is None or (self.waiting and self._free_rows):
             return None
         prev, roster, params = self._repeatable
-        seqs, cols = prev.decode.seqs, prev.decode.cols.copy()
-        cols[2] += 1                                      # positions
-        cols[5] += 1                                      # steps
-        stays = (cols[5] < params[0]) & (cols[2] + 1 < self.max_seq_len)
-        if roster != self._roster:                        # only removals: joins go through _plan
-            stays &= np.fromiter((s.status is Status.RUNNING for s in seqs), bool, len(seqs))
-        src = np.arange(len(seqs))
-        greedy, logprobs = prev.greedy, prev.logprobs
-        if not stays.all():
-            src = np.flatnonzero(stays)
-            if not len(src):
-                return None
-            cols, params = cols[:, src], params[:, src]
-            seqs = [seqs[j] for j in src.tolist()]
-            greedy, logprobs = bool(params[1].all()), bool(params[2].any())
-        tokens, _, positions, _, slots, _ = cols
-        bs = self.bs
+        nxt = advance(prev.decode, params, self.max_seq_len, check_status=roster != self._roster)
+        if nxt is None:
+            return None
+        seqs, cols, params = nxt
+        positions, slots, bs = cols[POSITIONS], cols[SLOTS], self.bs
         entering = np.flatnonzero(positions % bs == 0)
         if len(entering) > self.pool.num_free:
             return None
-        slots += 1
         for j in entering.tolist():
             seq, block = seqs[j], int(positions[j]) // bs
             if block == len(seq.block_table):
                 self._grow(seq, seqs)                      # a free block is there: no preemption
             slots[j] = seq.block_table[block] * bs
-        tokens[:] = 0
-        cols[1] = src
         for seq in seqs:
             seq.num_computed += 1
             seq.pending += 1
-        batch = StepBatch(DecodeRows(seqs, cols), greedy=greedy, logprobs=logprobs)
+        batch = StepBatch(DecodeRows(seqs, cols), greedy=bool(params[PLAIN_GREEDY].all()),
+                          logprobs=bool(params[LOGPROBS].any()))
         self._repeatable = (batch, self._roster, params)
         return batch
-
-    @staticmethod
-    def _row_params(seqs: list[Sequence]) -> np.ndarray:
-        """(3, rows) int64, one pass over the rows: max_tokens, plain greedy (0/1), wants logprobs (0/1)."""
-        rows = [(s.params.max_tokens, s.params.plain_greedy, s.params.logprobs is not None) for s in seqs]
-        return np.array(rows, dtype=np.int64).reshape(-1, 3).T
 
     def _plan_decode(self, batch: StepBatch) -> None:
         """A row for every sequence whose next input is its last token (known, or in flight:

@@ -14,10 +14,12 @@ import random
 import numpy as np
 import pytest
 
+from replica.batch import DecodeRows
 from replica.blocks import BlockPool
 from replica.sampling_params import SamplingParams
 from replica.scheduler import Scheduler
-from replica.sequence import Event, Sequence, StepEvents
+from replica.sequence import Event, Sequence, Status, StepEvents
+from replica.steady_decode import LOGPROBS, advance
 
 EOS = 0
 
@@ -176,3 +178,25 @@ def test_a_batch_read_back_before_the_next_schedule_is_planned_in_full():
     third = sch.schedule([])
     tokens, src = third.decode.cols[:2].tolist()
     assert src == [-1, -1] and tokens == [21, 22]
+
+
+def test_advance_drops_leaving_rows_with_their_params_and_leaves_the_last_step_alone():
+    """`steady_decode.advance` on hand-made columns: a row at max_tokens, a row at max_seq_len
+    and a finished row leave, with their params (here the only logprobs row); the rest move one
+    position on and feed from their old rows."""
+    seqs = [Sequence(f"s{i}", [5, 6], SamplingParams(max_tokens=9, ignore_eos=True), seed=i) for i in range(4)]
+    for s in seqs:
+        s.status = Status.RUNNING
+    seqs[3].status = Status.FINISHED
+    #             tokens       src            positions       rows          slots           steps
+    cols = np.array([[7, 7, 7, 7], [-1, -1, -1, -1], [4, 5, 14, 6], [0, 1, 2, 3], [40, 53, 86, 70], [2, 8, 3, 4]])
+    params = np.array([[9, 9, 9, 9], [1, 1, 1, 1], [0, 1, 0, 0]])     # s1 wants logprobs
+    prev = DecodeRows(seqs, cols)
+    kept_cols = cols.copy()
+    assert advance(prev, params, max_seq_len=16, check_status=False)[0] == [seqs[0], seqs[3]]
+    out_seqs, out_cols, out_params = advance(prev, params, max_seq_len=16, check_status=True)
+    assert out_seqs == [seqs[0]]                       # s1 at max_tokens, s2 at max_seq_len, s3 done
+    assert out_cols[:, 0].tolist() == [0, 0, 5, 0, 41, 3]
+    assert out_params.tolist() == [[9], [1], [0]] and not out_params[LOGPROBS].any()
+    assert (prev.cols == kept_cols).all()
+    assert advance(DecodeRows(seqs[1:3], cols[:, 1:3]), params[:, 1:3], 16, check_status=False) is None

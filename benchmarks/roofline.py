@@ -2,7 +2,12 @@
 
 Contract
 - `copy_bandwidth(device)`: bytes/s of a large device-to-device copy, counting bytes read + written;
-  `gemm_rate(device)`: FLOP/s of an 8192^3 bf16 matmul. Both measured in the run that uses them.
+  `gemm_rate(device)`: FLOP/s of an 8192^3 bf16 matmul. Both measured in the run that uses them,
+  each the stricter (higher) of the two ways to time it (benchmarks/rate_probe.py, session 23):
+  the copy sustained, back to back after a warm-up (4210-4260 GB/s on an H200, against 4004-4177
+  timing single calls); the GEMM by single calls on the card as the run finds it (715-798
+  TFLOP/s over sessions 4-23), since back-to-back matmuls run power-limited at 664-685, below
+  the 736 that the engine's own mixed-step GEMMs reach between memory-bound kernels.
 - `step_bytes(name, batch, context)` counts the bytes one decode step must read: each weight matrix
   once (q/k/v/o, gate/up/down, norms, lm_head), an untied embedding only for the `batch` rows used (a
   tied embedding IS the lm_head and is counted once, fully), plus the KV cache actually attended
@@ -30,23 +35,48 @@ from replica.presets import PRESETS  # the engine's random:<name> shapes; the HF
 
 # ---------------------------------------------------------------- device rates
 
-def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read + written; median of reps."""
-    import torch
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    sync(device)
+def sustained_seconds(op, device, reps: int = 7, per_timing: int = 10, warmup_s: float = 0.5,
+                      warmup_calls: int = 1) -> float:
+    """Seconds of one `op()`: the median over `reps` timings of `per_timing` calls back to back,
+    after at least `warmup_calls` calls and `warmup_s` of them. Back to back, one sync per timing
+    puts the host's sync jitter at 1/per_timing of a call; the warm-up lets clocks settle."""
+    t0, calls = time.perf_counter(), 0
+    while calls < warmup_calls or time.perf_counter() - t0 < warmup_s:
+        op()
+        sync(device)
+        calls += 1
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        b.copy_(a)
+        for _ in range(per_timing):
+            op()
         sync(device)
-        ts.append(time.perf_counter() - t)
-    del a, b
+        ts.append((time.perf_counter() - t) / per_timing)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, **timing) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read + written (`sustained_seconds`)."""
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    op = functools.partial(dst.copy_, src)
+    seconds = sustained_seconds(op, device, **timing)
+    del src, dst, op
     free_device_memory(device)
-    return 2 * nbytes / statistics.median(ts)
+    return 2 * nbytes / seconds
+
+
+def gemm_rate(device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n bf16 matmul on random data: the median of `reps` calls timed one by
+    one after three (see the module docstring for why not `sustained_seconds`)."""
+    import torch
+    a, b, c = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(3))
+    op = functools.partial(torch.matmul, a, b, out=c)
+    seconds = sustained_seconds(op, device, reps=reps, per_timing=1, warmup_s=0, warmup_calls=3)
+    del a, b, c, op
+    free_device_memory(device)
+    return 2 * n ** 3 / seconds
 
 
 # ---------------------------------------------------------------- the decode floor
@@ -107,25 +137,6 @@ def floor_ms(name: str, batch: int, context: float, copy_Bps: float, dtype_bytes
 
 
 # ---------------------------------------------------------------- the roofline of a loaded replica
-
-def gemm_rate(device, n: int = 8192, reps: int = 10) -> float:
-    """FLOP/s of an n x n x n bf16 matmul on random data (median of reps, after warm-up)."""
-    import torch
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    del a, b
-    free_device_memory(device)
-    return 2 * n ** 3 / statistics.median(ts)
-
 
 def prefill_flops(name: str, prompt_tokens: int, prompts: int) -> float:
     """Matmul FLOPs of prefilling: every layer's weight matrices for every prompt token, the lm_head

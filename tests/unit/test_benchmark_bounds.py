@@ -58,3 +58,19 @@ def test_a_checkpoint_directory_has_the_bounds_of_its_config(tmp_path):
     assert RF.roofline(ckpt, reqs, 10**6, F, BW) == RF.roofline("qwen2-7b", reqs, 10**6, F, BW)
     with pytest.raises(ValueError, match="llama-8b"):
         RF.layout(str(tmp_path / "nothing"))
+
+
+def test_sustained_seconds_warms_up_then_times_calls_back_to_back(monkeypatch):
+    """The rates' timing: warm-up calls first (at least `warmup_calls`, for at least `warmup_s`),
+    then `reps` timings of `per_timing` calls, one sync per timing, reported per call."""
+    calls, syncs, clock = [], [], [0.0]
+    durations = iter([0.0] * 3 + [0.004, 0.002, 0.002, 0.002] * 3)   # warm-up calls cost nothing
+
+    def op():
+        calls.append(1)
+        clock[0] += next(durations)
+    monkeypatch.setattr(RF, "sync", syncs.append)
+    monkeypatch.setattr(RF.time, "perf_counter", lambda: clock[0])
+    seconds = RF.sustained_seconds(op, "cpu", reps=3, per_timing=4, warmup_s=0, warmup_calls=3)
+    assert len(calls) == 3 + 3 * 4 and len(syncs) == 3 + 3
+    assert seconds == pytest.approx(0.010 / 4)

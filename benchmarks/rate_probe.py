@@ -3,9 +3,9 @@
 Sessions 4-23 read the bf16 GEMM rate at 715-798 TFLOP/s and the copy rate at 3960-4175 GB/s, one
 reading per run, each the median of 10 single calls timed with a sync apiece. The roofline fraction
 moves with them one for one. This probe takes, in one process, `--rounds` readings of each rate by
-the old method (single timed calls) and by `sustained_seconds` (back-to-back calls after a
-warm-up), alternating, then soaks the card with `--soak-s` of matmuls and reads both again, and
-reports each method's spread. Usage on the GPU host: python3 benchmarks/rate_probe.py --out F.json
+the old method (single timed calls) and sustained (back-to-back calls after a warm-up; both
+through roofline.seconds_per_call), alternating, then soaks the card with `--soak-s` of matmuls,
+reads both again, and reports each method's spread. Usage on the GPU host: python3 benchmarks/rate_probe.py --out F.json
 """
 from __future__ import annotations
 
@@ -20,26 +20,12 @@ from benchmarks import common as C
 from benchmarks import roofline as RF
 
 
-def single_call_seconds(op, device, reps: int = 10) -> float:
-    """The method before session 23: 3 warm-up calls, then the median of `reps` calls timed one by one."""
-    for _ in range(3):
-        op()
-    C.sync(device)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        op()
-        C.sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def readings(op, work: float, device, rounds: int) -> dict:
     """`rounds` alternating readings of `work / seconds` by both methods, and their spreads."""
     out = {"single": [], "sustained": []}
     for _ in range(rounds):
-        out["single"].append(work / single_call_seconds(op, device))
-        out["sustained"].append(work / RF.sustained_seconds(op, device))
+        out["single"].append(work / RF.seconds_per_call(op, device, **RF.SINGLE_CALLS))
+        out["sustained"].append(work / RF.seconds_per_call(op, device))
     for k in list(out):
         v = out[k]
         out[k + "_spread"] = (max(v) - min(v)) / statistics.median(v)

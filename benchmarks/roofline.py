@@ -35,11 +35,12 @@ from replica.presets import PRESETS  # the engine's random:<name> shapes; the HF
 
 # ---------------------------------------------------------------- device rates
 
-def sustained_seconds(op, device, reps: int = 7, per_timing: int = 10, warmup_s: float = 0.5,
-                      warmup_calls: int = 1) -> float:
+def seconds_per_call(op, device, reps: int = 7, per_timing: int = 10, warmup_s: float = 0.5,
+                     warmup_calls: int = 1) -> float:
     """Seconds of one `op()`: the median over `reps` timings of `per_timing` calls back to back,
-    after at least `warmup_calls` calls and `warmup_s` of them. Back to back, one sync per timing
-    puts the host's sync jitter at 1/per_timing of a call; the warm-up lets clocks settle."""
+    after at least `warmup_calls` calls and `warmup_s` of them. The defaults time it sustained:
+    one sync per 10 calls puts the host's sync jitter at a tenth of a call, and the warm-up lets
+    clocks settle. `per_timing=1, warmup_s=0` times single calls on the card as it is."""
     t0, calls = time.perf_counter(), 0
     while calls < warmup_calls or time.perf_counter() - t0 < warmup_s:
         op()
@@ -55,25 +56,28 @@ def sustained_seconds(op, device, reps: int = 7, per_timing: int = 10, warmup_s:
     return statistics.median(ts)
 
 
+SINGLE_CALLS = dict(reps=10, per_timing=1, warmup_s=0.0, warmup_calls=3)   # gemm_rate's timing
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 30, **timing) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read + written (`sustained_seconds`)."""
+    """Bytes/s of a large device-to-device copy, counting bytes read + written; timed sustained."""
     import torch
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     op = functools.partial(dst.copy_, src)
-    seconds = sustained_seconds(op, device, **timing)
+    seconds = seconds_per_call(op, device, **timing)
     del src, dst, op
     free_device_memory(device)
     return 2 * nbytes / seconds
 
 
 def gemm_rate(device, n: int = 8192, reps: int = 10) -> float:
-    """FLOP/s of an n x n x n bf16 matmul on random data: the median of `reps` calls timed one by
-    one after three (see the module docstring for why not `sustained_seconds`)."""
+    """FLOP/s of an n x n x n bf16 matmul on random data: the median of `reps` single calls after
+    three (the module docstring says why not sustained)."""
     import torch
     a, b, c = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(3))
     op = functools.partial(torch.matmul, a, b, out=c)
-    seconds = sustained_seconds(op, device, reps=reps, per_timing=1, warmup_s=0, warmup_calls=3)
+    seconds = seconds_per_call(op, device, **{**SINGLE_CALLS, "reps": reps})
     del a, b, c, op
     free_device_memory(device)
     return 2 * n ** 3 / seconds

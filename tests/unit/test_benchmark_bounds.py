@@ -60,7 +60,7 @@ def test_a_checkpoint_directory_has_the_bounds_of_its_config(tmp_path):
         RF.layout(str(tmp_path / "nothing"))
 
 
-def test_sustained_seconds_warms_up_then_times_calls_back_to_back(monkeypatch):
+def test_seconds_per_call_warms_up_then_times_calls_back_to_back(monkeypatch):
     """The rates' timing: warm-up calls first (at least `warmup_calls`, for at least `warmup_s`),
     then `reps` timings of `per_timing` calls, one sync per timing, reported per call."""
     calls, syncs, clock = [], [], [0.0]
@@ -71,6 +71,6 @@ def test_sustained_seconds_warms_up_then_times_calls_back_to_back(monkeypatch):
         clock[0] += next(durations)
     monkeypatch.setattr(RF, "sync", syncs.append)
     monkeypatch.setattr(RF.time, "perf_counter", lambda: clock[0])
-    seconds = RF.sustained_seconds(op, "cpu", reps=3, per_timing=4, warmup_s=0, warmup_calls=3)
+    seconds = RF.seconds_per_call(op, "cpu", reps=3, per_timing=4, warmup_s=0, warmup_calls=3)
     assert len(calls) == 3 + 3 * 4 and len(syncs) == 3 + 3
     assert seconds == pytest.approx(0.010 / 4)

@@ -15,8 +15,7 @@ import numpy as np
 from replica.batch import COLUMNS, DecodeRows
 from replica.sequence import Sequence, Status
 
-TOKENS, SRC, POSITIONS, TABLE_ROWS, SLOTS, STEPS = (COLUMNS.index(c) for c in (
-    "tokens", "src", "positions", "table_rows", "slots", "steps"))
+TOKENS, SRC, POSITIONS, SLOTS, STEPS = (COLUMNS.index(c) for c in ("tokens", "src", "positions", "slots", "steps"))
 MAX_TOKENS, PLAIN_GREEDY, LOGPROBS = range(3)      # rows of `row_params`
 
 

@@ -3,7 +3,7 @@
 For each model (random llama-8b, llama-1b) and max_seq_len (8192, 32768) an engine is built as a
 server builds it (process worker, default buckets and sizing) and driven through its asyncio API:
 - burst: N seeded requests arriving at once (prompt and output U[lo, hi] tokens, or outputs
-  U[out_lo, out_hi] when given: long prompts, short answers; greedy, ignore_eos);
+  U[out_lo, out_hi] when given: long prompts, short answers; greedy unless --sampling, ignore_eos);
 - poisson: the same distribution arriving as a Poisson process at three rates (fractions of the
   burst's request throughput): a throughput-vs-latency curve;
 - multiturn: C conversations of T turns sharing a 1-2k-token system prefix, each turn resending the
@@ -54,9 +54,13 @@ def burst_requests(n: int, lo: int, hi: int, seed: int, vocab: int = 256, out_lo
             for _ in range(n)]
 
 
+# Extra SamplingParams fields of every burst and Poisson request (--sampling); greedy by default.
+SAMPLING: dict = {"temperature": 0.0}
+
+
 async def _one(engine, ids, max_tokens, t_send, rec):
-    req = GenerationRequest(prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                         ignore_eos=True))
+    req = GenerationRequest(prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                         **SAMPLING))
     first = last = None
     n = 0
     async for c in engine.generate(req):
@@ -271,6 +275,9 @@ def main() -> None:
     ap.add_argument("--engine-kw", default="{}", help='EngineConfig overrides as JSON, e.g. \'{"step_token_budget": 8192}\'')
     ap.add_argument("--out-lo", type=int, default=None, help="shortest output (default: --lo)")
     ap.add_argument("--out-hi", type=int, default=None, help="longest output (default: --hi)")
+    ap.add_argument("--sampling", default=None,
+                    help='SamplingParams fields of the burst and Poisson requests as JSON (default greedy), '
+                         'e.g. \'{"temperature": 1.0, "top_p": 0.95}\'')
     ap.add_argument("--phases", default="burst,poisson,b1,multiturn",
                     help="which phases to run at the first max_seq_len (bursts run at every one)")
     C.add_sized_args(ap, SIZES)
@@ -282,6 +289,9 @@ def main() -> None:
     a.rates = [float(x) for x in a.rates.split(",")]
     a.phases = set(a.phases.split(","))
     overrides = json.loads(a.engine_kw)
+    if a.sampling:
+        SAMPLING.clear()
+        SAMPLING.update(json.loads(a.sampling))
     a.engine_kw = {} if cuda else {"batch_buckets": (1, 2, 4, 8, 16), "block_size": 8, "engine_process": "thread"}
     a.engine_kw.update(overrides)
     budget = C.Budget(a.budget_s)

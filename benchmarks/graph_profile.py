@@ -19,13 +19,13 @@ from benchmarks import common as C  # noqa: E402
 from benchmarks.blas_probe import point_rows_at_blocks  # noqa: E402
 
 
-def kernel_table(runner, rows: int, replays: int) -> dict:
+def kernel_table(runner, rows: int, replays: int, mode: str = "greedy") -> dict:
     for _ in range(5):
-        runner.graphs.replay(rows, "greedy")
+        runner.graphs.replay(rows, mode)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            runner.graphs.replay(rows, "greedy")
+            runner.graphs.replay(rows, mode)
         torch.cuda.synchronize()
     kernels = {}
     for e in prof.key_averages():
@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--buckets", default="1,64,512")
     ap.add_argument("--ctx", type=int, default=448)
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--modes", default="greedy", help="comma list of sampling graphs: greedy, full")
     a = ap.parse_args()
     from replica.config import EngineConfig
     from replica.model_runner import ModelRunner
@@ -53,10 +54,17 @@ def main() -> int:
                                           max_num_seqs=512, kv_cache_bytes=40 * 2**30))
         for rows in map(int, a.buckets.split(",")):
             point_rows_at_blocks(runner, rows, a.ctx)
-            t = rec["steps"][f"{model}@{rows}"] = kernel_table(runner, rows, a.replays)
-            C.log(f"{model} {rows} rows: {t['kernel_ms']:.3f} ms of kernels per step")
-            for k in t["top"][:12]:
-                C.log(f"    {k['ms_per_step']:7.4f} ms x{k['launches_per_step']:4.0f}  {k['name']}")
+            for mode in a.modes.split(","):
+                key = f"{model}@{rows}" + ("" if mode == "greedy" else f":{mode}")
+                t = rec["steps"][key] = kernel_table(runner, rows, a.replays, mode)
+                C.log(f"{model} {rows} rows, {mode}: {t['kernel_ms']:.3f} ms of kernels per step")
+                for k in t["top"][:12]:
+                    C.log(f"    {k['ms_per_step']:7.4f} ms x{k['launches_per_step']:4.0f}  {k['name']}")
+            full, greedy = rec["steps"].get(f"{model}@{rows}:full"), rec["steps"].get(f"{model}@{rows}")
+            if full and greedy:
+                ratio = rec.setdefault("full_over_greedy", {})[f"{model}@{rows}"] = \
+                    full["kernel_ms"] / greedy["kernel_ms"]
+                C.log(f"{model} {rows} rows: full sampling x{ratio:.2f} of the greedy step")
         del runner
         torch.cuda.empty_cache()
     C.write_json(a.out, rec)

@@ -13,6 +13,10 @@ Two paths:
   with greedy rows (temperature 0) taking the argmax of the processed logits; also the raw
   distribution's log-probabilities (log_softmax before any processing: vLLM's default) of the chosen
   token and the top `MAX_LOGPROBS`, and the output counts updated with the chosen tokens.
+  On CUDA the penalties, the draw and the logprobs run as Triton kernels without a sort
+  (replica/kernels/sample.py: 18 ms -> well under 1 ms a step at 512 rows of a 128k vocabulary);
+  the torch code here is their reference and the CPU path. Both draw the same tokens from the
+  same noise, except where two logits tie exactly at a top-k / top-p cut.
 Randomness is a counter-based hash of (seed, step, token id): a request's tokens depend only on its
 own seed and output index, not on its batch row or bucket, so recompute after preemption redraws
 the same tokens. The draw is an exponential race, argmax(p_i / E_i), E_i ~ Exp(1) (gpt-fast's
@@ -24,12 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
+from replica.kernels import HAS_TRITON, use_triton
 from replica.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MIN_TOKENS_BANS, SamplingParams
+
+if HAS_TRITON:
+    from replica.kernels import sample as _kernels
 
 _M32 = 0xFFFFFFFF
 # float columns of the table, and its int columns
 F_TEMP, F_TOP_P, F_MIN_P, F_PRESENCE, F_FREQUENCY, F_REPETITION = range(6)
-I_TOP_K, I_SEED, I_MIN_TOKENS = range(3)
+I_TOP_K, I_SEED, I_MIN_TOKENS, I_LOGPROBS = range(4)    # I_LOGPROBS: k, or -1 when off
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,8 @@ class SamplingTables:
         self.floats = torch.zeros(R, 6, dtype=torch.float32, device=device)
         self.floats[:, F_TOP_P] = 1.0
         self.floats[:, F_REPETITION] = 1.0
-        self.ints = torch.zeros(R, 3, dtype=torch.long, device=device)          # I_* columns
+        self.ints = torch.zeros(R, 4, dtype=torch.long, device=device)          # I_* columns
+        self.ints[:, I_LOGPROBS] = -1
         self.bias_ids = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
         self.bias_vals = torch.zeros(R, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
         # min_tokens: the ids a row may not draw before its min_tokens-th token; -inf, 0 = unused
@@ -98,7 +107,7 @@ class SamplingTables:
 
     @staticmethod
     def bytes_for(num_rows: int, vocab_size: int) -> int:
-        return (num_rows + 1) * (vocab_size * 5 + (MAX_LOGIT_BIAS + MIN_TOKENS_BANS) * 12 + 48)
+        return (num_rows + 1) * (vocab_size * 5 + (MAX_LOGIT_BIAS + MIN_TOKENS_BANS) * 12 + 56)
 
     def write(self, rows: list[int], params: list[SamplingParams], seeds: list[int],
               prompts: list[list[int]], outputs: list[list[int]], stop_ids: list) -> None:
@@ -108,7 +117,8 @@ class SamplingTables:
         that use penalties (a recompute after preemption counts its earlier output again)."""
         f = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
                            p.repetition_penalty] for p in params], dtype=torch.float32)
-        i = torch.tensor([[p.top_k, s, p.min_tokens] for p, s in zip(params, seeds)], dtype=torch.long)
+        i = torch.tensor([[p.top_k, s, p.min_tokens, -1 if p.logprobs is None else p.logprobs]
+                          for p, s in zip(params, seeds)], dtype=torch.long)
         bias = _id_table([p.logit_bias for p in params], MAX_LOGIT_BIAS)
         V = self.counts.shape[1]
         bans = _id_table([[(t, float("-inf")) for t in sorted(ids) if t < V] if p.min_tokens else ()
@@ -140,17 +150,35 @@ class SamplingTables:
         """raw fp32 logits [B, V] -> after logit bias, min_tokens bans and penalties (before
         temperature). steps [B]: the output index each row samples."""
         f = self.floats[rows]                                                        # [B, 6]
-        x = raw.scatter_add(1, self.bias_ids[rows], self.bias_vals[rows])
-        held = (steps < self.ints[rows, I_MIN_TOKENS])[:, None]                      # [B, 1]
-        x = x.scatter_add(1, self.ban_ids[rows], torch.where(held, self.ban_vals[rows], 0.0))
+        x = self._add_bias_and_bans_(raw.clone(), rows, steps)
         counts = self.counts[rows]                                                   # [B, V]
         seen = (counts > 0) | self.prompt_seen[rows]
         rep = f[:, F_REPETITION, None]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
         return x - f[:, F_PRESENCE, None] * (counts > 0) - f[:, F_FREQUENCY, None] * counts
 
+    def _add_bias_and_bans_(self, x: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """x [B, V] fp32 in place: logit bias, then min_tokens bans while a row is held."""
+        x.scatter_add_(1, self.bias_ids[rows], self.bias_vals[rows])
+        held = (steps < self.ints[rows, I_MIN_TOKENS])[:, None]                      # [B, 1]
+        return x.scatter_add_(1, self.ban_ids[rows], torch.where(held, self.ban_vals[rows], 0.0))
+
     def full(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
-        """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`."""
+        """logits [B, V]; rows, steps [B] int64. Writes tokens, logprobs and top logprobs into `out`
+        (logprobs only for the rows that ask, on CUDA)."""
+        if use_triton(logits):
+            x = self._add_bias_and_bans_(logits.to(torch.float32, copy=True), rows, steps)   # [B, V]
+            _kernels.apply_penalties_(x, rows, self.floats, self.counts, self.prompt_seen)
+            _kernels.draw(x, rows, steps, self.floats, self.ints, out.tokens)
+            _kernels.top_logprobs(logits, rows, self.ints, out.tokens, out.logprob, out.top_logprobs,
+                                  out.top_ids)
+        else:
+            self.full_torch(logits, rows, steps, out)
+        V = self.counts.shape[1]   # atomics on a flat view: capture-safe, duplicates (padding) add up
+        self.counts.view(-1).scatter_add_(0, rows * V + out.tokens, torch.ones_like(out.tokens, dtype=torch.int32))
+
+    def full_torch(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
+        """`full` in torch, without the counts update: the CPU path and the kernels' reference."""
         raw = logits.float()
         f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 3]
         x = self.processed(raw, rows, steps)
@@ -161,8 +189,6 @@ class SamplingTables:
         top = lp.topk(MAX_LOGPROBS, dim=-1)
         out.top_logprobs.copy_(top.values)
         out.top_ids.copy_(top.indices)
-        V = self.counts.shape[1]   # atomics on a flat view: capture-safe, duplicates (padding) add up
-        self.counts.view(-1).scatter_add_(0, rows * V + tok, torch.ones_like(tok, dtype=torch.int32))
 
 
 def _id_table(entries: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 import torch
 
-from replica.kernels import fused, paged_attention, paged_prefill
+from replica.kernels import fused, paged_attention, paged_prefill, sample
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -170,8 +170,39 @@ def _paged(arch: int, full: bool) -> dict:
     return out
 
 
+def _sampler(arch: int) -> dict:
+    """The sampler's kernels as `sample.py` launches them (fp32 processed logits; raw logits bf16
+    or fp32; table rows and steps int64)."""
+    out = {}
+    lp_tables = dict(rows_ptr="*i64", ints_ptr="*i64", ints_stride="i32")
+    tables = dict(floats_ptr="*fp32", **lp_tables)
+    k = _compile(sample._penalties_kernel, dict(x_ptr="*fp32", x_stride="i32", rows_ptr="*i64",
+                                                floats_ptr="*fp32", counts_ptr="*i32", seen_ptr="*i1",
+                                                table_stride="i32", V="i32"), dict(BLOCK=sample.BLOCK), arch, 4)
+    out["sample_penalties"] = _resources(k)
+    draw = dict(x_ptr="*fp32", x_stride="i32", steps_ptr="*i64", part_f_ptr="*fp32", part_i_ptr="*i32", V="i32",
+                **tables)
+    k = _compile(sample._draw_split_kernel, draw, dict(SPLIT=sample.SPLIT, BLOCK=sample.BLOCK), arch, 4)
+    out["sample_draw_split"] = _resources(k)
+    k = _compile(sample._draw_kernel, dict(out_ptr="*i64", n_splits="i32", **draw),
+                 dict(SPLITS_P2=16, BLOCK=sample.BLOCK, MAX_ROUNDS=sample.MAX_ROUNDS), arch, 4)
+    out["sample_draw"] = _resources(k)
+    for dt in ("bf16", "fp32"):
+        k = _compile(sample._lp_chunk_kernel, dict(raw_ptr="*" + dt, raw_stride="i32", vals_ptr="*fp32",
+                                                   ids_ptr="*i32", stat_ptr="*fp32", V="i32", **lp_tables),
+                     dict(CHUNK=sample.LP_CHUNK, K=sample.LP_K), arch, 4)
+        out[f"sample_logprobs_chunks.{dt}"] = _resources(k)
+        k = _compile(sample._lp_merge_kernel, dict(raw_ptr="*" + dt, raw_stride="i32", tokens_ptr="*i64",
+                                                   vals_ptr="*fp32", ids_ptr="*i32", stat_ptr="*fp32",
+                                                   lp_ptr="*fp32", top_vals_ptr="*fp32", top_ids_ptr="*i64",
+                                                   n_chunks="i32", **lp_tables),
+                     dict(TOP=20, CANDS=32 * sample.LP_K, CHUNKS_P2=32), arch, 4)
+        out[f"sample_logprobs_merge.{dt}"] = _resources(k)
+    return out
+
+
 def compile_all(arch: int = 90, full: bool = False) -> dict:
-    return {**_fused(arch), **_paged(arch, full)}
+    return {**_fused(arch), **_paged(arch, full), **_sampler(arch)}
 
 
 if __name__ == "__main__":

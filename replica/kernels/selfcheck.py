@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import replica.kernels  # noqa: F401  (applies the interpreter shim when TRITON_INTERPRET=1)
-from replica.kernels import fused, paged_attention, paged_prefill, reference
+from replica.kernels import fused, paged_attention, paged_prefill, reference, sample
 from replica.kernels.prefill_meta import PrefillMeta
 
 NAN = float("nan")
@@ -200,6 +200,92 @@ def check_paged_prefill(device, dtype, h: int, kvh: int, hd: int, bs: int, max_b
         q, k_cache, v_cache, tables, meta, scale), dtype)
 
 
+# --------------------------------------------------------------------------------------------- sampler
+def _sampler_case(device, dtype, B: int, V: int, params: list, ties: bool):
+    """Tables for `params` in shuffled rows (the scratch row too), logits [B, V] in `dtype`
+    (multiples of 1/4 when `ties`: many exactly equal values at every cut)."""
+    from replica.sampling import SamplingTables
+    g = torch.Generator().manual_seed(B * 7 + V + ties)
+    tables = SamplingTables(B + 2, V, torch.device(device))
+    rows = torch.randperm(B + 2, generator=g)[:B]
+    tables.write(rows.tolist(), params, [1000 + 37 * i for i in range(B)], [[1, 2, 3]] * B,
+                 [[4, 4, 5]] * B, [(6,)] * B)
+    logits = 2 * torch.randn(B, V, generator=g)
+    if ties:
+        logits = (logits * 4).round() / 4
+    steps = torch.arange(B) % 3
+    return tables, logits.to(device, dtype), rows.to(device), steps.to(device)
+
+
+def _threshold_tokens(tables, x: torch.Tensor, rows, steps) -> list[int]:
+    """The draw by its definition: keep s = x / T at or above the larger of the k-th largest s,
+    the nucleus edge (the first sorted value whose cumulative probability reaches top_p) and
+    max s + ln(min_p); the race's winner over the kept tokens (argmax temperature 0)."""
+    from replica.sampling import uniform_noise
+    out = []
+    V = x.shape[1]
+    for b in range(x.shape[0]):
+        r = int(rows[b])
+        temp, top_p, min_p = (float(v) for v in tables.floats[r, :3])
+        top_k = int(tables.ints[r, 0])
+        if temp <= 0:
+            out.append(int(x[b].argmax()))
+            continue
+        s = x[b] / max(temp, 1e-5)
+        desc = s.double().sort(descending=True).values
+        p = torch.softmax(desc, 0)
+        tau = float(desc[min(top_k, V) - 1]) if top_k > 0 else -math.inf
+        n = int((p.cumsum(0) < top_p).sum()) if top_p < 1 else V - 1
+        tau = max(tau, float(desc[min(n, V - 1)]), float(desc[0]) + math.log(min_p) if min_p > 0 else -math.inf)
+        u = uniform_noise(tables.ints[r:r + 1, 1].cpu(), steps[b:b + 1].cpu(), torch.arange(V)[None])[0]
+        key = torch.where(s.cpu() >= tau, s.cpu() - torch.log(-torch.log(u)), -math.inf)
+        out.append(int(key.argmax()))
+    return out
+
+
+def check_sampler(device, dtype, B: int, V: int, params: list, ties: bool = False) -> None:
+    """Penalties, tokens and logprobs of the kernels against `SamplingTables.full_torch` (the
+    torch sampler); with ties, tokens against the draw's definition (`_threshold_tokens`), since
+    the sort breaks exact ties at a cut by position and the kernels keep every tied token."""
+    from replica.graphs import StepOutputs
+    tables, logits, rows, steps = _sampler_case(device, dtype, B, V, params, ties)
+    ref = StepOutputs(B, torch.device(device))
+    tables.full_torch(logits, rows, steps, ref.view(B))
+    x = tables._add_bias_and_bans_(logits.to(torch.float32, copy=True), rows, steps)
+    sample.apply_penalties_(x, rows, tables.floats, tables.counts, tables.prompt_seen)
+    _check("sample.penalties", x.nan_to_num(neginf=-1e30),
+           tables.processed(logits.float(), rows, steps).nan_to_num(neginf=-1e30), torch.float32)
+    got = StepOutputs(B, torch.device(device))
+    got.top_ids.fill_(-7)
+    sample.draw(x, rows, steps, tables.floats, tables.ints, got.tokens[:B])
+    want = _threshold_tokens(tables, x, rows, steps) if ties else ref.tokens[:B].tolist()
+    assert got.tokens[:B].tolist() == want, f"tokens {got.tokens[:B].tolist()} != {want}"
+    if ties:
+        return
+    sample.top_logprobs(logits, rows, tables.ints, got.tokens[:B], got.logprob[:B], got.top_logprobs[:B],
+                        got.top_ids[:B])
+    for b, p in enumerate(params):
+        if p.logprobs is None:
+            assert (got.top_ids[b] == -7).all(), "a row without logprobs must be left alone"
+            continue
+        _check("sample.logprob", got.logprob[b], ref.logprob[b], torch.float32)
+        _check("sample.top_logprobs", got.top_logprobs[b], ref.top_logprobs[b], torch.float32)
+        ids = got.top_ids[b]        # equal logits may come in either order: check what each id holds
+        assert len(set(ids.tolist())) == len(ids), f"row {b}: repeated top ids"
+        _check("sample.top_ids", torch.log_softmax(logits[b].float(), 0)[ids], ref.top_logprobs[b], torch.float32)
+
+
+def _sampler_rows() -> list:
+    from replica.sampling_params import SamplingParams as P
+    return [P(temperature=0.0), P(temperature=1.0), P(temperature=0.7, top_p=0.5),
+            P(temperature=1.0, top_k=5, logprobs=3), P(temperature=1.5, min_p=0.05, repetition_penalty=1.3,
+                                                        presence_penalty=0.5, frequency_penalty=0.3),
+            P(temperature=1.0, top_p=0.9, top_k=50, logit_bias=((3, 5.0), (9, -100.0)), logprobs=20),
+            P(temperature=0.0, logprobs=0, repetition_penalty=1.5), P(temperature=2.0, top_k=1),
+            P(temperature=1.0, top_p=1e-6), P(temperature=1.0, min_p=1.0), P(temperature=0.3, top_k=3, top_p=0.2),
+            P(temperature=1.0, min_tokens=2, top_k=10_000)]
+
+
 def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     """Named checks; names are stable (tests parametrize over them)."""
     pd, pp = check_paged_decode, check_paged_prefill
@@ -209,6 +295,11 @@ def checks(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
         "qk_norm.gqa_hd128": lambda: check_qk_norm(device, dtype, 3, 4, 2, 128),
         "qk_norm.mha_hd80": lambda: check_qk_norm(device, dtype, 2, 3, 3, 80),
         "silu_mul.n1_i48": lambda: check_silu(device, dtype, 1, 48),
+        "sampler.rows_v700": lambda: check_sampler(device, dtype, 12, 700, _sampler_rows()),
+        "sampler.rows_v2500_tiles": lambda: check_sampler(device, dtype, 12, 2500, _sampler_rows()),
+        "sampler.ties_v700": lambda: check_sampler(device, dtype, 12, 700, _sampler_rows(), ties=True),
+        "sampler.rows_v17000_splits": lambda: check_sampler(device, dtype, 12, 2 * sample.SPLIT + 616,
+                                                            _sampler_rows()),
         "silu_mul.n3_i2100": lambda: check_silu(device, dtype, 3, 2100),
         "rope_paged.decode_gqa_hd16_bs8": lambda: check_rope_paged(device, dtype, 4, 2, 16, 8, False),
         "rope_paged.prefill_gqa_hd16_bs16": lambda: check_rope_paged(device, dtype, 4, 2, 16, 16, True),

@@ -24,13 +24,16 @@ arithmetic per row without a sort, touching each entry a few times:
   kernels (top-k per chunk of the vocabulary, then a merge with the chunks' log-sum-exp).
 
 Ties differ from the sort only where two logits are exactly equal at a cut. Every kernel reads
-the sampling tables through `rows` and is CUDA-graph capturable (shape-only launch parameters).
+the sampling tables through `rows`, is CUDA-graph capturable (shape-only launch parameters) and
+launches through `launch.launch`, so start-up's compile-ahead pass compiles it.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from replica.kernels.launch import launch
 
 BLOCK = 1024          # vocabulary entries per loop step of a program
 SPLIT = 8192          # vocabulary entries per program of the draw's first pass (a multiple of BLOCK)
@@ -91,21 +94,23 @@ def _draw_split_kernel(x_ptr, x_stride, rows_ptr, steps_ptr, floats_ptr, ints_pt
     row_key = _row_key(tl.load(ints_ptr + r * ints_stride + 1), tl.load(steps_ptr + b))
     row = x_ptr + b * x_stride
     lanes = tl.arange(0, BLOCK)
-    best_x, best_i, m, z, best_key, best_r = NEG, 0, NEG, 0.0, NEG, 0
+    # lane-wise accumulators, reduced once after the loop (no barrier per tile)
+    acc_x, at_x = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.int32)
+    acc_m, acc_z = tl.full([BLOCK], NEG, tl.float32), tl.zeros([BLOCK], tl.float32)
+    acc_k, at_k = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.int32)
     for start in range(sp * SPLIT, sp * SPLIT + SPLIT, BLOCK):
         ids = start + lanes
         x = tl.load(row + ids, mask=ids < V, other=float("-inf"))
-        tile_max = tl.max(x, axis=0)
-        if tile_max > best_x:
-            best_x, best_i = tile_max, start + tl.argmax(x, axis=0)
+        acc_x, at_x = _lane_max(acc_x, at_x, x, ids)
         s = x * inv_t
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-        m = m_new
-        key = tl.where(ids < V, _race_keys(s, ids, row_key), float("-inf"))
-        tile_key = tl.max(key, axis=0)
-        if tile_key > best_key:
-            best_key, best_r = tile_key, start + tl.argmax(key, axis=0)
+        m_new = tl.maximum(acc_m, s)
+        acc_z = acc_z * tl.exp(acc_m - m_new) + tl.exp(s - m_new)
+        acc_m = m_new
+        acc_k, at_k = _lane_max(acc_k, at_k, tl.where(ids < V, _race_keys(s, ids, row_key), float("-inf")), ids)
+    best_x, best_i = _first_max(acc_x, at_x)
+    m = tl.max(acc_m, axis=0)
+    z = tl.sum(acc_z * tl.exp(acc_m - m), axis=0)
+    best_key, best_r = _first_max(acc_k, at_k)
     out = b * n_splits + sp
     tl.store(part_f_ptr + out * 4 + 0, best_x)
     tl.store(part_f_ptr + out * 4 + 1, m)
@@ -151,17 +156,17 @@ def _draw_kernel(x_ptr, x_stride, rows_ptr, steps_ptr, floats_ptr, ints_ptr, int
         while go:
             s_c = tl.load(row + cand) * inv_t
             # tokens above the candidate: their count, mass and race winner, in one pass
-            above, mass, nxt_key, nxt = 0, 0.0, NEG, cand
+            above, mass = tl.zeros([BLOCK], tl.int32), tl.zeros([BLOCK], tl.float32)
+            acc_k, at_k = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.int32)
             for start in range(0, V, BLOCK):
                 ids = start + lanes
                 s = tl.load(row + ids, mask=ids < V, other=float("-inf")) * inv_t
                 up = s > s_c
-                above += tl.sum(up.to(tl.int32), axis=0)
-                mass += tl.sum(tl.where(up, tl.exp(s - m), 0.0), axis=0)
-                key = tl.where(up, _race_keys(s, ids, row_key), float("-inf"))
-                tile_key = tl.max(key, axis=0)
-                if tile_key > nxt_key:
-                    nxt_key, nxt = tile_key, start + tl.argmax(key, axis=0)
+                above += up.to(tl.int32)
+                mass += tl.where(up, tl.exp(s - m), 0.0)
+                acc_k, at_k = _lane_max(acc_k, at_k, tl.where(up, _race_keys(s, ids, row_key), float("-inf")), ids)
+            nxt = _first_max(acc_k, at_k)[1]
+            above, mass = tl.sum(above, axis=0), tl.sum(mass, axis=0)
             rounds += 1
             go = ((above >= k_cap) | (mass >= top_p * z)) & (rounds < MAX_ROUNDS)
             if go:
@@ -180,15 +185,26 @@ def _row_key(seed, step):
 @triton.jit
 def _race_winner(row, V, inv_t, row_key, floor, lanes, BLOCK: tl.constexpr):
     """argmax over s_i >= floor of the race key (first index on ties)."""
-    best_key, best = NEG, 0
+    acc_k, at_k = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
         ids = start + lanes
         s = tl.load(row + ids, mask=ids < V, other=float("-inf")) * inv_t
-        key = tl.where(s >= floor, _race_keys(s, ids, row_key), float("-inf"))
-        tile_key = tl.max(key, axis=0)
-        if tile_key > best_key:
-            best_key, best = tile_key, start + tl.argmax(key, axis=0)
-    return best
+        acc_k, at_k = _lane_max(acc_k, at_k, tl.where(s >= floor, _race_keys(s, ids, row_key), float("-inf")), ids)
+    return _first_max(acc_k, at_k)[1]
+
+
+@triton.jit
+def _lane_max(acc, at, v, ids):
+    """Per lane: the larger of acc and v, and where it was (the earlier index on ties)."""
+    up = v > acc
+    return tl.where(up, v, acc), tl.where(up, ids, at)
+
+
+@triton.jit
+def _first_max(acc, at):
+    """The max over lanes and its first index (the smallest index holding the max)."""
+    best = tl.max(acc, axis=0)
+    return best, tl.min(tl.where(acc == best, at, 0x7FFFFFFF), axis=0)
 
 
 @triton.jit
@@ -244,8 +260,8 @@ def apply_penalties_(x: torch.Tensor, rows: torch.Tensor, floats: torch.Tensor, 
     """x [B, V] fp32 in place; rows [B] index the tables (floats [R, 6], counts [R, V] int32,
     prompt_seen [R, V] bool)."""
     B, V = x.shape
-    _penalties_kernel[(B, triton.cdiv(V, BLOCK))](x, x.stride(0), rows, floats, counts, prompt_seen,
-                                                  counts.stride(0), V, BLOCK=BLOCK)
+    launch(_penalties_kernel, (B, triton.cdiv(V, BLOCK)), x, x.stride(0), rows, floats, counts, prompt_seen,
+           counts.stride(0), V, BLOCK=BLOCK)
 
 
 def draw(x: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
@@ -255,10 +271,10 @@ def draw(x: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, floats: torch
     n_splits = triton.cdiv(V, SPLIT)
     part_f = torch.empty(B, n_splits, 4, dtype=torch.float32, device=x.device)
     part_i = torch.empty(B, n_splits, 2, dtype=torch.int32, device=x.device)
-    _draw_split_kernel[(B, n_splits)](x, x.stride(0), rows, steps, floats, ints, ints.stride(0), part_f, part_i,
-                                      V, SPLIT=SPLIT, BLOCK=BLOCK)
-    _draw_kernel[(B,)](x, x.stride(0), rows, steps, floats, ints, ints.stride(0), part_f, part_i, out, V, n_splits,
-                       SPLITS_P2=triton.next_power_of_2(n_splits), BLOCK=BLOCK, MAX_ROUNDS=MAX_ROUNDS)
+    tables = (rows, steps, floats, ints, ints.stride(0), part_f, part_i)
+    launch(_draw_split_kernel, (B, n_splits), x, x.stride(0), *tables, V, SPLIT=SPLIT, BLOCK=BLOCK)
+    launch(_draw_kernel, (B,), x, x.stride(0), *tables, out, V, n_splits,
+           SPLITS_P2=triton.next_power_of_2(n_splits), BLOCK=BLOCK, MAX_ROUNDS=MAX_ROUNDS)
 
 
 def top_logprobs(raw: torch.Tensor, rows: torch.Tensor, ints: torch.Tensor, tokens: torch.Tensor,
@@ -267,14 +283,12 @@ def top_logprobs(raw: torch.Tensor, rows: torch.Tensor, ints: torch.Tensor, toke
     top_vals / top_ids [B, TOP] under log_softmax(raw); raw [B, V] in any float dtype. Other rows'
     outputs are left as they were."""
     B, V = raw.shape
-    top = top_vals.shape[1]
     n_chunks = triton.cdiv(V, LP_CHUNK)
     vals = torch.empty(B, n_chunks * LP_K, dtype=torch.float32, device=raw.device)
     ids = torch.empty(B, n_chunks * LP_K, dtype=torch.int32, device=raw.device)
     stat = torch.empty(B, n_chunks, 2, dtype=torch.float32, device=raw.device)
-    _lp_chunk_kernel[(B, n_chunks)](raw, raw.stride(0), rows, ints, ints.stride(0), vals, ids, stat, V,
-                                    CHUNK=LP_CHUNK, K=LP_K)
+    head = (raw, raw.stride(0), rows, ints, ints.stride(0))
+    launch(_lp_chunk_kernel, (B, n_chunks), *head, vals, ids, stat, V, CHUNK=LP_CHUNK, K=LP_K)
     chunks_p2 = triton.next_power_of_2(n_chunks)
-    _lp_merge_kernel[(B,)](raw, raw.stride(0), rows, ints, ints.stride(0), tokens, vals, ids, stat,
-                           logprob, top_vals, top_ids, n_chunks, TOP=top, CANDS=chunks_p2 * LP_K,
-                           CHUNKS_P2=chunks_p2)
+    launch(_lp_merge_kernel, (B,), *head, tokens, vals, ids, stat, logprob, top_vals, top_ids, n_chunks,
+           TOP=top_vals.shape[1], CANDS=chunks_p2 * LP_K, CHUNKS_P2=chunks_p2)

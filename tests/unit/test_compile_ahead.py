@@ -85,3 +85,17 @@ def test_the_switch_holds_for_its_own_thread_only():
 
     L.compile_ahead(on_this_thread, threads=1)
     assert [c[0] for c in mine.calls] == ["compile"] and [c[0] for c in other.calls] == ["run"]
+
+
+def test_every_triton_kernel_launches_through_the_door():
+    """A `kernel[grid](...)` call bypasses `launch`, so the compile-ahead pass would run it for real
+    (compiling it on the caller's thread) instead of compiling it on the pool."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2] / "replica"
+    direct = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "launch.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"\b_\w*kernel\w*\[[^\]]*\]\(", line)]
+    assert not direct, direct
+    kernels = [p for p in (root / "kernels").glob("*.py") if "@triton.jit" in p.read_text()]
+    assert len(kernels) >= 4 and all("launch(" in p.read_text() for p in kernels), kernels

@@ -180,7 +180,7 @@ class SamplingTables:
     def full_torch(self, logits: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
         """`full` in torch, without the counts update: the CPU path and the kernels' reference."""
         raw = logits.float()
-        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 3]
+        f, ints = self.floats[rows], self.ints[rows]                                 # [B, 6], [B, 4]
         x = self.processed(raw, rows, steps)
         tok = draw(x, f[:, F_TEMP], ints[:, I_TOP_K], f[:, F_TOP_P], f[:, F_MIN_P], ints[:, I_SEED], steps)
         out.tokens.copy_(tok)

@@ -2,7 +2,7 @@
 
 The torch sampler sorts every row of [B, V] fp32 logits and hashes noise for all B x V entries in
 int64; at 512 rows of a 128k vocabulary that took 18 ms a step on an H200, against 0.08 ms for
-the greedy argmax (results/sampling_probe-h200-2026-12-02.json). These kernels do the same
+the greedy argmax (results/sampling-torch-h200-2026-12-02.json). These kernels do the same
 arithmetic per row without a sort, touching each entry a few times:
 
 - `apply_penalties_(x, rows, ...)`: repetition, presence and frequency penalties in place on the
@@ -22,6 +22,10 @@ arithmetic per row without a sort, touching each entry a few times:
 - `top_logprobs(raw, rows, tokens, ...)`: for rows that ask for logprobs (a table column >= 0),
   the chosen token's log-probability under the raw logits and the top MAX_LOGPROBS, in two
   kernels (top-k per chunk of the vocabulary, then a merge with the chunks' log-sum-exp).
+
+Table columns are read by position, in replica.sampling's order: floats F_TEMP, F_TOP_P,
+F_MIN_P, F_PRESENCE, F_FREQUENCY, F_REPETITION (0..5); ints I_TOP_K, I_SEED, I_MIN_TOKENS,
+I_LOGPROBS (0..3).
 
 Ties differ from the sort only where two logits are exactly equal at a cut. Every kernel reads
 the sampling tables through `rows`, is CUDA-graph capturable (shape-only launch parameters) and
@@ -85,8 +89,8 @@ def _penalties_kernel(x_ptr, x_stride, rows_ptr, floats_ptr, counts_ptr, seen_pt
 def _draw_split_kernel(x_ptr, x_stride, rows_ptr, steps_ptr, floats_ptr, ints_ptr, ints_stride, part_f_ptr,
                        part_i_ptr, V, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 over one SPLIT-wide slice of a row: argmax x, the max and normaliser of s = x / T,
-    and the race's winner over every token of the slice. Partials [B, splits, 3] fp32 (max x,
-    max s, sum exp(s - max s), best key: 4) and [B, splits, 2] int32 (argmax x, race winner)."""
+    and the race's winner over every token of the slice. Partials [B, splits, 4] fp32 (max x,
+    max s, sum exp(s - max s), best key) and [B, splits, 2] int32 (argmax x, race winner)."""
     b, sp = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(1)
     r = tl.load(rows_ptr + b)
